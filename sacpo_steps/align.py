@@ -1,0 +1,252 @@
+"""The one alignment step of every stage: DPO or KTO from a parent model.
+
+SACPO's stages differ only in their data, loss and coefficient: stage 1 aligns
+the SFT model to helpfulness with beta; stage 2 starts from the stage-1 model
+and uses it as the *reference* with coefficient beta/lambda (Theorem 1 of the
+paper). So the parent is both the initial policy and the reference, and `beta`
+is the node's own loss coefficient (for a stage-2 node, the paper's beta/lambda).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from sacpo_steps.errors import InputError
+from sacpo_steps.fileio import atomic_output, read_jsonl, setup_logging
+from sacpo_steps.modelio import check_model_dir, read_lineage, set_threads, write_model_card
+
+log = logging.getLogger("sacpo.align")
+
+LOSSES = ("dpo", "kto")
+
+
+@dataclass
+class TrainingConfig:
+    """Hyper-parameters of one alignment stage (the config's `training` section)."""
+
+    learning_rate: float = 2e-5
+    epochs: float = 3.0
+    per_device_batch_size: int = 16
+    gradient_accumulation_steps: int = 2
+    max_length: int = 512
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    precompute_ref_log_probs: bool = True
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    logging_steps: int = 10
+    max_steps: int = -1
+    max_examples: int | None = None  # use only the first N (shuffled) examples
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise InputError(f"unknown training setting(s): {sorted(unknown)}", field="training")
+        return cls(**data)
+
+
+def load_examples(path: str | Path, loss: str, prompt_template: str, seed: int,
+                  max_examples: int | None = None) -> list[dict[str, Any]]:
+    """Read pairs (DPO) or labelled rows (KTO) and apply the prompt template.
+
+    Completions start with a space so that prompt tokens are a prefix of
+    prompt+completion tokens, exactly as at generation time. Rows are shuffled
+    with the seed: KTO's trainer samples sequentially and shuffles nothing itself.
+    """
+    rows = read_jsonl(path)
+    if not rows:
+        raise InputError("preference data is empty", path=path)
+    text_fields = ("prompt", "chosen", "rejected") if loss == "dpo" else ("prompt", "completion")
+    examples = []
+    for i, row in enumerate(rows, start=1):
+        for field in text_fields:
+            if not isinstance(row.get(field), str) or not row[field].strip():
+                raise InputError("missing or empty text", path=path, row=i, field=field)
+        example = {"prompt": prompt_template.format(prompt=row["prompt"])}
+        if loss == "dpo":
+            example["chosen"] = " " + row["chosen"].strip()
+            example["rejected"] = " " + row["rejected"].strip()
+        else:
+            if not isinstance(row.get("label"), bool):
+                raise InputError("label must be true or false", path=path, row=i, field="label")
+            example["completion"] = " " + row["completion"].strip()
+            example["label"] = row["label"]
+        examples.append(example)
+    random.Random(seed).shuffle(examples)
+    if max_examples:
+        examples = examples[:max_examples]
+    return examples
+
+
+def kto_weights(examples: list[dict[str, Any]]) -> tuple[float, float]:
+    """Desirable weight 1, undesirable n_desirable / n_undesirable (as in the paper)."""
+    n_desirable = sum(1 for e in examples if e["label"])
+    n_undesirable = len(examples) - n_desirable
+    if n_desirable == 0 or n_undesirable == 0:
+        raise InputError(f"KTO needs both labels; got {n_desirable} desirable and "
+                         f"{n_undesirable} undesirable rows", field="label")
+    return 1.0, n_desirable / n_undesirable
+
+
+def build_trainer(
+    parent_dir: str | Path,
+    examples: list[dict[str, Any]],
+    *,
+    loss: str,
+    beta: float,
+    training: TrainingConfig,
+    output_dir: str | Path,
+    seed: int = 0,
+    reference_dir: str | Path | None = None,
+):
+    """A TRL trainer whose policy starts from the parent and whose reference is the parent.
+
+    `reference_dir` overrides the reference (only for controls and tests: SACPO's
+    stage 2 must use its parent, i.e. the stage-1 model).
+    """
+    from datasets import Dataset, disable_caching
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    disable_caching()
+    if loss not in LOSSES:
+        raise InputError(f"unknown loss {loss!r} (dpo | kto)", field="loss")
+    if not beta > 0:
+        raise InputError(f"beta must be > 0, got {beta}", field="beta")
+    tokenizer = AutoTokenizer.from_pretrained(parent_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(parent_dir, dtype="auto")
+    ref_model = None
+    if reference_dir is not None:
+        ref_model = AutoModelForCausalLM.from_pretrained(reference_dir, dtype="auto")
+    common = dict(
+        output_dir=str(output_dir),
+        learning_rate=training.learning_rate,
+        num_train_epochs=training.epochs,
+        max_steps=training.max_steps,
+        per_device_train_batch_size=training.per_device_batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        lr_scheduler_type=training.lr_scheduler,
+        warmup_steps=float(training.warmup_ratio),  # a float < 1 is a ratio of all steps
+        max_length=training.max_length,
+        beta=beta,
+        precompute_ref_log_probs=training.precompute_ref_log_probs,
+        bf16=training.bf16,
+        gradient_checkpointing=training.gradient_checkpointing,
+        logging_steps=training.logging_steps,
+        logging_first_step=True,
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+    )
+    dataset = Dataset.from_list(examples)
+    if loss == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(loss_type=["sigmoid"], **common)
+        trainer = DPOTrainer(model=model, ref_model=ref_model, args=args,
+                             train_dataset=dataset, processing_class=tokenizer)
+    else:
+        from trl import KTOConfig, KTOTrainer
+
+        desirable, undesirable = kto_weights(examples)
+        if training.per_device_batch_size < 2:
+            raise InputError("KTO needs per_device_batch_size >= 2",
+                             field="training.per_device_batch_size")
+        args = KTOConfig(desirable_weight=desirable, undesirable_weight=undesirable, **common)
+        trainer = KTOTrainer(model=model, ref_model=ref_model, args=args,
+                             train_dataset=dataset, processing_class=tokenizer)
+    return trainer
+
+
+def align(
+    parent_dir: str | Path,
+    data_path: str | Path,
+    out_dir: str | Path,
+    *,
+    name: str,
+    parent: str,
+    data: str,
+    loss: str,
+    beta: float,
+    training: TrainingConfig,
+    prompt_template: str,
+    seed: int = 0,
+    threads: int | None = None,
+    reference_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Train one alignment node and write its model folder atomically; return its summary."""
+    started = time.monotonic()
+    parent_dir = check_model_dir(parent_dir, role=f"parent model '{parent}'")
+    examples = load_examples(data_path, loss, prompt_template, seed, training.max_examples)
+    set_threads(threads)
+    out_dir = Path(out_dir)
+    with atomic_output(out_dir, is_dir=True) as tmp:
+        trainer = build_trainer(parent_dir, examples, loss=loss, beta=beta, training=training,
+                                output_dir=tmp / ".trainer", seed=seed,
+                                reference_dir=reference_dir)
+        log.info("startup: trainer ready %.2f s after start; %d examples, loss %s, beta %g",
+                 time.monotonic() - started, len(examples), loss, beta)
+        result = trainer.train()
+        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        trainer.save_model(str(tmp))
+        trainer.processing_class.save_pretrained(tmp)
+        shutil.rmtree(tmp / ".trainer", ignore_errors=True)
+        (tmp / "training_args.bin").unlink(missing_ok=True)
+        stage = {"name": name, "parent": parent, "data": data, "loss": loss, "beta": beta}
+        summary = {
+            "name": name,
+            "method": loss,
+            "description": (f"{loss.upper()} on '{data}' from '{parent}' (initial policy and "
+                            f"reference), coefficient beta = {beta}."),
+            "lineage": read_lineage(parent_dir).get("lineage", []) + [stage],
+            "prompt_template": prompt_template,
+            "reference": parent if reference_dir is None else str(reference_dir),
+            "training": {
+                **asdict(training), "seed": seed, "examples": len(examples),
+                "global_batch_size": training.per_device_batch_size
+                * training.gradient_accumulation_steps * trainer.accelerator.num_processes,
+                "steps": trainer.state.global_step,
+                "first_loss": losses[0] if losses else None,
+                "final_loss": losses[-1] if losses else None,
+                "train_runtime_s": round(result.metrics.get("train_runtime", math.nan), 2),
+            },
+        }
+        if trainer.accelerator.is_main_process:
+            write_model_card(tmp, summary)
+    log.info("aligned model '%s' written to %s (%.1f s)", name, out_dir,
+             time.monotonic() - started)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sacpo_steps align", description=__doc__)
+    parser.add_argument("--parent-dir", required=True)
+    parser.add_argument("--data", required=True, help="pairs (dpo) or labelled rows (kto), JSONL")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--spec", required=True,
+                        help="JSON: name, parent, data, loss, beta, training, "
+                        "prompt_template, seed")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--log")
+    args = parser.parse_args(argv)
+    setup_logging(args.log)
+    spec = json.loads(args.spec)
+    align(args.parent_dir, args.data, args.out, name=spec["name"], parent=spec["parent"],
+          data=spec["data"], loss=spec["loss"], beta=float(spec["beta"]),
+          training=TrainingConfig.from_dict(spec.get("training", {})),
+          prompt_template=spec["prompt_template"], seed=int(spec.get("seed", 0)),
+          threads=args.threads)

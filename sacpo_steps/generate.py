@@ -1,0 +1,134 @@
+"""Batched greedy generation on a prompt set, with the paper's answer truncation.
+
+The answer is cut at the first blank line or at a new user turn (the stop
+markers, from config), as in the paper's evaluation. Output rows follow the
+generations format: prompt_id, prompt, answer, model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from sacpo_steps.errors import InputError
+from sacpo_steps.fileio import read_jsonl, setup_logging, write_jsonl
+
+log = logging.getLogger("sacpo.generate")
+
+
+def truncate_answer(text: str, stop_markers: list[str]) -> str:
+    """Cut at the first blank line or the first stop marker; strip surrounding space."""
+    cut = len(text)
+    blank = re.search(r"\n\s*\n", text)
+    if blank:
+        cut = blank.start()
+    for marker in stop_markers:
+        pos = text.find(marker)
+        if pos != -1:
+            cut = min(cut, pos)
+    return text[:cut].strip()
+
+
+def load_prompts(path: str | Path) -> list[dict[str, Any]]:
+    rows = read_jsonl(path)
+    if not rows:
+        raise InputError("prompt set is empty", path=path)
+    seen: set[str] = set()
+    for i, row in enumerate(rows, start=1):
+        for field in ("prompt_id", "prompt"):
+            if not isinstance(row.get(field), str) or not row[field].strip():
+                raise InputError("missing or empty text", path=path, row=i, field=field)
+        if row["prompt_id"] in seen:
+            raise InputError(f"duplicate prompt_id {row['prompt_id']!r}", path=path, row=i,
+                             field="prompt_id")
+        seen.add(row["prompt_id"])
+    return rows
+
+
+def generate(
+    model_dir: str | Path,
+    prompts_path: str | Path,
+    out_path: str | Path,
+    *,
+    model_name: str,
+    prompt_template: str,
+    stop_markers: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int = 0,
+    threads: int | None = None,
+) -> int:
+    """Generate greedy answers for every prompt; return the number written."""
+    from sacpo_steps.modelio import check_model_dir, set_threads
+
+    check_model_dir(model_dir)
+    prompts = load_prompts(prompts_path)
+    started = time.monotonic()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    set_threads(threads)
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+    model.eval()
+    # Longest prompts first: batches of similar length waste less padding.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]["prompt"]))
+    answers: dict[int, str] = {}
+    first_token_logged = False
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        def tqdm(x, **_):
+            return x
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc=f"generate {model_name}", unit="batch"):
+        texts = [prompt_template.format(prompt=prompts[i]["prompt"]) for i in batch]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.inference_mode():
+            out = model.generate(
+                **enc, do_sample=False, max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            )
+        if not first_token_logged:
+            log.info("startup: first batch generated %.2f s after model load began",
+                     time.monotonic() - started)
+            first_token_logged = True
+        new_tokens = out[:, enc["input_ids"].shape[1]:]
+        for i, tokens in zip(batch, new_tokens, strict=True):
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            answers[i] = truncate_answer(text, stop_markers)
+    rows = [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "answer": answers[i],
+             "model": model_name} for i, p in enumerate(prompts)]
+    n = write_jsonl(out_path, rows)
+    log.info("%d answers by %s written to %s (%.1f s)", n, model_name, out_path,
+             time.monotonic() - started)
+    return n
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sacpo_steps generate", description=__doc__)
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--model-name", required=True)
+    parser.add_argument("--prompts", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--spec", required=True,
+                        help="JSON: prompt_template, stop_markers, max_new_tokens, "
+                        "batch_size, seed")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--log")
+    args = parser.parse_args(argv)
+    setup_logging(args.log)
+    spec = json.loads(args.spec)
+    generate(args.model_dir, args.prompts, args.out, model_name=args.model_name,
+             prompt_template=spec["prompt_template"], stop_markers=spec["stop_markers"],
+             max_new_tokens=spec["max_new_tokens"], batch_size=spec["batch_size"],
+             seed=spec.get("seed", 0), threads=args.threads)

@@ -1,0 +1,71 @@
+"""The pairwise judge interface shared by the rule judge and the GPT-4 judge.
+
+Batch-first: a step hands the judge every request at once, so a remote backend
+can run them concurrently and cache them; the rule judge just loops.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+CRITERIA = ("helpfulness", "harmlessness")
+VERDICTS = ("first", "second", "tie", "error")
+
+
+@dataclass(frozen=True)
+class JudgeRequest:
+    """One comparison: which of two answers to `question` is better on `criterion`.
+
+    `repetition` is part of the request so that a sampling judge's cache keeps
+    repeated judgments apart; `context` carries what a judge may need beyond the
+    text (the demo's `task_id`).
+    """
+
+    criterion: str
+    prompt_id: str
+    question: str
+    first_answer: str
+    second_answer: str
+    repetition: int = 0
+    context: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JudgeReply:
+    """The judge's verdict on a request, with the text it was read from.
+
+    A reply that could not be obtained or parsed has verdict "error" and the
+    error message in `raw`; it is never to be counted as a tie.
+    """
+
+    verdict: str
+    raw: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
+
+
+class Judge(ABC):
+    """A pairwise judge. Subclasses set `name` and `deterministic`."""
+
+    #: recorded in every battle row
+    name: str = "judge"
+    #: a deterministic judge gives the same verdict every time: one repetition suffices
+    deterministic: bool = False
+
+    @abstractmethod
+    def judge_many(self, requests: Sequence[JudgeRequest]) -> list[JudgeReply]:
+        """One reply per request, in the same order.
+
+        A failure on one request is an "error" reply, not an exception; an
+        exception means the whole batch (or the judge's configuration) is unusable.
+        """
+
+    def close(self) -> None:
+        """Release clients, flush caches; a no-op unless a backend needs it."""
+        return None

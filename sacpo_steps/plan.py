@@ -1,0 +1,209 @@
+"""The experiment plan: validate a config and expand it into model nodes.
+
+The Snakefile imports this module (never the reverse), so the same checks run
+in tests and before any job: schema errors, unknown parents or datasets and
+cycles are reported with the config path of the offending field.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sacpo_steps.errors import InputError
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class PlanError(InputError):
+    """The config cannot describe a runnable experiment."""
+
+
+def load_schema(path: str | Path = SCHEMA_PATH) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+
+
+def _resolve(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
+    ref = schema.get("$ref")
+    if ref and ref.startswith("#/"):
+        target: Any = root
+        for part in ref[2:].split("/"):
+            target = target[part]
+        merged = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
+        return _resolve(merged, root)
+    return schema
+
+
+def _apply_defaults(instance: Any, schema: dict[str, Any], root: dict[str, Any]) -> None:
+    """Fill `default:` values of the schema into the instance, recursively."""
+    schema = _resolve(schema, root)
+    if not isinstance(instance, dict) or schema.get("type") not in (None, "object"):
+        return
+    props = schema.get("properties", {})
+    for key, sub in props.items():
+        sub_r = _resolve(sub, root)
+        if key not in instance and "default" in sub_r:
+            instance[key] = copy.deepcopy(sub_r["default"])
+        if key in instance:
+            _apply_defaults(instance[key], sub_r, root)
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):
+        for key, value in instance.items():
+            if key not in props:
+                _apply_defaults(value, extra, root)
+
+
+def _path(error) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "(top level)"
+
+
+def validate_config(config: dict[str, Any], *, source: str = "config",
+                    schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check the config against the JSON schema and fill its defaults (in place)."""
+    import jsonschema
+
+    schema = schema or load_schema()
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for err in errors[:10]:
+            if err.validator == "additionalProperties":
+                extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+                msg = f"unknown key(s) {extra}"
+            else:
+                msg = err.message
+            lines.append(f"  {_path(err)}: {msg}")
+        more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
+        raise PlanError(f"invalid configuration ({source}):\n" + "\n".join(lines) + more)
+    _apply_defaults(config, schema, schema)
+    return config
+
+
+@dataclass(frozen=True)
+class Node:
+    """One aligned model of the plan."""
+
+    name: str
+    parent: str
+    data: str
+    loss: str
+    beta: float
+    training: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def data_file(self) -> str:
+        """Which file of the preference data folder this node trains on."""
+        return "pairs" if self.loss == "dpo" else "kto"
+
+
+@dataclass
+class Plan:
+    sft: str
+    nodes: dict[str, Node]  # in training order: parents before children
+    datasets: dict[str, dict[str, Any]]
+    baseline: str
+
+    @property
+    def models(self) -> list[str]:
+        """Every model that is generated and judged, the SFT first."""
+        return [self.sft, *self.nodes]
+
+    def lineage(self, name: str) -> list[Node]:
+        chain = []
+        while name in self.nodes:
+            chain.append(self.nodes[name])
+            name = self.nodes[name].parent
+        return chain[::-1]
+
+
+def _merge_training(defaults: dict[str, Any], override: dict[str, Any], where: str
+                    ) -> dict[str, Any]:
+    unknown = sorted(set(override) - set(defaults))
+    if unknown:
+        raise PlanError(f"{where}: unknown training key(s) {unknown}")
+    return {**defaults, **override}
+
+
+def build_plan(config: dict[str, Any]) -> Plan:
+    """Expand a validated config into a Plan; refuse unknown names and cycles."""
+    sft = config["sft"]["name"]
+    sources = config["preference_sources"]
+    datasets = config["datasets"]
+    for name, ds in datasets.items():
+        if ds["source"] not in sources:
+            raise PlanError(f"datasets.{name}.source: unknown preference source "
+                            f"{ds['source']!r} (defined: {sorted(sources)})")
+    for name, src in sources.items():
+        if src["source"] == "local" and "path" not in src:
+            raise PlanError(f"preference_sources.{name}: source 'local' needs `path`")
+        if src["source"] == "hub" and "repo_id" not in src:
+            raise PlanError(f"preference_sources.{name}: source 'hub' needs `repo_id`")
+    models = config["models"]
+    if sft in models:
+        raise PlanError(f"models.{sft}: the name is taken by the SFT checkpoint (sft.name)")
+    src_cfg = config["sft"]
+    if src_cfg["source"] not in src_cfg and src_cfg["source"] != "build":
+        raise PlanError(f"sft: source {src_cfg['source']!r} needs a `{src_cfg['source']}:` section")
+    if src_cfg["source"] == "build" and "build" not in src_cfg:
+        raise PlanError("sft: source 'build' needs a `build:` section")
+
+    defaults = config.get("training", {})
+    nodes: dict[str, Node] = {}
+    for name, spec in models.items():
+        where = f"models.{name}"
+        if spec["parent"] != sft and spec["parent"] not in models:
+            raise PlanError(f"{where}.parent: unknown model {spec['parent']!r} "
+                            f"(the SFT is {sft!r}; plan models: {sorted(models)})")
+        if spec["data"] not in datasets:
+            raise PlanError(f"{where}.data: unknown dataset {spec['data']!r} "
+                            f"(defined: {sorted(datasets)})")
+        training = _merge_training(defaults, spec.get("training", {}), f"{where}.training")
+        if spec["loss"] == "kto" and training["per_device_batch_size"] < 2:
+            raise PlanError(f"{where}.training.per_device_batch_size: KTO needs at least 2")
+        nodes[name] = Node(name, spec["parent"], spec["data"], spec["loss"],
+                           float(spec["beta"]), training)
+
+    ordered: dict[str, Node] = {}
+    state: dict[str, str] = {}
+
+    def visit(name: str, stack: list[str]) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            cycle = " -> ".join([*stack[stack.index(name):], name])
+            raise PlanError(f"models: the parents form a cycle: {cycle}")
+        state[name] = "visiting"
+        parent = nodes[name].parent
+        if parent in nodes:
+            visit(parent, [*stack, name])
+        state[name] = "done"
+        ordered[name] = nodes[name]
+
+    for name in nodes:
+        visit(name, [])
+
+    evaluation = config["evaluation"]
+    baseline = evaluation.get("baseline", sft)
+    if baseline != sft and baseline not in nodes:
+        raise PlanError(f"evaluation.baseline: unknown model {baseline!r}")
+    for name, ps in evaluation["prompt_sets"].items():
+        if ps.get("source", "local") == "local" and "path" not in ps:
+            raise PlanError(f"evaluation.prompt_sets.{name}: needs `path` (or source: demo)")
+    return Plan(sft=sft, nodes=ordered, datasets=datasets, baseline=baseline)
+
+
+def load_plan(config: dict[str, Any], *, source: str = "config") -> Plan:
+    """Validate (filling defaults in place) and expand a config."""
+    validate_config(config, source=source)
+    return build_plan(config)
+
+
+def to_json(obj: Any) -> str:
+    """Canonical JSON for rule params: equal content gives equal text (stable reruns)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,202 @@
+"""Win rates from battle tables, with bootstrap intervals over prompts.
+
+The unit of resampling is the prompt: a prompt's orders and repetitions are
+judgments of the same question and are not independent, so they move together.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sacpo_steps.errors import InputError
+from sacpo_steps.fileio import read_jsonl
+
+log = logging.getLogger("sacpo.stats")
+
+ORDERS = ("a_first", "b_first")
+OUTCOMES = ("a_wins", "b_wins", "tie", "error")
+STR_COLUMNS = ("criterion", "prompt_id", "model_a", "model_b", "order", "outcome")
+REQUIRED_COLUMNS = (*STR_COLUMNS, "repetition")
+OPTIONAL_COLUMNS = ("prompt_set", "judge", "raw")
+# identifies one judgment; the judge is left out so that two judges' battles are not pooled
+BATTLE_KEY = ("criterion", "prompt_set", "prompt_id", "model_a", "model_b", "order", "repetition")
+WIN_RATE_COLUMNS = ("model", "criterion", "wins", "ties", "losses", "errors", "n", "win_rate",
+                    "ci_low", "ci_high", "position_consistency")
+# bootstrap index matrices are built in chunks of at most this many cells
+_CHUNK_CELLS = 2_000_000
+
+
+def _check_row(path: Path, lineno: int, row: dict[str, Any]) -> None:
+    for field in STR_COLUMNS:
+        if field not in row:
+            raise InputError("missing field", path=path, row=lineno, field=field)
+        if not isinstance(row[field], str):
+            raise InputError(f"expected a string, got {type(row[field]).__name__}",
+                             path=path, row=lineno, field=field)
+    if row["order"] not in ORDERS:
+        raise InputError(f"must be one of {ORDERS}, got {row['order']!r}",
+                         path=path, row=lineno, field="order")
+    if row["outcome"] not in OUTCOMES:
+        raise InputError(f"must be one of {OUTCOMES}, got {row['outcome']!r}",
+                         path=path, row=lineno, field="outcome")
+    rep = row.get("repetition")
+    if isinstance(rep, bool) or not isinstance(rep, int) or rep < 0:
+        raise InputError(f"expected a non-negative integer, got {rep!r}",
+                         path=path, row=lineno, field="repetition")
+    if row["model_a"] == row["model_b"]:
+        raise InputError(f"a model against itself ({row['model_a']!r})",
+                         path=path, row=lineno, field="model_b")
+
+
+def load_battles(paths: Sequence[str | Path] | str | Path) -> pd.DataFrame:
+    """Read and validate battle JSONL files into one table.
+
+    A judgment that appears twice (the same file given twice, or two judges'
+    battles mixed) is an error, since it would be counted twice.
+    """
+    if isinstance(paths, str | Path):
+        paths = [paths]
+    if not paths:
+        raise InputError("no battle files given", field="battles")
+    records: list[dict[str, Any]] = []
+    seen: dict[tuple[Any, ...], tuple[Path, int]] = {}
+    for path in map(Path, paths):
+        rows = read_jsonl(path)
+        with open(path, encoding="utf-8") as fh:
+            linenos = [i for i, line in enumerate(fh, start=1) if line.strip()]
+        if not rows:
+            raise InputError("no battles", path=path)
+        for lineno, row in zip(linenos, rows, strict=True):
+            _check_row(path, lineno, row)
+            record = {c: row[c] for c in REQUIRED_COLUMNS}
+            for c in OPTIONAL_COLUMNS:
+                record[c] = row.get(c, "" if c == "prompt_set" else None)
+            key = tuple(record[c] for c in BATTLE_KEY)
+            if key in seen:
+                first_path, first_line = seen[key]
+                raise InputError(f"the same judgment already appears in {first_path} row "
+                                 f"{first_line}", path=path, row=lineno)
+            seen[key] = (path, lineno)
+            records.append(record)
+    frame = pd.DataFrame.from_records(records, columns=[*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS])
+    frame["repetition"] = frame["repetition"].astype("int64")
+    return frame
+
+
+def _group_seed(seed: int, model: str, criterion: str) -> np.random.Generator:
+    # each (model, criterion) gets its own stream, so adding a model leaves others' CIs alone
+    return np.random.default_rng([seed, zlib.crc32(f"{model}\0{criterion}".encode())])
+
+
+def bootstrap_interval(
+    prompt_scores: np.ndarray,
+    prompt_counts: np.ndarray,
+    rng: np.random.Generator,
+    rounds: int,
+    confidence: float,
+) -> tuple[float, float]:
+    """Percentile interval of sum(scores)/sum(counts) when prompts are resampled.
+
+    `prompt_scores[i]` is prompt i's summed score (win 1, tie 0.5), `prompt_counts[i]`
+    its number of valid judgments (> 0).
+    """
+    n_prompts = len(prompt_scores)
+    chunk = max(1, _CHUNK_CELLS // n_prompts)
+    rates = np.empty(rounds)
+    for start in range(0, rounds, chunk):
+        k = min(chunk, rounds - start)
+        idx = rng.integers(0, n_prompts, size=(k, n_prompts))
+        rates[start:start + k] = prompt_scores[idx].sum(axis=1) / prompt_counts[idx].sum(axis=1)
+    alpha = 1.0 - confidence
+    low, high = np.quantile(rates, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def _position_consistency(valid: pd.DataFrame) -> float:
+    """Share of (prompt, repetition) judged in both orders where both agree."""
+    keys = ["prompt_key", "repetition", "model_a", "model_b"]
+    by_order = []
+    for order in ORDERS:
+        part = valid[valid["order"] == order].set_index(keys)["outcome"]
+        by_order.append(part[~part.index.duplicated()].rename(order))
+    both = pd.concat(by_order, axis=1, join="inner")
+    if both.empty:
+        return float("nan")
+    return float((both["a_first"] == both["b_first"]).mean())
+
+
+def win_rates(
+    battles: pd.DataFrame,
+    baseline: str,
+    rounds: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Win rate of every model against `baseline`, per criterion, with a bootstrap CI.
+
+    win_rate = (wins + 0.5 ties) / n from the model's side, pooled over orders,
+    repetitions and prompts; errors are counted but are not comparisons.
+    """
+    missing = [c for c in REQUIRED_COLUMNS if c not in battles.columns]
+    if missing:
+        raise InputError(f"battle table lacks columns {missing}", field="battles")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise InputError(f"must be a positive integer, got {rounds!r}", field="rounds")
+    if not 0.0 < confidence < 1.0:
+        raise InputError(f"must be between 0 and 1, got {confidence!r}", field="confidence")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InputError(f"must be a non-negative integer, got {seed!r}", field="seed")
+
+    df = battles.copy()
+    if "prompt_set" not in df.columns:
+        df["prompt_set"] = ""
+    base_is_a = df["model_a"] == baseline
+    base_is_b = df["model_b"] == baseline
+    df = df[base_is_a | base_is_b].copy()
+    if df.empty:
+        raise InputError(f"no battles against the baseline {baseline!r}", field="baseline")
+    skipped = len(battles) - len(df)
+    if skipped:
+        log.info("%d battles without the baseline %r ignored", skipped, baseline)
+    flip = (df["model_a"] == baseline).to_numpy()
+    df["model"] = np.where(flip, df["model_b"], df["model_a"])
+    outcome = df["outcome"].to_numpy()
+    win = np.where(flip, outcome == "b_wins", outcome == "a_wins")
+    loss = np.where(flip, outcome == "a_wins", outcome == "b_wins")
+    df["win"], df["tie"], df["loss"] = win, outcome == "tie", loss
+    df["error"] = outcome == "error"
+    df["score"] = win + 0.5 * df["tie"].to_numpy()
+    df["prompt_key"] = df["prompt_set"].fillna("").astype(str) + "\x1f" + df["prompt_id"]
+
+    rows = []
+    for (model, criterion), group in df.groupby(["model", "criterion"], sort=True):
+        wins, ties = int(group["win"].sum()), int(group["tie"].sum())
+        losses, errors = int(group["loss"].sum()), int(group["error"].sum())
+        n = wins + ties + losses
+        valid = group[~group["error"]]
+        rate = low = high = float("nan")
+        if n:
+            rate = (wins + 0.5 * ties) / n
+            per_prompt = valid.groupby("prompt_key", sort=True)["score"].agg(["sum", "count"])
+            low, high = bootstrap_interval(
+                per_prompt["sum"].to_numpy(dtype=float),
+                per_prompt["count"].to_numpy(dtype=float),
+                _group_seed(seed, model, criterion), rounds, confidence)
+        if errors:
+            log.warning("%s / %s: %d judgments failed, left out of the win rate",
+                        model, criterion, errors)
+        rows.append({
+            "model": model, "criterion": criterion, "wins": wins, "ties": ties,
+            "losses": losses, "errors": errors, "n": n, "win_rate": rate,
+            "ci_low": low, "ci_high": high,
+            "position_consistency": _position_consistency(valid),
+        })
+    table = pd.DataFrame(rows, columns=list(WIN_RATE_COLUMNS))
+    return table.sort_values(["criterion", "model"], kind="stable").reset_index(drop=True)

@@ -1,0 +1,20 @@
+# One rule for every alignment stage: the parent is the initial policy AND the
+# reference; `beta` is the node's own coefficient (stage 2: the paper's beta/lambda).
+
+
+rule align:
+    input:
+        parent=align_parent,
+        data=align_data_dir,
+    output:
+        directory("results/models/{aligned}"),
+    params:
+        spec=align_spec,
+        data=align_data_file,
+        code=code("align"),
+    threads: config["threads"]["align"]
+    log:
+        "logs/align/{aligned}.log",
+    shell:
+        "{STEP_ALIGN} --parent-dir {input.parent} --data {params.data} --out {output}"
+        " --spec {params.spec:q} --threads {threads} > {log} 2>&1"

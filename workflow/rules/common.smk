@@ -1,0 +1,168 @@
+# Config validation, the plan, and the helpers that turn it into paths and params.
+# Rules in the other .smk files call only these helpers.
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(workflow.basedir)))
+
+from sacpo_steps.plan import PlanError, load_plan, to_json  # noqa: E402
+from sacpo_steps.provenance import source_hash  # noqa: E402
+
+_config_source = ", ".join(map(str, workflow.overwrite_configfiles)) or "config/config.yaml"
+try:
+    PLAN = load_plan(config, source=_config_source)
+except PlanError as exc:
+    raise WorkflowError(str(exc)) from None
+
+SFT = PLAN.sft
+ALIGNED = list(PLAN.nodes)
+PROMPT_SETS = config["evaluation"]["prompt_sets"]
+SEED = config.get("seed", 0)
+
+wildcard_constraints:
+    model="|".join(map(re.escape, PLAN.models)),
+    aligned="|".join(map(re.escape, ALIGNED)) if ALIGNED else "$^",
+    prompt_set="|".join(map(re.escape, PROMPT_SETS)),
+    source="|".join(map(re.escape, config["preference_sources"])),
+
+
+def code(module):
+    """Hash of a step's source (and the package modules it imports): edits rerun its jobs."""
+    return source_hash(f"sacpo_steps.{module}")
+
+
+def step(name):
+    """The command that runs one step of the package."""
+    return f"{sys.executable} -m sacpo_steps {name}"
+
+
+def uses_demo_world():
+    sources = [s["source"] for s in config["preference_sources"].values()]
+    sets = [p.get("source", "local") for p in PROMPT_SETS.values()]
+    return "demo" in sources or "demo" in sets or config["sft"]["source"] == "build"
+
+
+DEMO_WORLD = "results/demo_world"
+
+
+# ---- models -------------------------------------------------------------------
+
+
+def model_dir(name):
+    """Folder of a model of the plan; hub downloads live under resources/."""
+    if name == SFT and config["sft"]["source"] == "hub":
+        return f"resources/models/{name}"
+    return f"results/models/{name}"
+
+
+def sft_spec():
+    return to_json({**config["sft"], "prompt_template": config["prompt_template"], "seed": SEED})
+
+
+def align_spec(wildcards):
+    node = PLAN.nodes[wildcards.aligned]
+    return to_json(
+        {
+            "name": node.name,
+            "parent": node.parent,
+            "data": node.data,
+            "loss": node.loss,
+            "beta": node.beta,
+            "training": node.training,
+            "prompt_template": config["prompt_template"],
+            "seed": SEED,
+        }
+    )
+
+
+def align_parent(wildcards):
+    return model_dir(PLAN.nodes[wildcards.aligned].parent)
+
+
+def align_data_dir(wildcards):
+    node = PLAN.nodes[wildcards.aligned]
+    return f"results/data/{PLAN.datasets[node.data]['source']}"
+
+
+def align_data_file(wildcards):
+    node = PLAN.nodes[wildcards.aligned]
+    criterion = PLAN.datasets[node.data]["criterion"]
+    return f"{align_data_dir(wildcards)}/{criterion}_{node.data_file}.jsonl"
+
+
+# ---- data ---------------------------------------------------------------------
+
+
+def preference_table(wildcards):
+    src = config["preference_sources"][wildcards.source]
+    if src["source"] == "demo":
+        return f"{DEMO_WORLD}/preferences.jsonl"
+    if src["source"] == "hub":
+        return f"resources/datasets/{wildcards.source}"
+    return src["path"]
+
+
+def prompt_set_file(name):
+    ps = PROMPT_SETS[name]
+    if ps.get("source", "local") == "demo":
+        return f"{DEMO_WORLD}/prompts/{name}.jsonl"
+    return ps["path"]
+
+
+# ---- evaluation ---------------------------------------------------------------
+
+
+def generation_spec():
+    gen = config["evaluation"]["generation"]
+    return to_json(
+        {
+            "prompt_template": config["prompt_template"],
+            "stop_markers": config["stop_markers"],
+            "max_new_tokens": gen["max_new_tokens"],
+            "batch_size": gen["batch_size"],
+            "seed": SEED,
+        }
+    )
+
+
+def judge_config():
+    return to_json(config["evaluation"]["judge"])
+
+
+def judge_inputs(wildcards):
+    inputs = {
+        "candidate": f"results/generations/{wildcards.model}/{wildcards.prompt_set}.jsonl",
+        "baseline": f"results/generations/{PLAN.baseline}/{wildcards.prompt_set}.jsonl",
+        "prompts": prompt_set_file(wildcards.prompt_set),
+    }
+    if config["evaluation"]["judge"]["backend"] == "rule":
+        inputs["spec"] = f"{DEMO_WORLD}/spec.json"
+    return inputs
+
+
+def battle_files():
+    return [
+        f"results/battles/{prompt_set}/{model}.jsonl"
+        for prompt_set in PROMPT_SETS
+        for model in PLAN.models
+        if model != PLAN.baseline
+    ]
+
+
+def all_targets():
+    return ["results/tables/winrate.csv", "results/tables/winrate.md"]
+
+
+# Step commands, used in the rules' shell blocks.
+STEP_DEMO_WORLD = step("demo_world")
+STEP_DOWNLOAD = step("download")
+STEP_PREFERENCE_DATA = step("preference_data")
+STEP_SFT = step("sft_checkpoint")
+STEP_ALIGN = step("align")
+STEP_GENERATE = step("generate")
+STEP_JUDGE = step("judge")
+STEP_WINRATE = step("winrate")
+
+localrules:
+    download_dataset,

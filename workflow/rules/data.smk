@@ -1,0 +1,46 @@
+# The demo world and the preference data of every source.
+
+
+rule demo_world:
+    output:
+        preferences=f"{DEMO_WORLD}/preferences.jsonl",
+        sft_corpus=f"{DEMO_WORLD}/sft_corpus.jsonl",
+        prompts=expand(f"{DEMO_WORLD}/prompts/{{name}}.jsonl", name=["helpfulness", "red_team"]),
+        spec=f"{DEMO_WORLD}/spec.json",
+    params:
+        world=lambda wildcards: config.get("demo_world", {}),
+        code=code("demo_world"),
+    log:
+        "logs/demo_world.log",
+    shell:
+        "{STEP_DEMO_WORLD} --out-dir {DEMO_WORLD} --seed {params.world[seed]}"
+        " --n-sft-examples {params.world[n_sft_examples]}"
+        " --n-preference-pairs {params.world[n_preference_pairs]} > {log} 2>&1"
+
+
+rule download_dataset:
+    output:
+        directory("resources/datasets/{source}"),
+    params:
+        src=lambda wildcards: config["preference_sources"][wildcards.source],
+        code=code("download"),
+    log:
+        "logs/download_dataset/{source}.log",
+    shell:
+        "{STEP_DOWNLOAD} --kind dataset --repo-id {params.src[repo_id]:q}"
+        " --revision {params.src[revision]:q} --out {output} > {log} 2>&1"
+
+
+rule preference_data:
+    input:
+        table=preference_table,
+    output:
+        directory("results/data/{source}"),
+    params:
+        src=lambda wildcards: config["preference_sources"][wildcards.source],
+        code=code("preference_data"),
+    log:
+        "logs/preference_data/{source}.log",
+    shell:
+        "{STEP_PREFERENCE_DATA} --input {input.table} --out-dir {output}"
+        " --split {params.src[split]} --on-bad-row {params.src[on_bad_row]} > {log} 2>&1"
