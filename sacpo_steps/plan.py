@@ -127,6 +127,14 @@ def _merge_training(defaults: dict[str, Any], override: dict[str, Any], where: s
     unknown = sorted(set(override) - set(defaults))
     if unknown:
         raise PlanError(f"{where}: unknown training key(s) {unknown}")
+    # A node's overrides are not typed by the schema (defaults would be filled into
+    # them): check them against `$defs/training` here, e.g. `learning_rate: 1e-4`,
+    # which YAML reads as a string.
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(load_schema()["$defs"]["training"])
+    for err in sorted(validator.iter_errors(override), key=lambda e: list(e.absolute_path)):
+        raise PlanError(f"{where}.{_path(err)}: {err.message}")
     return {**defaults, **override}
 
 

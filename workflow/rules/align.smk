@@ -13,8 +13,10 @@ rule align:
         data=align_data_file,
         code=code("align"),
     threads: config["threads"]["align"]
+    conda:
+        "../../environment.yml"
     log:
         "logs/align/{aligned}.log",
     shell:
-        "{STEP_ALIGN} --parent-dir {input.parent} --data {params.data} --out {output}"
+        "python -m sacpo_steps align --parent-dir {input.parent} --data {params.data} --out {output}"
         " --spec {params.spec:q} --threads {threads} > {log} 2>&1"

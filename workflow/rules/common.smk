@@ -1,5 +1,6 @@
 # Config validation, the plan, and the helpers that turn it into paths and params.
 # Rules in the other .smk files call only these helpers.
+import os
 import re
 import sys
 from pathlib import Path
@@ -32,9 +33,9 @@ def code(module):
     return source_hash(f"sacpo_steps.{module}")
 
 
-def step(name):
-    """The command that runs one step of the package."""
-    return f"{sys.executable} -m sacpo_steps {name}"
+# Jobs run `python -m sacpo_steps ...` with the Python that runs Snakemake, even
+# when its environment is not activated.
+shell.prefix(f'set -euo pipefail; export PATH="{Path(sys.executable).parent}:$PATH"; ')
 
 
 def uses_demo_world():
@@ -154,15 +155,6 @@ def all_targets():
     return ["results/tables/winrate.csv", "results/tables/winrate.md"]
 
 
-# Step commands, used in the rules' shell blocks.
-STEP_DEMO_WORLD = step("demo_world")
-STEP_DOWNLOAD = step("download")
-STEP_PREFERENCE_DATA = step("preference_data")
-STEP_SFT = step("sft_checkpoint")
-STEP_ALIGN = step("align")
-STEP_GENERATE = step("generate")
-STEP_JUDGE = step("judge")
-STEP_WINRATE = step("winrate")
 
 localrules:
     download_dataset,

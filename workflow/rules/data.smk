@@ -9,11 +9,14 @@ rule demo_world:
         spec=f"{DEMO_WORLD}/spec.json",
     params:
         world=lambda wildcards: config.get("demo_world", {}),
+        out_dir=lambda wildcards, output: os.path.dirname(output.preferences),
         code=code("demo_world"),
+    conda:
+        "../../environment.yml"
     log:
         "logs/demo_world.log",
     shell:
-        "{STEP_DEMO_WORLD} --out-dir {DEMO_WORLD} --seed {params.world[seed]}"
+        "python -m sacpo_steps demo_world --out-dir {params.out_dir} --seed {params.world[seed]}"
         " --n-sft-examples {params.world[n_sft_examples]}"
         " --n-preference-pairs {params.world[n_preference_pairs]} > {log} 2>&1"
 
@@ -24,10 +27,12 @@ rule download_dataset:
     params:
         src=lambda wildcards: config["preference_sources"][wildcards.source],
         code=code("download"),
+    conda:
+        "../../environment.yml"
     log:
         "logs/download_dataset/{source}.log",
     shell:
-        "{STEP_DOWNLOAD} --kind dataset --repo-id {params.src[repo_id]:q}"
+        "python -m sacpo_steps download --kind dataset --repo-id {params.src[repo_id]:q}"
         " --revision {params.src[revision]:q} --out {output} > {log} 2>&1"
 
 
@@ -39,8 +44,10 @@ rule preference_data:
     params:
         src=lambda wildcards: config["preference_sources"][wildcards.source],
         code=code("preference_data"),
+    conda:
+        "../../environment.yml"
     log:
         "logs/preference_data/{source}.log",
     shell:
-        "{STEP_PREFERENCE_DATA} --input {input.table} --out-dir {output}"
+        "python -m sacpo_steps preference_data --input {input.table} --out-dir {output}"
         " --split {params.src[split]} --on-bad-row {params.src[on_bad_row]} > {log} 2>&1"

@@ -11,10 +11,12 @@ rule generate:
         spec=lambda wildcards: generation_spec(),
         code=code("generate"),
     threads: config["threads"]["generate"]
+    conda:
+        "../../environment.yml"
     log:
         "logs/generate/{model}/{prompt_set}.log",
     shell:
-        "{STEP_GENERATE} --model-dir {input.model} --model-name {wildcards.model}"
+        "python -m sacpo_steps generate --model-dir {input.model} --model-name {wildcards.model}"
         " --prompts {input.prompts} --out {output} --spec {params.spec:q}"
         " --threads {threads} > {log} 2>&1"
 
@@ -31,10 +33,12 @@ rule judge:
         repetitions=config["evaluation"]["judge"]["repetitions"],
         spec=lambda wildcards, input: f"--spec {input.spec}" if "spec" in input.keys() else "",
         code=code("judge"),
+    conda:
+        "../../environment.yml"
     log:
         "logs/judge/{prompt_set}/{model}.log",
     shell:
-        "{STEP_JUDGE} --candidate {input.candidate} --baseline {input.baseline}"
+        "python -m sacpo_steps judge --candidate {input.candidate} --baseline {input.baseline}"
         " --prompts {input.prompts} --criterion {params.criterion}"
         " --judge-config {params.judge:q} {params.spec}"
         " --repetitions {params.repetitions} --out {output.battles} > {log} 2>&1"
@@ -51,9 +55,11 @@ rule winrate:
         stats=config["evaluation"]["winrate"],
         seed=SEED,
         code=code("winrate"),
+    conda:
+        "../../environment.yml"
     log:
         "logs/winrate.log",
     shell:
-        "{STEP_WINRATE} --battles {input.battles} --baseline {params.baseline}"
+        "python -m sacpo_steps winrate --battles {input.battles} --baseline {params.baseline}"
         " --rounds {params.stats[bootstrap_rounds]} --confidence {params.stats[confidence]}"
         " --seed {params.seed} --out-csv {output.csv} --out-md {output.md} > {log} 2>&1"

@@ -11,8 +11,10 @@ rule sft_checkpoint:
         corpus=lambda wildcards, input: f"--corpus {input.corpus}" if input.corpus else "",
         code=code("sft"),
     threads: config["threads"]["sft"]
+    conda:
+        "../../environment.yml"
     log:
         f"logs/sft_checkpoint/{SFT}.log",
     shell:
-        "{STEP_SFT} --spec {params.spec:q} {params.corpus} --out {output}"
+        "python -m sacpo_steps sft_checkpoint --spec {params.spec:q} {params.corpus} --out {output}"
         " --threads {threads} > {log} 2>&1"

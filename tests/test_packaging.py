@@ -1,0 +1,161 @@
+"""Things that rot silently: dependency pins, shipped configs, schema vs. code, source hashes."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+from sacpo_steps.align import TrainingConfig
+from sacpo_steps.plan import load_plan, load_schema
+from sacpo_steps.provenance import PACKAGE_DIR, module_closure, source_hash
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def normalized(spec: str) -> tuple[str, frozenset[str], str | None]:
+    req = Requirement(spec)
+    name = req.name.lower().replace("_", "-").replace(".", "-")
+    return name, frozenset(str(s) for s in req.specifier), str(req.marker) if req.marker else None
+
+
+def pyproject_requirements() -> dict[str, tuple]:
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    reqs = [normalized(r) for r in data["project"]["dependencies"]]
+    return {name: rest for name, *rest in reqs}
+
+
+def conda_pip_requirements() -> dict[str, tuple]:
+    env = yaml.safe_load((ROOT / "environment.yml").read_text(encoding="utf-8"))
+    pip_sections = [d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d]
+    assert len(pip_sections) == 1, "environment.yml needs exactly one pip: section"
+    reqs = [normalized(r) for r in pip_sections[0] if not r.strip().startswith("-e")]
+    return {name: rest for name, *rest in reqs}
+
+
+def test_environment_pins_equal_pyproject_dependencies():
+    project = pyproject_requirements()
+    conda = conda_pip_requirements()
+    assert project, "pyproject.toml lists no dependencies"
+    assert set(conda) == set(project), (
+        f"only in environment.yml: {sorted(set(conda) - set(project))}; "
+        f"only in pyproject.toml: {sorted(set(project) - set(conda))}")
+    differing = {name: (conda[name], project[name]) for name in project
+                 if conda[name] != project[name]}
+    assert not differing, f"pins differ (environment.yml, pyproject.toml): {differing}"
+
+
+def test_environment_installs_the_package_itself():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text(encoding="utf-8"))
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    assert "-e ." in [p.strip() for p in pip]
+
+
+SHIPPED_CONFIGS = sorted([*(ROOT / "config").glob("*.yaml"),
+                          *(ROOT / "tests" / "configs").glob("*.yaml")])
+
+
+def test_there_are_shipped_configs():
+    names = {p.relative_to(ROOT).as_posix() for p in SHIPPED_CONFIGS}
+    assert {"config/config.yaml", "tests/configs/reduced_demo.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_shipped_config_is_valid(path):
+    cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    plan = load_plan(cfg, source=str(path))
+    assert plan.nodes, f"{path} has no aligned model"
+    for node in plan.nodes.values():
+        # every node's training settings are accepted by the align step itself
+        TrainingConfig.from_dict(node.training)
+
+
+def test_schema_training_keys_equal_training_config_fields():
+    schema_keys = set(load_schema()["$defs"]["training"]["properties"])
+    code_fields = {f.name for f in dataclasses.fields(TrainingConfig)}
+    assert schema_keys == code_fields, (
+        f"only in the schema: {sorted(schema_keys - code_fields)}; "
+        f"only in TrainingConfig: {sorted(code_fields - schema_keys)}")
+
+
+def test_schema_training_defaults_equal_training_config_defaults():
+    props = load_schema()["$defs"]["training"]["properties"]
+    for f in dataclasses.fields(TrainingConfig):
+        assert props[f.name]["default"] == f.default, f.name
+
+
+def closure_names(module: str) -> set[str]:
+    return {p.relative_to(PACKAGE_DIR).as_posix() for p in module_closure(module)}
+
+
+def test_align_closure_follows_package_imports_only():
+    files = closure_names("sacpo_steps.align")
+    assert {"align.py", "fileio.py", "errors.py", "modelio.py"} <= files
+    assert "generate.py" not in files
+    assert "demo_world.py" not in files
+    assert "plan.py" not in files
+
+
+def test_judge_closure_includes_the_backend_and_the_demo_spec():
+    files = closure_names("sacpo_steps.judge")
+    # rule.py is imported inside a function of judges/__init__.py
+    assert {"judge.py", "judges/__init__.py", "judges/base.py", "judges/rule.py",
+            "demo_spec.py", "errors.py", "fileio.py"} <= files
+    assert "align.py" not in files
+
+
+def test_generate_closure_sees_function_level_imports():
+    files = closure_names("sacpo_steps.generate")
+    assert {"generate.py", "modelio.py"} <= files
+    assert "winrate.py" not in files
+
+
+def test_source_hashes_differ_between_steps_and_are_stable():
+    steps = ["demo_world", "preference_data", "sft", "align", "generate", "judge", "winrate"]
+    hashes = {step: source_hash(f"sacpo_steps.{step}") for step in steps}
+    assert len(set(hashes.values())) == len(steps)
+    assert all(len(h) == 16 for h in hashes.values())
+    assert source_hash("sacpo_steps.align") == hashes["align"]
+
+
+def test_source_hash_follows_edits_of_the_closure(tmp_path):
+    """Edit a copy of the package: only the steps whose closure holds the file change hash."""
+    import json
+    import shutil
+    import subprocess
+
+    shutil.copytree(PACKAGE_DIR, tmp_path / "sacpo_steps",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    script = ("import json; from sacpo_steps.provenance import source_hash as h; "
+              "print(json.dumps({m: h('sacpo_steps.' + m) for m in "
+              "('align', 'judge', 'generate', 'winrate')}))")
+
+    def hashes() -> dict[str, str]:
+        out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, check=True,
+                             capture_output=True, text=True, env={"PYTHONPATH": str(tmp_path)})
+        return json.loads(out.stdout)
+
+    before = hashes()
+    with open(tmp_path / "sacpo_steps" / "demo_spec.py", "a", encoding="utf-8") as f:
+        f.write("\n# edited\n")
+    after_spec = hashes()
+    assert after_spec["judge"] != before["judge"]
+    assert {k: after_spec[k] for k in ("align", "generate", "winrate")} == {
+        k: before[k] for k in ("align", "generate", "winrate")}
+
+    with open(tmp_path / "sacpo_steps" / "modelio.py", "a", encoding="utf-8") as f:
+        f.write("\n# edited\n")
+    after_modelio = hashes()
+    assert after_modelio["align"] != after_spec["align"]
+    assert after_modelio["generate"] != after_spec["generate"]
+    assert after_modelio["judge"] == after_spec["judge"]
+    assert after_modelio["winrate"] == after_spec["winrate"]

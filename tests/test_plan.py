@@ -1,0 +1,267 @@
+"""Config validation and plan expansion (`sacpo_steps.plan`), directly and through Snakemake.
+
+Every bad config must be refused before any job runs, with a message that names
+the config path of the offending field.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sacpo_steps.errors import InputError
+from sacpo_steps.plan import Node, Plan, PlanError, load_plan
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text(encoding="utf-8"))
+
+
+def demo() -> dict[str, Any]:
+    return copy.deepcopy(DEMO_CONFIG)
+
+
+def names_field(message: str, path: str) -> bool:
+    """The message reports `path` as a field: `path:` at a line start or after a space."""
+    return re.search(rf"(^|\s){re.escape(path)}:", message, flags=re.M) is not None
+
+
+# ---- bad inputs ----------------------------------------------------------------
+
+
+def _set(path: str, value: Any) -> Callable[[dict], None]:
+    """A mutation that sets config[a][b]... = value for a dotted path (model names may hold
+    dots, so the path is split on '/')."""
+
+    def mutate(cfg: dict) -> None:
+        *parents, last = path.split("/")
+        node = cfg
+        for key in parents:
+            node = node[key]
+        node[last] = value
+
+    return mutate
+
+
+def _delete(key: str) -> Callable[[dict], None]:
+    def mutate(cfg: dict) -> None:
+        del cfg[key]
+
+    return mutate
+
+
+def _add_models(**models: dict) -> Callable[[dict], None]:
+    def mutate(cfg: dict) -> None:
+        cfg["models"].update(copy.deepcopy(models))
+
+    return mutate
+
+
+# (id, mutation, field path the message must name, further substrings of the message)
+BAD_CASES = [
+    ("unknown-top-level-key", _set("optimiser", {"lr": 1}), "(top level)", ["optimiser"]),
+    ("unknown-key-in-model", _set("models/dpo_h/betta", 0.1), "models.dpo_h", ["betta"]),
+    ("beta-string", _set("models/dpo_h/beta", "0.1"), "models.dpo_h.beta", ["number"]),
+    ("models-list", _set("models", ["dpo_h"]), "models", ["object"]),
+    ("beta-zero", _set("models/dpo_h/beta", 0), "models.dpo_h.beta", []),
+    ("beta-negative", _set("models/dpo_h/beta", -1), "models.dpo_h.beta", []),
+    ("stage2-beta-zero", _set("models/dpo_h.dpo_s-0.05/beta", 0.0),
+     "models.dpo_h.dpo_s-0.05.beta", []),
+    ("loss-unknown", _set("models/dpo_h/loss", "ppo"), "models.dpo_h.loss", ["ppo"]),
+    ("parent-unknown", _set("models/dpo_h.dpo_s-0.1/parent", "dpo_x"),
+     "models.dpo_h.dpo_s-0.1.parent", ["dpo_x"]),
+    ("data-unknown", _set("models/dpo_h/data", "harmlessness"), "models.dpo_h.data",
+     ["harmlessness"]),
+    ("dataset-source-unknown", _set("datasets/safety/source", "pku"), "datasets.safety.source",
+     ["pku"]),
+    ("cycle", _add_models(a={"parent": "b", "data": "safety", "loss": "dpo", "beta": 0.1},
+                          b={"parent": "a", "data": "safety", "loss": "dpo", "beta": 0.1}),
+     "models", ["cycle", "a -> b -> a"]),
+    ("self-parent", _add_models(a={"parent": "a", "data": "safety", "loss": "dpo", "beta": 0.1}),
+     "models", ["cycle", "a -> a"]),
+    ("model-named-like-sft",
+     _add_models(sft={"parent": "dpo_h", "data": "safety", "loss": "dpo", "beta": 0.1}),
+     "models.sft", ["sft"]),
+    ("kto-batch-1", _add_models(kto_h={"parent": "sft", "data": "helpfulness", "loss": "kto",
+                                       "beta": 0.1, "training": {"per_device_batch_size": 1}}),
+     "models.kto_h.training.per_device_batch_size", ["KTO"]),
+    ("node-training-unknown-key", _set("models/dpo_h/training", {"learning_rte": 1e-4}),
+     "models.dpo_h.training", ["learning_rte"]),
+    # YAML reads `1e-4` (no dot) as a string: a node's override must be typed too
+    ("node-training-wrong-type", _set("models/dpo_h/training", {"learning_rate": "1e-4"}),
+     "models.dpo_h.training.learning_rate", ["number"]),
+    ("default-training-unknown-key", _set("training/epoch", 1), "training", ["epoch"]),
+    ("prompt-template-without-placeholder", _set("prompt_template", "USER: {query} ASSISTANT:"),
+     "prompt_template", ["{query}", "prompt\\"]),
+    ("missing-evaluation", _delete("evaluation"), "(top level)", ["evaluation", "required"]),
+    ("missing-models", _delete("models"), "(top level)", ["models", "required"]),
+    ("baseline-unknown", _set("evaluation/baseline", "gpt"), "evaluation.baseline", ["gpt"]),
+]
+
+
+@pytest.mark.parametrize(("mutate", "path", "fragments"),
+                         [pytest.param(m, p, f, id=i) for i, m, p, f in BAD_CASES])
+def test_bad_config_is_refused_naming_the_field(mutate, path, fragments):
+    cfg = demo()
+    mutate(cfg)
+    with pytest.raises(PlanError) as info:
+        load_plan(cfg, source="x.yaml")
+    message = str(info.value)
+    assert isinstance(info.value, InputError)
+    assert names_field(message, path), f"{path!r} not named as a field in:\n{message}"
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in:\n{message}"
+
+
+def test_schema_errors_name_the_config_file():
+    cfg = demo()
+    cfg["models"]["dpo_h"]["beta"] = "high"
+    with pytest.raises(PlanError, match=r"x\.yaml"):
+        load_plan(cfg, source="x.yaml")
+
+
+# ---- good inputs ---------------------------------------------------------------
+
+
+def test_demo_config_expands_to_the_sacpo_chain():
+    plan = load_plan(demo(), source="x.yaml")
+    assert isinstance(plan, Plan)
+    assert plan.sft == "sft"
+    assert plan.baseline == "sft"
+    stage2 = [f"dpo_h.dpo_s-{b}" for b in ("0.01", "0.025", "0.05", "0.1")]
+    assert list(plan.nodes) == ["dpo_h", *stage2]
+    assert plan.models == ["sft", "dpo_h", *stage2]
+    for name in stage2:
+        node = plan.nodes[name]
+        assert (node.parent, node.data, node.loss) == ("dpo_h", "safety", "dpo")
+        assert node.data_file == "pairs"
+    assert plan.nodes["dpo_h.dpo_s-0.025"].beta == pytest.approx(0.025)
+    assert plan.datasets["safety"] == {"source": "demo", "criterion": "safety"}
+
+
+def test_defaults_are_filled_in_place():
+    cfg = demo()
+    del cfg["threads"]
+    del cfg["stop_markers"]
+    del cfg["evaluation"]["judge"]
+    del cfg["seed"]
+    del cfg["demo_world"]
+    load_plan(cfg, source="x.yaml")
+    assert cfg["threads"] == {"sft": 2, "align": 2, "generate": 1}
+    assert cfg["stop_markers"] == ["USER:"]
+    assert cfg["seed"] == 0
+    assert cfg["evaluation"]["judge"] == {"backend": "rule", "repetitions": 1}
+    # the demo world rule reads every key, so a missing section must be filled too
+    assert cfg["demo_world"] == {"seed": 0, "n_sft_examples": 4000, "n_preference_pairs": 3000}
+    assert cfg["preference_sources"]["demo"]["split"] == "train"
+    assert cfg["preference_sources"]["demo"]["on_bad_row"] == "error"
+
+
+def test_node_training_merges_defaults_and_overrides():
+    cfg = demo()
+    del cfg["training"]["max_length"]  # falls back to the schema default
+    cfg["models"]["dpo_h"]["training"] = {"learning_rate": 1.0e-3, "max_examples": 8}
+    plan = load_plan(cfg, source="x.yaml")
+    own = plan.nodes["dpo_h"].training
+    other = plan.nodes["dpo_h.dpo_s-0.1"].training
+    assert own["learning_rate"] == 1.0e-3 and own["max_examples"] == 8
+    assert other["learning_rate"] == 2.0e-4 and other["max_examples"] is None
+    assert own["max_length"] == other["max_length"] == 512
+    assert own["per_device_batch_size"] == 32  # the config's default, not the schema's
+    assert set(own) == set(other)
+
+
+def test_children_come_after_parents_whatever_the_declaration_order():
+    cfg = demo()
+    cfg["models"] = {
+        "c": {"parent": "b", "data": "safety", "loss": "dpo", "beta": 0.05},
+        "b2": {"parent": "a", "data": "safety", "loss": "kto", "beta": 0.1},
+        "b": {"parent": "a", "data": "safety", "loss": "dpo", "beta": 0.1},
+        "a": {"parent": "sft", "data": "helpfulness", "loss": "dpo", "beta": 0.1},
+    }
+    plan = load_plan(cfg, source="x.yaml")
+    order = list(plan.nodes)
+    assert sorted(order) == ["a", "b", "b2", "c"]
+    for name, node in plan.nodes.items():
+        if node.parent != plan.sft:
+            assert order.index(node.parent) < order.index(name)
+    assert plan.models[0] == "sft"
+    assert plan.nodes["b2"].data_file == "kto"
+
+
+def test_lineage_lists_stages_oldest_first():
+    cfg = demo()
+    cfg["models"]["dpo_h.dpo_s-0.1.kto_s"] = {
+        "parent": "dpo_h.dpo_s-0.1", "data": "safety", "loss": "kto", "beta": 0.2}
+    plan = load_plan(cfg, source="x.yaml")
+    chain = plan.lineage("dpo_h.dpo_s-0.1.kto_s")
+    assert all(isinstance(node, Node) for node in chain)
+    assert [n.name for n in chain] == ["dpo_h", "dpo_h.dpo_s-0.1", "dpo_h.dpo_s-0.1.kto_s"]
+    assert [n.parent for n in chain] == ["sft", "dpo_h", "dpo_h.dpo_s-0.1"]
+    assert [n.name for n in plan.lineage("dpo_h")] == ["dpo_h"]
+    assert plan.lineage("sft") == []
+
+
+def test_sft_name_and_baseline_can_be_changed():
+    cfg = demo()
+    cfg["sft"]["name"] = "base"
+    for spec in cfg["models"].values():
+        if spec["parent"] == "sft":
+            spec["parent"] = "base"
+    cfg["evaluation"]["baseline"] = "dpo_h"
+    plan = load_plan(cfg, source="x.yaml")
+    assert plan.sft == "base"
+    assert plan.baseline == "dpo_h"
+    assert plan.models[0] == "base"
+
+
+# ---- through Snakemake ---------------------------------------------------------
+
+WORKFLOW_PARTS = ["Snakefile", "workflow", "config", "profiles", "sacpo_steps", "tests/configs",
+                  "environment.yml"]  # the rules' `conda:` directives name environment.yml
+
+
+def copy_workflow(dest: Path) -> Path:
+    for part in WORKFLOW_PARTS:
+        src = ROOT / part
+        if src.is_dir():
+            shutil.copytree(src, dest / part,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            (dest / part).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / part)
+    return dest
+
+
+SNAKEMAKE_CASES = [
+    ("beta-string", _set("models/dpo_h.dpo_s-0.1/beta", "0.1"), "models.dpo_h.dpo_s-0.1.beta"),
+    ("parent-unknown", _set("models/dpo_h/parent", "base"), "models.dpo_h.parent"),
+    ("unknown-key", _set("evaluation/judge_model", "gpt"), "evaluation"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "path"),
+                         [pytest.param(m, p, id=i) for i, m, p in SNAKEMAKE_CASES])
+def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path, mutate, path):
+    workdir = copy_workflow(tmp_path / "wf")
+    cfg = demo()
+    mutate(cfg)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "2", "--configfile", str(bad)],
+        cwd=workdir, capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output
+    assert names_field(output, path), output
+    assert "Job stats" not in output
+    assert not (workdir / "results").exists()
+    assert not (workdir / "logs").exists()

@@ -1,0 +1,334 @@
+"""Snakemake-level behaviour: which jobs a config plans, one real reduced run, and what reruns.
+
+Every run happens in a copy of the workflow under a temporary folder, never in the
+repository's own `results/`. Jobs run `python -m sacpo_steps` with the copy as
+working directory, so they import the copy's package: editing the copy's source is
+what the provenance tests below rely on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKFLOW_PARTS = ["Snakefile", "workflow", "config", "profiles", "sacpo_steps", "tests/configs",
+                  "environment.yml"]  # the rules' `conda:` directives name environment.yml
+REDUCED = "tests/configs/reduced_demo.yaml"
+PROMPT_SETS = ("helpfulness", "red_team")
+
+
+def copy_workflow(dest: Path) -> Path:
+    """Copy what a run needs into `dest` (no results, logs or .snakemake of the repo)."""
+    for part in WORKFLOW_PARTS:
+        src = ROOT / part
+        if src.is_dir():
+            shutil.copytree(src, dest / part,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            (dest / part).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / part)
+    return dest
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", *args],
+                          cwd=workdir, capture_output=True, text=True, timeout=timeout)
+
+
+def output_of(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout + proc.stderr
+
+
+@dataclass
+class Job:
+    rule: str
+    wildcards: dict[str, str] = field(default_factory=dict)
+    log: str | None = None
+    reason: str = ""
+
+    @property
+    def key(self) -> tuple[str, str | None, str | None]:
+        """(rule, model, prompt set): the model is the `model` or `aligned` wildcard."""
+        model = self.wildcards.get("model", self.wildcards.get("aligned"))
+        return self.rule, model, self.wildcards.get("prompt_set")
+
+
+RULE_LINE = re.compile(r"^(?:local)?rule (\w+):\s*$")
+FIELD_LINE = re.compile(r"^\s+(\w+): (.*)$")
+
+
+def parse_jobs(output: str) -> list[Job]:
+    """The job blocks of a dry run: `rule X:` then indented `key: value` lines."""
+    jobs: list[Job] = []
+    current: Job | None = None
+    for line in output.splitlines():
+        match = RULE_LINE.match(line)
+        if match:
+            current = Job(match.group(1))
+            jobs.append(current)
+            continue
+        match = FIELD_LINE.match(line)
+        if current is not None and match:
+            key, value = match.groups()
+            if key == "wildcards":
+                current.wildcards = dict(kv.split("=", 1) for kv in value.split(", "))
+            elif key == "log":
+                current.log = value.strip()
+            elif key == "reason":
+                current.reason = value
+        elif not line.startswith(" "):
+            current = None
+    return jobs
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The `Job stats` table of a dry run, without the total."""
+    counts: dict[str, int] = {}
+    lines = output.splitlines()
+    start = lines.index("Job stats:")
+    for line in lines[start + 1:]:
+        match = re.match(r"^(\w+)\s+(\d+)$", line)
+        if match:
+            if match.group(1) == "total":
+                break
+            counts[match.group(1)] = int(match.group(2))
+    return counts
+
+
+def dry_run(workdir: Path, *args: str) -> tuple[str, list[Job]]:
+    proc = snakemake(workdir, "-n", *args)
+    output = output_of(proc)
+    assert proc.returncode == 0, output
+    return output, parse_jobs(output)
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def reduced_config() -> dict:
+    return yaml.safe_load((ROOT / REDUCED).read_text(encoding="utf-8"))
+
+
+# ---- planning only (dry runs) -------------------------------------------------------
+
+
+def test_demo_config_plans_the_full_sacpo_grid(tmp_path):
+    workdir = copy_workflow(tmp_path / "wf")
+    output, jobs = dry_run(workdir)  # no --configfile: the Snakefile's config/config.yaml
+    expected = {"demo_world": 1, "preference_data": 1, "sft_checkpoint": 1, "align": 5,
+                "generate": 12, "judge": 10, "winrate": 1, "all": 1}
+    assert job_counts(output) == expected
+    assert sorted(j.rule for j in jobs) == sorted(r for r, n in expected.items() for _ in range(n))
+    aligned = {j.key[1] for j in jobs if j.rule == "align"}
+    assert aligned == {"dpo_h", *(f"dpo_h.dpo_s-{b}" for b in ("0.01", "0.025", "0.05", "0.1"))}
+    judged = {j.key[1:] for j in jobs if j.rule == "judge"}
+    assert judged == {(m, ps) for m in aligned for ps in PROMPT_SETS}
+    assert not (workdir / "results").exists()
+
+
+def test_a_configfile_replaces_the_demo_config_instead_of_merging(tmp_path):
+    workdir = copy_workflow(tmp_path / "wf")
+    cfg = reduced_config()
+    cfg["models"] = {"kto_h": {"parent": "sft", "data": "helpfulness", "loss": "kto",
+                               "beta": 0.1}}
+    config = write_config(tmp_path / "kto.yaml", cfg)
+    output, jobs = dry_run(workdir, "--configfile", str(config))
+    models = {j.key[1] for j in jobs if j.key[1] is not None}
+    assert models == {"sft", "kto_h"}
+    assert "dpo_h" not in output  # no demo model anywhere: jobs, inputs, outputs
+    assert {j.key for j in jobs if j.rule == "align"} == {("align", "kto_h", None)}
+    assert job_counts(output) == {"demo_world": 1, "preference_data": 1, "sft_checkpoint": 1,
+                                  "align": 1, "generate": 4, "judge": 2, "winrate": 1,
+                                  "all": 1}
+
+
+def test_every_planned_job_of_the_reduced_demo_has_a_log(tmp_path):
+    workdir = copy_workflow(tmp_path / "wf")
+    _, jobs = dry_run(workdir, "--configfile", REDUCED)
+    assert len(jobs) == 22
+    missing = [j.key for j in jobs if j.rule != "all" and not j.log]
+    assert not missing
+    logs = [j.log for j in jobs if j.log]
+    assert len(set(logs)) == len(logs)  # no two jobs share a log file
+    assert all(log.startswith("logs/") for log in logs)
+
+
+# ---- one real run of the reduced demo ------------------------------------------------
+
+
+@dataclass
+class Run:
+    workdir: Path
+    proc: subprocess.CompletedProcess
+    planned: list[Job]
+
+    @property
+    def output(self) -> str:
+        return output_of(self.proc)
+
+
+@pytest.fixture(scope="module")
+def reduced_run(tmp_path_factory) -> Run:
+    workdir = copy_workflow(tmp_path_factory.mktemp("e2e") / "wf")
+    _, planned = dry_run(workdir, "--configfile", REDUCED)
+    proc = snakemake(workdir, "--configfile", REDUCED, timeout=1800)
+    return Run(workdir, proc, planned)
+
+
+@pytest.fixture
+def done(reduced_run) -> Run:
+    """The reduced run, which must have succeeded."""
+    assert reduced_run.proc.returncode == 0, reduced_run.output[-5000:]
+    return reduced_run
+
+
+@contextmanager
+def appended(path: Path, text: str = "\n# edited by the test\n"):
+    original = path.read_bytes()
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+        yield path
+    finally:
+        path.write_bytes(original)
+
+
+REDUCED_ALIGNED = ["dpo_h", "dpo_h.dpo_s-0.01", "dpo_h.dpo_s-0.1"]
+REDUCED_MODELS = ["sft", *REDUCED_ALIGNED]
+
+
+@pytest.mark.slow
+def test_reduced_demo_runs_to_the_win_rate_table(done):
+    tables = done.workdir / "results" / "tables"
+    assert (tables / "winrate.md").is_file()
+    table = pd.read_csv(tables / "winrate.csv")
+    pairs = list(zip(table["model"], table["criterion"], strict=True))
+    assert len(pairs) == len(set(pairs)) == 6
+    assert set(pairs) == {(m, c) for m in REDUCED_ALIGNED for c in ("helpfulness", "harmlessness")}
+    assert table["win_rate"].between(0, 1).all()
+    markdown = (tables / "winrate.md").read_text(encoding="utf-8")
+    assert all(m in markdown for m in REDUCED_ALIGNED)
+
+
+@pytest.mark.slow
+def test_every_job_wrote_its_log(done):
+    logs = [j.log for j in done.planned if j.rule != "all"]
+    assert len(logs) == 21
+    missing = [log for log in logs if not (done.workdir / log).is_file()]
+    assert not missing
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", REDUCED_MODELS)
+def test_model_folders_are_complete(done, model):
+    folder = done.workdir / "results" / "models" / model
+    for name in ("config.json", "tokenizer.json", "README.md", "sacpo.json"):
+        assert (folder / name).is_file(), name
+    assert list(folder.glob("*.safetensors"))
+    info = json.loads((folder / "sacpo.json").read_text(encoding="utf-8"))
+    assert info["name"] == model
+
+
+@pytest.mark.slow
+def test_stage2_model_card_states_its_lineage(done):
+    folder = done.workdir / "results" / "models" / "dpo_h.dpo_s-0.1"
+    info = json.loads((folder / "sacpo.json").read_text(encoding="utf-8"))
+    lineage = info["lineage"]
+    assert [s["name"] for s in lineage] == ["dpo_h", "dpo_h.dpo_s-0.1"]
+    assert [s["parent"] for s in lineage] == ["sft", "dpo_h"]
+    assert [s["data"] for s in lineage] == ["helpfulness", "safety"]
+    assert lineage[-1]["beta"] == pytest.approx(0.1)
+    assert "dpo_h" in (folder / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", REDUCED_MODELS)
+def test_generations_have_the_documented_fields(done, model):
+    for prompt_set in PROMPT_SETS:
+        path = done.workdir / "results" / "generations" / model / f"{prompt_set}.jsonl"
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip()]
+        assert rows
+        for row in rows:
+            assert {"prompt_id", "prompt", "answer", "model"} <= set(row)
+            assert row["model"] == model
+            assert isinstance(row["answer"], str)
+        assert len({r["prompt_id"] for r in rows}) == len(rows)
+
+
+@pytest.mark.slow
+def test_second_run_has_nothing_to_do(done):
+    output, jobs = dry_run(done.workdir, "--configfile", REDUCED)
+    assert "Nothing to be done" in output
+    assert jobs == []
+
+
+@pytest.mark.slow
+def test_changing_one_beta_reruns_only_that_model_and_its_evaluation(done):
+    cfg = reduced_config()
+    cfg["models"]["dpo_h.dpo_s-0.1"]["beta"] = 0.2
+    config = write_config(done.workdir / "modified.yaml", cfg)
+    _, jobs = dry_run(done.workdir, "--configfile", str(config))
+    model = "dpo_h.dpo_s-0.1"
+    keys = [j.key for j in jobs]
+    assert len(keys) == len(set(keys))
+    assert set(keys) == {
+        ("align", model, None),
+        *(("generate", model, ps) for ps in PROMPT_SETS),
+        *(("judge", model, ps) for ps in PROMPT_SETS),
+        ("winrate", None, None),
+        ("all", None, None),
+    }
+    align = next(j for j in jobs if j.rule == "align")
+    assert "param" in align.reason.lower()
+
+
+@pytest.mark.slow
+def test_editing_the_winrate_step_reruns_only_winrate(done):
+    with appended(done.workdir / "sacpo_steps" / "winrate.py"):
+        _, jobs = dry_run(done.workdir, "--configfile", REDUCED)
+    assert sorted(j.key for j in jobs) == [("all", None, None), ("winrate", None, None)]
+
+
+@pytest.mark.slow
+def test_editing_the_generate_step_reruns_generation_and_everything_after(done):
+    with appended(done.workdir / "sacpo_steps" / "generate.py"):
+        _, jobs = dry_run(done.workdir, "--configfile", REDUCED)
+    keys = [j.key for j in jobs]
+    assert len(keys) == len(set(keys))
+    assert set(keys) == {
+        *(("generate", m, ps) for m in REDUCED_MODELS for ps in PROMPT_SETS),
+        *(("judge", m, ps) for m in REDUCED_ALIGNED for ps in PROMPT_SETS),
+        ("winrate", None, None),
+        ("all", None, None),
+    }
+
+
+@pytest.mark.slow
+def test_editing_a_shared_module_reruns_its_importers_only(done):
+    # judges/rule.py is imported (inside a function) by the judge step only
+    with appended(done.workdir / "sacpo_steps" / "judges" / "rule.py"):
+        _, jobs = dry_run(done.workdir, "--configfile", REDUCED)
+    rules = {j.rule for j in jobs}
+    assert rules == {"judge", "winrate", "all"}
+    assert len([j for j in jobs if j.rule == "judge"]) == 6
+
+
+@pytest.mark.slow
+def test_source_edits_are_undone_after_the_checks(done):
+    # the edits above restore the files: the run is up to date again
+    output, jobs = dry_run(done.workdir, "--configfile", REDUCED)
+    assert "Nothing to be done" in output and jobs == []
