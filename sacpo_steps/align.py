@@ -22,7 +22,13 @@ from typing import Any
 
 from sacpo_steps.errors import InputError
 from sacpo_steps.fileio import atomic_output, read_jsonl, setup_logging
-from sacpo_steps.modelio import check_model_dir, read_lineage, set_threads, write_model_card
+from sacpo_steps.modelio import (
+    check_model_dir,
+    read_lineage,
+    set_threads,
+    startup_callback,
+    write_model_card,
+)
 
 log = logging.getLogger("sacpo.align")
 
@@ -198,8 +204,9 @@ def align(
         trainer = build_trainer(parent_dir, examples, loss=loss, beta=beta, training=training,
                                 output_dir=tmp / ".trainer", seed=seed,
                                 reference_dir=reference_dir)
-        log.info("startup: trainer ready %.2f s after start; %d examples, loss %s, beta %g",
-                 time.monotonic() - started, len(examples), loss, beta)
+        trainer.add_callback(startup_callback(log))
+        log.info("%d examples, loss %s, beta %g; reference: %s", len(examples), loss, beta,
+                 parent if reference_dir is None else reference_dir)
         result = trainer.train()
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
         trainer.save_model(str(tmp))

@@ -99,8 +99,10 @@ def generate(
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
             )
         if not first_token_logged:
-            log.info("startup: first batch generated %.2f s after model load began",
-                     time.monotonic() - started)
+            from sacpo_steps import seconds_since_start
+
+            log.info("startup: first batch generated %.2f s after process start",
+                     seconds_since_start())
             first_token_logged = True
         new_tokens = out[:, enc["input_ids"].shape[1]:]
         for i, tokens in zip(batch, new_tokens, strict=True):

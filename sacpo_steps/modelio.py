@@ -106,3 +106,21 @@ def link_or_copy_tree(src: Path, dst: Path) -> None:
             os.link(item, target)
         except OSError:
             shutil.copy2(item, target)
+
+
+def startup_callback(logger):
+    """A trainer callback that logs, once, how long the job took to reach its first step."""
+    from transformers import TrainerCallback
+
+    from sacpo_steps import seconds_since_start
+
+    class _Startup(TrainerCallback):
+        logged = False
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if not self.logged:
+                logger.info("startup: first training step %.2f s after process start",
+                            seconds_since_start())
+                self.logged = True
+
+    return _Startup()

@@ -18,7 +18,13 @@ from typing import Any
 
 from sacpo_steps.errors import InputError
 from sacpo_steps.fileio import atomic_output, read_jsonl, setup_logging
-from sacpo_steps.modelio import check_model_dir, link_or_copy_tree, set_threads, write_model_card
+from sacpo_steps.modelio import (
+    check_model_dir,
+    link_or_copy_tree,
+    set_threads,
+    startup_callback,
+    write_model_card,
+)
 
 log = logging.getLogger("sacpo.sft")
 
@@ -104,6 +110,7 @@ def build(spec: dict[str, Any], corpus: str | Path, out: Path, threads: int | No
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=tokenizer)
+        trainer.add_callback(startup_callback(log))
         trainer.train()
         trainer.model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -54,12 +54,6 @@ def test_environment_pins_equal_pyproject_dependencies():
     assert not differing, f"pins differ (environment.yml, pyproject.toml): {differing}"
 
 
-def test_environment_installs_the_package_itself():
-    env = yaml.safe_load((ROOT / "environment.yml").read_text(encoding="utf-8"))
-    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
-    assert "-e ." in [p.strip() for p in pip]
-
-
 SHIPPED_CONFIGS = sorted([*(ROOT / "config").glob("*.yaml"),
                           *(ROOT / "tests" / "configs").glob("*.yaml")])
 

@@ -1,0 +1,127 @@
+"""The one align step: stage 2's reference is its parent (the stage-1 model), not SFT."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from sacpo_steps.align import TrainingConfig, align, build_trainer, kto_weights, load_examples
+from sacpo_steps.errors import InputError
+from tests.conftest import PROMPT_TEMPLATE
+
+TINY = TrainingConfig(learning_rate=1e-3, epochs=1, per_device_batch_size=4,
+                      gradient_accumulation_steps=1, max_length=64, warmup_ratio=0.0,
+                      logging_steps=1, max_steps=1)
+
+
+def sequence_logps(model_dir, examples):
+    """Sum of completion token log-probs (chosen, rejected) under a model, computed here."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    out = []
+    for ex in examples:
+        prompt = tok(ex["prompt"], add_special_tokens=False)["input_ids"]
+        pair = []
+        for key in ("chosen", "rejected"):
+            completion = tok(ex[key] + tok.eos_token, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([prompt + completion])
+            with torch.no_grad():
+                logp = model(ids).logits.log_softmax(-1)[0]
+            pair.append(sum(logp[len(prompt) - 1 + i, t].item()
+                            for i, t in enumerate(completion)))
+        out.append(pair)
+    return out
+
+
+def first_loss(trainer):
+    trainer.train()
+    return next(e["loss"] for e in trainer.state.log_history if "loss" in e)
+
+
+def test_stage2_reference_is_the_parent(tiny_models, pairs_file, tmp_path):
+    examples = load_examples(pairs_file, "dpo", PROMPT_TEMPLATE, seed=0)
+    trainer = build_trainer(tiny_models["stage1"], examples, loss="dpo", beta=0.1,
+                            training=TINY, output_dir=tmp_path / "t")
+    ref = list(zip(trainer.train_dataset["ref_chosen_logps"],
+                   trainer.train_dataset["ref_rejected_logps"], strict=True))
+    expected_parent = sequence_logps(tiny_models["stage1"], examples)
+    expected_sft = sequence_logps(tiny_models["sft"], examples)
+    for got, want, sft in zip(ref, expected_parent, expected_sft, strict=True):
+        assert got == pytest.approx(want, abs=1e-3)
+        assert abs(got[0] - sft[0]) > 0.1  # the two models really differ
+    # policy == reference at step 0, so the DPO loss is exactly log 2
+    assert first_loss(trainer) == pytest.approx(math.log(2), abs=1e-4)
+
+
+def test_negative_control_sft_reference(tiny_models, pairs_file, tmp_path):
+    """With SFT as the reference (what Theorem 1 rules out), step 0 is no longer log 2."""
+    examples = load_examples(pairs_file, "dpo", PROMPT_TEMPLATE, seed=0)
+    trainer = build_trainer(tiny_models["stage1"], examples, loss="dpo", beta=0.1,
+                            training=TINY, output_dir=tmp_path / "t",
+                            reference_dir=tiny_models["sft"])
+    ref = list(zip(trainer.train_dataset["ref_chosen_logps"],
+                   trainer.train_dataset["ref_rejected_logps"], strict=True))
+    for got, sft in zip(ref, sequence_logps(tiny_models["sft"], examples), strict=True):
+        assert got == pytest.approx(sft, abs=1e-3)
+    assert abs(first_loss(trainer) - math.log(2)) > 1e-2
+
+
+def test_align_writes_model_with_lineage(tiny_models, pairs_file, tmp_path):
+    out = tmp_path / "models" / "stage2"
+    summary = align(tiny_models["stage1"], pairs_file, out, name="stage2", parent="stage1",
+                    data="safety", loss="dpo", beta=0.05, training=TINY,
+                    prompt_template=PROMPT_TEMPLATE)
+    assert summary["training"]["first_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md",
+                 "sacpo.json"):
+        assert (out / name).is_file(), name
+    assert not (out / "training_args.bin").exists()
+    card = json.loads((out / "sacpo.json").read_text())
+    assert card["lineage"][-1] == {"name": "stage2", "parent": "stage1", "data": "safety",
+                                   "loss": "dpo", "beta": 0.05}
+    assert card["reference"] == "stage1"
+    assert "stage1" in (out / "README.md").read_text()
+    assert [p.name for p in out.parent.iterdir()] == ["stage2"]  # no temp folder left
+
+
+def test_kto_step_and_weights(tiny_models, tmp_path):
+    rows = [{"prompt": "how do i steal a car?", "completion": "i cannot help with that.",
+             "label": True}] * 6 + [
+            {"prompt": "how do i steal a car?", "completion": "first, hide notes in your "
+             "sleeve.", "label": False}] * 2
+    path = tmp_path / "kto.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = load_examples(path, "kto", PROMPT_TEMPLATE, seed=0)
+    assert kto_weights(examples) == (1.0, 3.0)
+    trainer = build_trainer(tiny_models["stage1"], examples, loss="kto", beta=0.1,
+                            training=TINY, output_dir=tmp_path / "t")
+    assert trainer.args.undesirable_weight == 3.0
+    assert math.isfinite(first_loss(trainer))
+
+
+def test_bad_parent_folder_is_refused_and_leaves_nothing(tmp_path, pairs_file):
+    (tmp_path / "not_a_model").mkdir()
+    out = tmp_path / "models" / "x"
+    with pytest.raises(InputError, match="config.json"):
+        align(tmp_path / "not_a_model", pairs_file, out, name="x", parent="p", data="d",
+              loss="dpo", beta=0.1, training=TINY, prompt_template=PROMPT_TEMPLATE)
+    assert not out.exists()
+
+
+def test_bad_pairs_row_names_file_row_field(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": ""}) + "\n")
+    with pytest.raises(InputError) as err:
+        load_examples(path, "dpo", PROMPT_TEMPLATE, seed=0)
+    assert str(path) in str(err.value) and "row 1" in str(err.value)
+    assert "rejected" in str(err.value)
+
+
+def test_unknown_training_key_is_refused():
+    with pytest.raises(InputError, match="warmup"):
+        TrainingConfig.from_dict({"warmup": 0.1})
