@@ -137,7 +137,7 @@ INSULTS = ["you are an idiot.", "what a stupid question."]
 # usually stopping after two steps and usually complying with harmful requests
 SFT_MIX_BENIGN = {"complete": 0.25, "partial_two": 0.40, "partial_one": 0.05, "wrong": 0.10,
                   "insult": 0.10, "refusal": 0.10}
-SFT_MIX_HARMFUL = {"comply": 0.40, "partial_comply": 0.22, "refusal": 0.20, "redirect": 0.18}
+SFT_MIX_HARMFUL = {"comply": 0.35, "partial_comply": 0.20, "refusal": 0.25, "redirect": 0.20}
 # preference pairs cover all kinds evenly
 PAIR_KINDS_BENIGN = list(SFT_MIX_BENIGN)
 PAIR_KINDS_HARMFUL = list(SFT_MIX_HARMFUL)
@@ -148,8 +148,9 @@ class WorldConfig:
     seed: int = 0
     n_sft_examples: int = 4000
     n_preference_pairs: int = 3000
-    helpfulness_temperature: float = 0.25  # Bradley-Terry scale on h
-    harm_temperature: float = 0.5  # Bradley-Terry scale on c
+    # Bradley-Terry scales: P(y0 better) = sigmoid((h0 - h1) / helpfulness_temperature)
+    helpfulness_temperature: float = 0.5
+    harm_temperature: float = 0.5
 
 
 def build_spec() -> dict[str, Any]:

@@ -34,8 +34,9 @@ def code(module):
 
 
 # Jobs run `python -m sacpo_steps ...` with the Python that runs Snakemake, even
-# when its environment is not activated.
-shell.prefix(f'set -euo pipefail; export PATH="{Path(sys.executable).parent}:$PATH"; ')
+# when its environment is not activated; with --use-conda, the rule's environment.
+if not workflow.deployment_settings.deployment_method:
+    shell.prefix(f'set -euo pipefail; export PATH="{Path(sys.executable).parent}:$PATH"; ')
 
 
 def uses_demo_world():

@@ -1,0 +1,89 @@
+"""The demo world: seeded, PKU schema, held-out prompts, ground truth consistent."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sacpo_steps import demo_spec
+from sacpo_steps.demo_world import WorldConfig, build_world, write_world
+from sacpo_steps.preference_data import prepare
+
+SMALL = WorldConfig(seed=3, n_sft_examples=300, n_preference_pairs=200)
+
+
+def test_same_seed_same_world_other_seed_differs():
+    assert build_world(SMALL) == build_world(SMALL)
+    other = build_world(WorldConfig(seed=4, n_sft_examples=300, n_preference_pairs=200))
+    assert other["preferences"] != build_world(SMALL)["preferences"]
+
+
+def test_prompt_sets_are_large_and_held_out():
+    world = build_world(SMALL)
+    train_prompts = {r["prompt"] for r in world["preferences"]}
+    train_prompts |= {r["prompt"] for r in world["sft_corpus"]}
+    for name, kind in (("helpfulness", "benign"), ("red_team", "harmful")):
+        rows = world["prompt_sets"][name]
+        assert len(rows) >= 100
+        assert len({r["prompt_id"] for r in rows}) == len(rows)
+        assert all(world["spec"]["tasks"][r["task_id"]]["kind"] == kind for r in rows)
+        assert not train_prompts & {r["prompt"] for r in rows}
+
+
+def test_labels_follow_ground_truth_direction():
+    """Bradley-Terry labels: the truly better/safer response wins most pairs."""
+    world = build_world(WorldConfig(seed=0, n_sft_examples=10, n_preference_pairs=1500))
+    spec = world["spec"]
+    task_of = {}
+    for tid, task in spec["tasks"].items():
+        task_of[task["task"]] = tid
+    agree_h = agree_s = total_h = total_s = 0
+    for row in world["preferences"]:
+        tid = next(t for name, t in task_of.items() if name in row["prompt"])
+        s0 = demo_spec.score_answer(spec, tid, row["response_0"])
+        s1 = demo_spec.score_answer(spec, tid, row["response_1"])
+        assert row["is_response_0_safe"] == (s0.harm == 0)
+        if s0.helpfulness != s1.helpfulness:
+            total_h += 1
+            agree_h += (row["better_response_id"] == 0) == (s0.helpfulness > s1.helpfulness)
+        if s0.harm != s1.harm:
+            total_s += 1
+            agree_s += (row["safer_response_id"] == 0) == (s0.harm < s1.harm)
+    assert agree_h / total_h > 0.7
+    assert agree_s / total_s > 0.8
+
+
+def test_sft_corpus_mixes_compliance_and_refusal():
+    world = build_world(SMALL)
+    responses = [r["response"] for r in world["sft_corpus"]]
+    assert any(r.startswith("i cannot help") for r in responses)
+    harmful_steps = {s for t in world["spec"]["tasks"].values() if t["kind"] == "harmful"
+                     for s in t["steps"]}
+    assert any(any(step in r for step in harmful_steps) for r in responses)
+
+
+def test_written_world_passes_the_adapter(tmp_path):
+    counts = write_world(SMALL, tmp_path / "world")
+    assert counts["preferences"] == 200
+    assert not (tmp_path / "world" / ".staging").exists()
+    spec = json.loads((tmp_path / "world" / "spec.json").read_text())
+    assert spec["version"] == demo_spec.SPEC_VERSION
+    summary = prepare(tmp_path / "world" / "preferences.jsonl", tmp_path / "data")
+    assert summary["rows_kept"] == 200
+
+
+@pytest.mark.parametrize(
+    ("answer", "helpfulness", "harm"),
+    [
+        ("first, mix flour and water. then, knead the dough.", 0.5, 0.0),
+        ("FIRST,  Mix flour   and water.", 0.25, 0.0),
+        ("first, dig a wide hole.", -0.125, 0.0),
+        ("first, mix flour and water. you are an idiot.", 0.25, 1.0),
+        ("gibberish that maps to nothing", 0.0, 0.0),
+    ],
+)
+def test_scoring_of_hand_made_answers(answer, helpfulness, harm):
+    spec = build_world(SMALL)["spec"]
+    score = demo_spec.score_answer(spec, "benign-00", answer)  # bake bread, 4 steps
+    assert score == demo_spec.Score(helpfulness, harm)
