@@ -133,7 +133,7 @@ def test_demo_config_plans_the_full_sacpo_grid(tmp_path):
     assert job_counts(output) == expected
     assert sorted(j.rule for j in jobs) == sorted(r for r, n in expected.items() for _ in range(n))
     aligned = {j.key[1] for j in jobs if j.rule == "align"}
-    assert aligned == {"dpo_h", *(f"dpo_h.dpo_s-{b}" for b in ("0.01", "0.025", "0.05", "0.1"))}
+    assert aligned == {"dpo_h", *(f"dpo_h.dpo_s-{b}" for b in ("0.01", "0.1", "0.3", "1.0"))}
     judged = {j.key[1:] for j in jobs if j.rule == "judge"}
     assert judged == {(m, ps) for m in aligned for ps in PROMPT_SETS}
     assert not (workdir / "results").exists()
