@@ -15,9 +15,12 @@ STEPS = {
     "preference_data": "sacpo_steps.preference_data",
     "sft_checkpoint": "sacpo_steps.sft",
     "align": "sacpo_steps.align",
+    "merge": "sacpo_steps.merge",
     "generate": "sacpo_steps.generate",
     "judge": "sacpo_steps.judge",
     "winrate": "sacpo_steps.winrate",
+    "elo": "sacpo_steps.elo",
+    "figures": "sacpo_steps.figures",
 }
 
 
