@@ -16,6 +16,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/align.smk"
+include: "workflow/rules/merge.smk"
 include: "workflow/rules/evaluate.smk"
 
 

@@ -13,6 +13,7 @@ STEPS = {
     "demo_world": "sacpo_steps.demo_world",
     "download": "sacpo_steps.download",
     "preference_data": "sacpo_steps.preference_data",
+    "prompt_set": "sacpo_steps.prompt_sets",
     "sft_checkpoint": "sacpo_steps.sft",
     "align": "sacpo_steps.align",
     "merge": "sacpo_steps.merge",

@@ -51,6 +51,7 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     logging_steps: int = 10
     max_steps: int = -1
+    global_batch_size: int | None = None  # declared; the plan checks it adds up
     max_examples: int | None = None  # use only the first N (shuffled) examples
 
     @classmethod

@@ -87,7 +87,7 @@ def validate_config(config: dict[str, Any], *, source: str = "config",
 
 @dataclass(frozen=True)
 class Node:
-    """One aligned model of the plan."""
+    """One aligned model of the plan: `parent` is its initial policy and its reference."""
 
     name: str
     parent: str
@@ -95,24 +95,58 @@ class Node:
     loss: str
     beta: float
     training: dict[str, Any] = field(default_factory=dict)
+    resources: dict[str, Any] = field(default_factory=dict)
 
     @property
     def data_file(self) -> str:
         """Which file of the preference data folder this node trains on."""
         return "pairs" if self.loss == "dpo" else "kto"
 
+    @property
+    def parents(self) -> tuple[str, ...]:
+        return (self.parent,)
+
+
+@dataclass(frozen=True)
+class MergeNode:
+    """A weight-space merge (1 - q) * a + q * b (P-SACPO, or the naive merge baseline)."""
+
+    name: str
+    parent_a: str
+    parent_b: str
+    q: float
+    resources: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def parents(self) -> tuple[str, ...]:
+        return (self.parent_a, self.parent_b)
+
+    @property
+    def group(self) -> str:
+        """Merges of one pair share a job: one pass over the parents for every q."""
+        return f"{self.parent_a}+{self.parent_b}"
+
 
 @dataclass
 class Plan:
     sft: str
-    nodes: dict[str, Node]  # in training order: parents before children
+    nodes: dict[str, Node]  # alignment nodes, parents before children
     datasets: dict[str, dict[str, Any]]
     baseline: str
+    merges: dict[str, MergeNode] = field(default_factory=dict)
+    baselines: dict[str, dict[str, Any]] = field(default_factory=dict)  # external models
+    order: list[str] = field(default_factory=list)  # align and merge nodes, parents first
 
     @property
     def models(self) -> list[str]:
         """Every model that is generated and judged, the SFT first."""
-        return [self.sft, *self.nodes]
+        return [self.sft, *self.order, *self.baselines]
+
+    def merge_groups(self) -> dict[str, list[MergeNode]]:
+        groups: dict[str, list[MergeNode]] = {}
+        for node in self.merges.values():
+            groups.setdefault(node.group, []).append(node)
+        return groups
 
     def lineage(self, name: str) -> list[Node]:
         chain = []
@@ -162,22 +196,34 @@ def build_plan(config: dict[str, Any]) -> Plan:
         raise PlanError("sft: source 'build' needs a `build:` section")
 
     defaults = config.get("training", {})
+    baselines = config.get("baselines", {})
+    taken = {sft: "the SFT checkpoint (sft.name)"}
+    for name in baselines:
+        if name in taken:
+            raise PlanError(f"baselines.{name}: the name is taken by {taken[name]}")
+        taken[name] = "an external baseline (baselines)"
     nodes: dict[str, Node] = {}
+    merges: dict[str, MergeNode] = {}
     for name, spec in models.items():
         where = f"models.{name}"
-        if spec["parent"] != sft and spec["parent"] not in models:
-            raise PlanError(f"{where}.parent: unknown model {spec['parent']!r} "
-                            f"(the SFT is {sft!r}; plan models: {sorted(models)})")
-        if spec["data"] not in datasets:
-            raise PlanError(f"{where}.data: unknown dataset {spec['data']!r} "
-                            f"(defined: {sorted(datasets)})")
-        training = _merge_training(defaults, spec.get("training", {}), f"{where}.training")
-        if spec["loss"] == "kto" and training["per_device_batch_size"] < 2:
-            raise PlanError(f"{where}.training.per_device_batch_size: KTO needs at least 2")
-        nodes[name] = Node(name, spec["parent"], spec["data"], spec["loss"],
-                           float(spec["beta"]), training)
+        if name in taken:
+            raise PlanError(f"{where}: the name is taken by {taken[name]}")
+        if "parents" in spec:
+            merges[name] = _merge_node(name, spec, where)
+        else:
+            nodes[name] = _align_node(name, spec, where, defaults, datasets,
+                                      config.get("resources", {}).get("align", {}))
+    known = {sft, *nodes, *merges}
+    for node in [*nodes.values(), *merges.values()]:
+        for i, parent in enumerate(node.parents):
+            field_name = "parent" if isinstance(node, Node) else f"parents[{i}]"
+            if parent not in known:
+                hint = " (external baselines cannot be parents)" if parent in baselines else ""
+                raise PlanError(f"models.{node.name}.{field_name}: unknown model {parent!r}"
+                                f"{hint} (the SFT is {sft!r}; plan models: {sorted(models)})")
 
-    ordered: dict[str, Node] = {}
+    every: dict[str, Node | MergeNode] = {**nodes, **merges}
+    ordered: list[str] = []
     state: dict[str, str] = {}
 
     def visit(name: str, stack: list[str]) -> None:
@@ -187,23 +233,77 @@ def build_plan(config: dict[str, Any]) -> Plan:
             cycle = " -> ".join([*stack[stack.index(name):], name])
             raise PlanError(f"models: the parents form a cycle: {cycle}")
         state[name] = "visiting"
-        parent = nodes[name].parent
-        if parent in nodes:
-            visit(parent, [*stack, name])
+        for parent in every[name].parents:
+            if parent in every:
+                visit(parent, [*stack, name])
         state[name] = "done"
-        ordered[name] = nodes[name]
+        ordered.append(name)
 
-    for name in nodes:
+    for name in every:
         visit(name, [])
 
     evaluation = config["evaluation"]
     baseline = evaluation.get("baseline", sft)
-    if baseline != sft and baseline not in nodes:
+    if baseline != sft and baseline not in every and baseline not in baselines:
         raise PlanError(f"evaluation.baseline: unknown model {baseline!r}")
     for name, ps in evaluation["prompt_sets"].items():
         if ps.get("source", "local") == "local" and "path" not in ps:
             raise PlanError(f"evaluation.prompt_sets.{name}: needs `path` (or source: demo)")
-    return Plan(sft=sft, nodes=ordered, datasets=datasets, baseline=baseline)
+    return Plan(sft=sft, nodes={n: nodes[n] for n in ordered if n in nodes}, datasets=datasets,
+                baseline=baseline, merges={n: merges[n] for n in ordered if n in merges},
+                baselines=baselines, order=ordered)
+
+
+ALIGN_FIELDS = ("parent", "data", "loss", "beta")
+
+
+def _align_node(name: str, spec: dict[str, Any], where: str, defaults: dict[str, Any],
+                datasets: dict[str, Any], kind_resources: dict[str, Any]) -> Node:
+    missing = [f for f in ALIGN_FIELDS if f not in spec]
+    if missing:
+        raise PlanError(f"{where}: an alignment node needs {list(ALIGN_FIELDS)}; missing "
+                        f"{missing} (a merge node has `parents` and `q`)")
+    if "q" in spec:
+        raise PlanError(f"{where}.q: only merge nodes (with `parents`) have q")
+    if spec["data"] not in datasets:
+        raise PlanError(f"{where}.data: unknown dataset {spec['data']!r} "
+                        f"(defined: {sorted(datasets)})")
+    training = _merge_training(defaults, spec.get("training", {}), f"{where}.training")
+    if spec["loss"] == "kto" and training["per_device_batch_size"] < 2:
+        raise PlanError(f"{where}.training.per_device_batch_size: KTO needs at least 2")
+    resources = dict(spec.get("resources", {}))
+    _check_global_batch(training, {**kind_resources, **resources}, where)
+    return Node(name, spec["parent"], spec["data"], spec["loss"], float(spec["beta"]),
+                training, resources)
+
+
+def _merge_node(name: str, spec: dict[str, Any], where: str) -> MergeNode:
+    extra = [f for f in (*ALIGN_FIELDS, "training") if f in spec]
+    if extra:
+        raise PlanError(f"{where}: a merge node (with `parents`) takes `parents` and `q`, "
+                        f"not {extra}")
+    if "q" not in spec:
+        raise PlanError(f"{where}.q: a merge node needs q in [0, 1]")
+    a, b = spec["parents"]
+    if a == b:
+        raise PlanError(f"{where}.parents: the two parents are the same model {a!r}")
+    return MergeNode(name, a, b, float(spec["q"]), dict(spec.get("resources", {})))
+
+
+def _check_global_batch(training: dict[str, Any], resources: dict[str, Any], where: str
+                        ) -> None:
+    """A declared global batch must equal per-device batch x GPUs x accumulation."""
+    declared = training.get("global_batch_size")
+    if declared is None:
+        return
+    gpus = max(1, int(resources.get("gpu", 1)))
+    actual = (training["per_device_batch_size"] * gpus
+              * training["gradient_accumulation_steps"])
+    if actual != declared:
+        raise PlanError(
+            f"{where}.training.global_batch_size: declared {declared}, but "
+            f"per_device_batch_size {training['per_device_batch_size']} x gpu {gpus} x "
+            f"gradient_accumulation_steps {training['gradient_accumulation_steps']} = {actual}")
 
 
 def load_plan(config: dict[str, Any], *, source: str = "config") -> Plan:

@@ -2,11 +2,17 @@
 
 The unit of resampling is the prompt: a prompt's orders and repetitions are
 judgments of the same question and are not independent, so they move together.
+
+Besides the pooled win rate, the table carries the paper's summary: the win rate
+computed per judge repetition (pooled over orders and prompts), then mean and
+standard deviation over repetitions. The std uses ddof=0, as the reference code
+does (`np.std`); it is NaN with a single repetition.
 """
 
 from __future__ import annotations
 
 import logging
+import numbers
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +34,9 @@ OPTIONAL_COLUMNS = ("prompt_set", "judge", "raw")
 # identifies one judgment; the judge is left out so that two judges' battles are not pooled
 BATTLE_KEY = ("criterion", "prompt_set", "prompt_id", "model_a", "model_b", "order", "repetition")
 WIN_RATE_COLUMNS = ("model", "criterion", "wins", "ties", "losses", "errors", "n", "win_rate",
-                    "ci_low", "ci_high", "position_consistency")
+                    "ci_low", "ci_high", "position_consistency", "rep_mean", "rep_std")
+# judgment -> score from side a's point of view; errors are not comparisons
+SCORE_A = {"a_wins": 1.0, "b_wins": 0.0, "tie": 0.5}
 # bootstrap index matrices are built in chunks of at most this many cells
 _CHUNK_CELLS = 2_000_000
 
@@ -90,9 +98,39 @@ def load_battles(paths: Sequence[str | Path] | str | Path) -> pd.DataFrame:
     return frame
 
 
+def check_bootstrap_args(rounds: object, confidence: object, seed: object) -> None:
+    """Reject bad bootstrap settings early, naming the setting (shared by win rates and Elo)."""
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise InputError(f"must be a positive integer, got {rounds!r}", field="rounds")
+    if (isinstance(confidence, bool) or not isinstance(confidence, numbers.Real)
+            or not 0.0 < confidence < 1.0):
+        raise InputError(f"must be between 0 and 1, got {confidence!r}", field="confidence")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InputError(f"must be a non-negative integer, got {seed!r}", field="seed")
+
+
+def check_columns(battles: pd.DataFrame) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in battles.columns]
+    if missing:
+        raise InputError(f"battle table lacks columns {missing}", field="battles")
+
+
+def prompt_keys(battles: pd.DataFrame) -> pd.Series:
+    """One key per prompt (set and id): the unit every bootstrap resamples."""
+    prompt_set = battles["prompt_set"] if "prompt_set" in battles.columns else ""
+    if isinstance(prompt_set, pd.Series):
+        prompt_set = prompt_set.fillna("").astype(str)
+    return prompt_set + "\x1f" + battles["prompt_id"].astype(str)
+
+
+def stream_seed(seed: int, *names: str) -> np.random.Generator:
+    """A random stream per named group, so adding a group leaves the others' draws alone."""
+    return np.random.default_rng([seed, zlib.crc32("\0".join(names).encode())])
+
+
 def _group_seed(seed: int, model: str, criterion: str) -> np.random.Generator:
     # each (model, criterion) gets its own stream, so adding a model leaves others' CIs alone
-    return np.random.default_rng([seed, zlib.crc32(f"{model}\0{criterion}".encode())])
+    return stream_seed(seed, model, criterion)
 
 
 def bootstrap_interval(
@@ -132,6 +170,15 @@ def _position_consistency(valid: pd.DataFrame) -> float:
     return float((both["a_first"] == both["b_first"]).mean())
 
 
+def _per_repetition(valid: pd.DataFrame) -> tuple[float, float]:
+    """Mean and std (ddof=0, as the paper) of the per-repetition win rates."""
+    if valid.empty:
+        return float("nan"), float("nan")
+    scores = valid.groupby("repetition", sort=True)["score"].mean().to_numpy()
+    std = float(np.std(scores)) if len(scores) > 1 else float("nan")
+    return float(np.mean(scores)), std
+
+
 def win_rates(
     battles: pd.DataFrame,
     baseline: str,
@@ -144,15 +191,8 @@ def win_rates(
     win_rate = (wins + 0.5 ties) / n from the model's side, pooled over orders,
     repetitions and prompts; errors are counted but are not comparisons.
     """
-    missing = [c for c in REQUIRED_COLUMNS if c not in battles.columns]
-    if missing:
-        raise InputError(f"battle table lacks columns {missing}", field="battles")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise InputError(f"must be a positive integer, got {rounds!r}", field="rounds")
-    if not 0.0 < confidence < 1.0:
-        raise InputError(f"must be between 0 and 1, got {confidence!r}", field="confidence")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise InputError(f"must be a non-negative integer, got {seed!r}", field="seed")
+    check_columns(battles)
+    check_bootstrap_args(rounds, confidence, seed)
 
     df = battles.copy()
     if "prompt_set" not in df.columns:
@@ -173,7 +213,7 @@ def win_rates(
     df["win"], df["tie"], df["loss"] = win, outcome == "tie", loss
     df["error"] = outcome == "error"
     df["score"] = win + 0.5 * df["tie"].to_numpy()
-    df["prompt_key"] = df["prompt_set"].fillna("").astype(str) + "\x1f" + df["prompt_id"]
+    df["prompt_key"] = prompt_keys(df)
 
     rows = []
     for (model, criterion), group in df.groupby(["model", "criterion"], sort=True):
@@ -189,6 +229,7 @@ def win_rates(
                 per_prompt["sum"].to_numpy(dtype=float),
                 per_prompt["count"].to_numpy(dtype=float),
                 _group_seed(seed, model, criterion), rounds, confidence)
+        rep_mean, rep_std = _per_repetition(valid)
         if errors:
             log.warning("%s / %s: %d judgments failed, left out of the win rate",
                         model, criterion, errors)
@@ -197,6 +238,7 @@ def win_rates(
             "losses": losses, "errors": errors, "n": n, "win_rate": rate,
             "ci_low": low, "ci_high": high,
             "position_consistency": _position_consistency(valid),
+            "rep_mean": rep_mean, "rep_std": rep_std,
         })
     table = pd.DataFrame(rows, columns=list(WIN_RATE_COLUMNS))
     return table.sort_values(["criterion", "model"], kind="stable").reset_index(drop=True)

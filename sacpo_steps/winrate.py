@@ -1,4 +1,9 @@
-"""The `winrate` step: the table of win rates against the baseline (paper Table 3)."""
+"""The `winrate` step: the table of win rates against the baseline (paper Table 3).
+
+The CSV always carries every column (including position consistency and the
+paper's mean and std over judge repetitions); the Markdown shows the last two
+only with --extra-columns, so that tables rendered before keep their layout.
+"""
 
 from __future__ import annotations
 
@@ -24,14 +29,30 @@ def _cell(text: object) -> str:
     return str(text).replace("|", "\\|")
 
 
-def markdown_table(table: pd.DataFrame, confidence: float = 0.95) -> str:
-    """Render the win-rate table as Markdown, interval as "[lo, hi]"."""
+def _mean_std(mean: float, std: float) -> str:
+    # a single repetition has no spread: show the mean alone rather than a fake "± 0"
+    if std is None or math.isnan(std):
+        return _fmt(mean)
+    return f"{_fmt(mean)} ± {_fmt(std)}"
+
+
+def markdown_table(table: pd.DataFrame, confidence: float = 0.95,
+                   extra_columns: bool = False) -> str:
+    """Render the win-rate table as Markdown, interval as "[lo, hi]".
+
+    `extra_columns` adds position consistency and the paper's "mean ± std" over
+    judge repetitions (std with ddof=0).
+    """
     header = ["model", "criterion", "wins", "ties", "losses", "errors", "win rate",
               f"{confidence * 100:g}% interval", "n"]
+    if extra_columns:
+        header += ["position consistency", "mean ± std (reps)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in table.itertuples(index=False):
         cells = [_cell(r.model), _cell(r.criterion), r.wins, r.ties, r.losses, r.errors,
                  _fmt(r.win_rate), f"[{_fmt(r.ci_low)}, {_fmt(r.ci_high)}]", r.n]
+        if extra_columns:
+            cells += [_fmt(r.position_consistency), _mean_std(r.rep_mean, r.rep_std)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -45,11 +66,12 @@ def winrate_table(
     rounds: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
+    extra_columns: bool = False,
 ) -> pd.DataFrame:
     """Compute win rates from battle files; write CSV and Markdown (both or neither)."""
     table = win_rates(load_battles(battle_paths), baseline, rounds=rounds,
                       confidence=confidence, seed=seed)
-    text = markdown_table(table, confidence)
+    text = markdown_table(table, confidence, extra_columns=extra_columns)
     with atomic_output(out_csv) as tmp_csv, atomic_output(out_md) as tmp_md:
         table.to_csv(tmp_csv, index=False)
         tmp_md.write_text(text, encoding="utf-8")
@@ -68,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-csv", required=True)
     p.add_argument("--out-md", required=True)
+    p.add_argument("--extra-columns", action="store_true",
+                   help="add position consistency and mean ± std over repetitions to the "
+                        "Markdown table")
     p.add_argument("--log", default=None)
     return p
 
@@ -76,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     setup_logging(args.log)
     winrate_table(args.battles, args.baseline, args.out_csv, args.out_md,
-                  rounds=args.rounds, confidence=args.confidence, seed=args.seed)
+                  rounds=args.rounds, confidence=args.confidence, seed=args.seed,
+                  extra_columns=args.extra_columns)
 
 
 if __name__ == "__main__":

@@ -104,6 +104,30 @@ BAD_CASES = [
     ("missing-evaluation", _delete("evaluation"), "(top level)", ["evaluation", "required"]),
     ("missing-models", _delete("models"), "(top level)", ["models", "required"]),
     ("baseline-unknown", _set("evaluation/baseline", "gpt"), "evaluation.baseline", ["gpt"]),
+    # merge nodes
+    ("merge-q-above-1", _add_models(m={"parents": ["dpo_h", "dpo_h.dpo_s-0.01"], "q": 1.5}),
+     "models.m.q", ["1.5"]),
+    ("merge-q-missing", _add_models(m={"parents": ["dpo_h", "dpo_h.dpo_s-0.01"]}),
+     "models.m.q", ["q"]),
+    ("merge-one-parent", _add_models(m={"parents": ["dpo_h"], "q": 0.5}), "models.m.parents",
+     []),
+    ("merge-parent-unknown", _add_models(m={"parents": ["dpo_h", "nope"], "q": 0.5}),
+     "models.m.parents[1]", ["nope"]),
+    ("merge-same-parents", _add_models(m={"parents": ["dpo_h", "dpo_h"], "q": 0.5}),
+     "models.m.parents", ["same"]),
+    ("merge-with-loss", _add_models(m={"parents": ["dpo_h", "sft"], "q": 0.5, "loss": "dpo"}),
+     "models.m", ["loss"]),
+    ("align-missing-beta", _add_models(m={"parent": "sft", "data": "safety", "loss": "dpo"}),
+     "models.m", ["beta"]),
+    ("global-batch-mismatch",
+     _add_models(m={"parent": "sft", "data": "safety", "loss": "dpo", "beta": 0.1,
+                    "training": {"global_batch_size": 64}, "resources": {"gpu": 8}}),
+     "models.m.training.global_batch_size", ["64", "gpu 8"]),
+    ("baseline-as-parent",
+     lambda cfg: (cfg.__setitem__("baselines", {"beaver": {"source": "local", "path": "x"}}),
+                  cfg["models"].update(m={"parent": "beaver", "data": "safety",
+                                          "loss": "dpo", "beta": 0.1})),
+     "models.m.parent", ["beaver", "baseline"]),
 ]
 
 
@@ -267,3 +291,23 @@ def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path, mutate, path):
     assert "Job stats" not in output
     assert not (workdir / "results").exists()
     assert not (workdir / "logs").exists()
+
+
+def test_merge_nodes_are_grouped_per_pair_and_ordered_after_parents():
+    cfg = demo()
+    cfg["models"] = {
+        "p-0.75": {"parents": ["dpo_h", "dpo_h.dpo_s-0.01"], "q": 0.75},
+        "p-0.25": {"parents": ["dpo_h", "dpo_h.dpo_s-0.01"], "q": 0.25},
+        "naive": {"parents": ["dpo_h", "dpo_s"], "q": 0.5},
+        **cfg["models"],
+        "dpo_s": {"parent": "sft", "data": "safety", "loss": "dpo", "beta": 0.01},
+    }
+    plan = load_plan(cfg, source="x.yaml")
+    order = plan.order
+    for merged in ("p-0.75", "p-0.25", "naive"):
+        node = plan.merges[merged]
+        assert all(order.index(p) < order.index(merged) for p in node.parents)
+    groups = plan.merge_groups()
+    assert sorted(n.q for n in groups["dpo_h+dpo_h.dpo_s-0.01"]) == [0.25, 0.75]
+    assert [n.name for n in groups["dpo_h+dpo_s"]] == ["naive"]
+    assert "naive" in plan.models and "naive" not in plan.nodes

@@ -13,6 +13,11 @@ rule align:
         data=align_data_file,
         code=code("align"),
     threads: config["threads"]["align"]
+    resources:
+        gpu=resource("align", "gpu", 0, per="aligned"),
+        cpus_per_gpu=resource("align", "cpus_per_gpu", 8, per="aligned"),
+        mem_mb=resource("align", "mem_mb", 16000, per="aligned"),
+        runtime=resource("align", "runtime", 240, per="aligned"),
     conda:
         "../../environment.yml"
     log:

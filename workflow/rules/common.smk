@@ -18,13 +18,18 @@ except PlanError as exc:
 
 SFT = PLAN.sft
 ALIGNED = list(PLAN.nodes)
+BASELINES = config.get("baselines", {})
+HUB_BASELINES = [n for n, b in BASELINES.items() if b["source"] == "hub"]
 PROMPT_SETS = config["evaluation"]["prompt_sets"]
 SEED = config.get("seed", 0)
 
 wildcard_constraints:
     model="|".join(map(re.escape, PLAN.models)),
     aligned="|".join(map(re.escape, ALIGNED)) if ALIGNED else "$^",
+    baseline="|".join(map(re.escape, HUB_BASELINES)) if HUB_BASELINES else "$^",
     prompt_set="|".join(map(re.escape, PROMPT_SETS)),
+    url_prompt_set="|".join(map(re.escape, [n for n, p in PROMPT_SETS.items()
+                                            if p.get("source") == "url"])) or "$^",
     source="|".join(map(re.escape, config["preference_sources"])),
 
 
@@ -52,10 +57,43 @@ DEMO_WORLD = "results/demo_world"
 
 
 def model_dir(name):
-    """Folder of a model of the plan; hub downloads live under resources/."""
+    """Folder of a model: hub downloads under resources/, local baselines where they are."""
     if name == SFT and config["sft"]["source"] == "hub":
         return f"resources/models/{name}"
+    if name in BASELINES:
+        if BASELINES[name]["source"] == "hub":
+            return f"resources/models/{name}"
+        return BASELINES[name]["path"]
     return f"results/models/{name}"
+
+
+def baseline_spec(wildcards):
+    b = BASELINES[wildcards.baseline]
+    hub = {"repo_id": b["repo_id"], "revision": b["revision"], "convert_bin": b["convert_bin"]}
+    return to_json({"source": "hub", "name": wildcards.baseline, "hub": hub})
+
+
+def node_resources(kind, name=None):
+    """Resources of one job: the kind's defaults, overridden by the node's own."""
+    merged = dict(config.get("resources", {}).get(kind, {}))
+    node = None
+    if name is not None:
+        node = PLAN.nodes.get(name) or PLAN.merges.get(name)
+    if node is not None:
+        merged.update(node.resources)
+    elif name in BASELINES:
+        merged.update(BASELINES[name].get("resources", {}))
+    return merged
+
+
+def resource(kind, key, default, per="name"):
+    """A resource callable for a rule (reads the node's config at job time)."""
+
+    def get(wildcards):
+        name = getattr(wildcards, per, None) if per else None
+        return node_resources(kind, name).get(key, default)
+
+    return get
 
 
 def sft_spec():
@@ -109,23 +147,30 @@ def prompt_set_file(name):
     ps = PROMPT_SETS[name]
     if ps.get("source", "local") == "demo":
         return f"{DEMO_WORLD}/prompts/{name}.jsonl"
+    if ps["source"] == "url":
+        return f"resources/prompts/{name}.jsonl"
     return ps["path"]
 
 
 # ---- evaluation ---------------------------------------------------------------
 
 
-def generation_spec():
+def generation_spec(wildcards):
     gen = config["evaluation"]["generation"]
+    own = BASELINES.get(wildcards.model, {})
     return to_json(
         {
-            "prompt_template": config["prompt_template"],
-            "stop_markers": config["stop_markers"],
+            "prompt_template": own.get("prompt_template", config["prompt_template"]),
+            "stop_markers": own.get("stop_markers", config["stop_markers"]),
             "max_new_tokens": gen["max_new_tokens"],
             "batch_size": gen["batch_size"],
             "seed": SEED,
         }
     )
+
+
+def merge_spec(nodes):
+    return to_json([{"name": n.name, "q": n.q} for n in nodes])
 
 
 def judge_config():
@@ -159,3 +204,11 @@ def all_targets():
 
 localrules:
     download_dataset,
+    download_model,
+    fetch_prompt_set,
+
+
+if config["sft"]["source"] == "hub":
+
+    localrules:
+        sft_checkpoint,

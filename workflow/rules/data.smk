@@ -51,3 +51,23 @@ rule preference_data:
     shell:
         "python -m sacpo_steps preference_data --input {input.table} --out-dir {output}"
         " --split {params.src[split]} --on-bad-row {params.src[on_bad_row]} > {log} 2>&1"
+
+
+rule fetch_prompt_set:
+    output:
+        "resources/prompts/{url_prompt_set}.jsonl",
+    params:
+        ps=lambda wildcards: PROMPT_SETS[wildcards.url_prompt_set],
+        id_field=lambda wildcards: (
+            f"--id-field {PROMPT_SETS[wildcards.url_prompt_set]['id_field']}"
+            if "id_field" in PROMPT_SETS[wildcards.url_prompt_set]
+            else ""
+        ),
+        code=code("prompt_sets"),
+    conda:
+        "../../environment.yml"
+    log:
+        "logs/fetch_prompt_set/{url_prompt_set}.log",
+    shell:
+        "python -m sacpo_steps prompt_set --url {params.ps[url]:q} --name {wildcards.url_prompt_set}"
+        " --prompt-field {params.ps[prompt_field]} {params.id_field} --out {output} > {log} 2>&1"

@@ -8,9 +8,13 @@ rule generate:
     output:
         "results/generations/{model}/{prompt_set}.jsonl",
     params:
-        spec=lambda wildcards: generation_spec(),
+        spec=generation_spec,
         code=code("generate"),
     threads: config["threads"]["generate"]
+    resources:
+        gpu=resource("generate", "gpu", 0, per="model"),
+        mem_mb=resource("generate", "mem_mb", 8000, per="model"),
+        runtime=resource("generate", "runtime", 60, per="model"),
     conda:
         "../../environment.yml"
     log:

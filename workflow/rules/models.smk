@@ -11,6 +11,10 @@ rule sft_checkpoint:
         corpus=lambda wildcards, input: f"--corpus {input.corpus}" if input.corpus else "",
         code=code("sft"),
     threads: config["threads"]["sft"]
+    resources:
+        gpu=resource("sft_checkpoint", "gpu", 0, per=None),
+        mem_mb=resource("sft_checkpoint", "mem_mb", 16000, per=None),
+        runtime=resource("sft_checkpoint", "runtime", 240, per=None),
     conda:
         "../../environment.yml"
     log:
@@ -18,3 +22,17 @@ rule sft_checkpoint:
     shell:
         "python -m sacpo_steps sft_checkpoint --spec {params.spec:q} {params.corpus} --out {output}"
         " --threads {threads} > {log} 2>&1"
+
+
+rule download_model:
+    output:
+        directory("resources/models/{baseline}"),
+    params:
+        spec=baseline_spec,
+        code=code("sft"),
+    conda:
+        "../../environment.yml"
+    log:
+        "logs/download_model/{baseline}.log",
+    shell:
+        "python -m sacpo_steps sft_checkpoint --spec {params.spec:q} --out {output} > {log} 2>&1"

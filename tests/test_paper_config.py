@@ -1,0 +1,85 @@
+"""config/paper.yaml: every Table 3 model is a node, with the paper's parents and coefficients."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from sacpo_steps.align import TrainingConfig
+from sacpo_steps.plan import load_plan
+from tests.test_workflow import ROOT, copy_workflow, dry_run, job_counts
+
+STAGE2 = [0.01, 0.025, 0.05, 0.1]
+
+
+@pytest.fixture(scope="module")
+def paper():
+    cfg = yaml.safe_load((ROOT / "config/paper.yaml").read_text())
+    return cfg, load_plan(cfg, source="config/paper.yaml")
+
+
+def test_paper_plan_holds_table3(paper):
+    cfg, plan = paper
+    assert len(plan.nodes) == 19 and len(plan.merges) == 6
+    stage1 = {"dpo_h": ("helpfulness", "dpo", 0.1), "kto_h": ("helpfulness", "kto", 0.1),
+              "dpo_s": ("safety", "dpo", 0.01)}
+    for name, (data, loss, beta) in stage1.items():
+        node = plan.nodes[name]
+        assert (node.parent, node.data, node.loss, node.beta) == ("sft", data, loss, beta)
+        assert node.resources["gpu"] == 8 and node.training["global_batch_size"] == 256
+    chains = {("dpo_h", "safety", "dpo"), ("dpo_h", "safety", "kto"), ("kto_h", "safety", "dpo"),
+              ("dpo_s", "helpfulness", "dpo")}
+    found = {}
+    for node in plan.nodes.values():
+        if node.parent != "sft":
+            found.setdefault((node.parent, node.data, node.loss), []).append(node.beta)
+            assert node.training["global_batch_size"] == 64
+            gpus = cfg["resources"]["align"]["gpu"]
+            assert 16 * gpus * 2 == 64
+    assert set(found) == chains
+    assert all(sorted(b) == STAGE2 for b in found.values())
+    p_sacpo = sorted((m.q, m.parent_a, m.parent_b) for m in plan.merges.values()
+                     if m.name.startswith("p-sacpo"))
+    assert p_sacpo == [(q, "dpo_h", "dpo_h.dpo_s-0.01") for q in (0.25, 0.5, 0.75)]
+    naive = sorted((m.q, m.parent_a, m.parent_b) for m in plan.merges.values()
+                   if m.name.startswith("naive"))
+    assert naive == [(q, "dpo_h", "dpo_s") for q in (0.25, 0.5, 0.75)]
+    assert list(plan.baselines) == ["beaver-7b-v1.0"]
+    assert plan.baselines["beaver-7b-v1.0"]["repo_id"] == "PKU-Alignment/beaver-7b-v1.0"
+    training = cfg["training"]
+    assert (training["learning_rate"], training["epochs"], training["max_length"],
+            training["per_device_batch_size"], training["gradient_accumulation_steps"],
+            training["bf16"]) == (2e-5, 3, 512, 16, 2, True)
+    assert cfg["prompt_template"] == "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
+
+
+def test_paper_recipes_load_against_trl(paper):
+    """Every node's training section becomes a real TRL config (recipes must not rot)."""
+    from trl import DPOConfig, KTOConfig
+
+    _, plan = paper
+    for node in plan.nodes.values():
+        training = TrainingConfig.from_dict(node.training)
+        cls = DPOConfig if node.loss == "dpo" else KTOConfig
+        args = cls(output_dir="/tmp/unused", learning_rate=training.learning_rate,
+                   num_train_epochs=training.epochs, max_length=training.max_length,
+                   per_device_train_batch_size=training.per_device_batch_size,
+                   gradient_accumulation_steps=training.gradient_accumulation_steps,
+                   beta=node.beta, bf16=False, report_to=[])
+        assert args.beta == node.beta
+
+
+def test_paper_dry_run_plans_every_model(tmp_path):
+    work = copy_workflow(tmp_path)
+    output, jobs = dry_run(work, "--configfile", "config/paper.yaml")
+    counts = job_counts(output)
+    assert counts["align"] == 19
+    assert sum(v for k, v in counts.items() if k.startswith("merge_")) == 2  # one job per pair
+    models = 1 + 19 + 6 + 1  # SFT, aligned, merged, beaver
+    assert counts["generate"] == 2 * models
+    assert counts["judge"] == 2 * (models - 1)
+    assert counts["download_model"] == 1 and counts["sft_checkpoint"] == 1
+    generated = {j.wildcards["model"] for j in jobs if j.rule == "generate"}
+    assert {"sft", "beaver-7b-v1.0", "p-sacpo-0.5", "naive-merge-0.25",
+            "dpo_s.dpo_h-0.1"} <= generated
+    assert "dpo_h.dpo_s-0.3" not in output  # nothing of the demo leaks in

@@ -1,0 +1,32 @@
+# P-SACPO and naive merging: (1 - q) * a + q * b. Every q of one pair (a, b) is
+# written in ONE job, one pass over the parents' weights, so the rule is defined
+# once per pair (named merge_<n>); each q is its own model folder and plan node.
+
+for _index, (_group, _nodes) in enumerate(PLAN.merge_groups().items()):
+
+    rule:
+        name:
+            f"merge_{_index}"
+        input:
+            a=model_dir(_nodes[0].parent_a),
+            b=model_dir(_nodes[0].parent_b),
+        output:
+            [directory(model_dir(n.name)) for n in _nodes],
+        params:
+            name_a=_nodes[0].parent_a,
+            name_b=_nodes[0].parent_b,
+            outputs=" ".join(
+                f"--q {n.q} --out {model_dir(n.name)} --name {n.name}" for n in _nodes
+            ),
+            members=merge_spec(_nodes),
+            code=code("merge"),
+        resources:
+            mem_mb=resource("merge", "mem_mb", 16000, per=None),
+            runtime=resource("merge", "runtime", 60, per=None),
+        conda:
+            "../../environment.yml"
+        log:
+            f"logs/merge/{_group}.log",
+        shell:
+            "python -m sacpo_steps merge --a {input.a} --b {input.b}"
+            " --name-a {params.name_a} --name-b {params.name_b} {params.outputs} > {log} 2>&1"
