@@ -51,6 +51,8 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     logging_steps: int = 10
     max_steps: int = -1
+    save_steps: int = 0  # checkpoint every N steps for resume (0: no checkpoints)
+    distributed: str = "fsdp"  # accelerate config used when the job has several GPUs
     global_batch_size: int | None = None  # declared; the plan checks it adds up
     max_examples: int | None = None  # use only the first N (shuffled) examples
 
@@ -106,6 +108,16 @@ def kto_weights(examples: list[dict[str, Any]]) -> tuple[float, float]:
     return 1.0, n_desirable / n_undesirable
 
 
+def last_checkpoint(folder: str | Path) -> Path | None:
+    """The newest complete `checkpoint-N` folder (a torn one has no trainer_state.json)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.glob("checkpoint-*")
+            if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
 def build_trainer(
     parent_dir: str | Path,
     examples: list[dict[str, Any]],
@@ -153,7 +165,10 @@ def build_trainer(
         gradient_checkpointing=training.gradient_checkpointing,
         logging_steps=training.logging_steps,
         logging_first_step=True,
-        save_strategy="no",
+        save_strategy="steps" if training.save_steps > 0 else "no",
+        save_steps=training.save_steps if training.save_steps > 0 else 500,
+        save_total_limit=1,
+        save_only_model=False,
         report_to=[],
         seed=seed,
         data_seed=seed,
@@ -194,25 +209,36 @@ def align(
     seed: int = 0,
     threads: int | None = None,
     reference_dir: str | Path | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train one alignment node and write its model folder atomically; return its summary."""
+    """Train one alignment node and write its model folder atomically; return its summary.
+
+    Trainer checkpoints go to `checkpoint_dir` (scratch, not a declared output, keyed
+    by the node's parameters by the caller): a rerun of a killed job resumes from the
+    last one; the model folder appears only once training has finished.
+    """
     started = time.monotonic()
     parent_dir = check_model_dir(parent_dir, role=f"parent model '{parent}'")
     examples = load_examples(data_path, loss, prompt_template, seed, training.max_examples)
     set_threads(threads)
     out_dir = Path(out_dir)
     with atomic_output(out_dir, is_dir=True) as tmp:
+        work_dir = Path(checkpoint_dir) if checkpoint_dir else tmp / ".trainer"
         trainer = build_trainer(parent_dir, examples, loss=loss, beta=beta, training=training,
-                                output_dir=tmp / ".trainer", seed=seed,
+                                output_dir=work_dir, seed=seed,
                                 reference_dir=reference_dir)
         trainer.add_callback(startup_callback(log))
         log.info("%d examples, loss %s, beta %g; reference: %s", len(examples), loss, beta,
                  parent if reference_dir is None else reference_dir)
-        result = trainer.train()
+        resume = last_checkpoint(work_dir)
+        if resume:
+            log.info("resuming from %s", resume)
+        result = trainer.train(resume_from_checkpoint=resume)
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
         trainer.save_model(str(tmp))
         trainer.processing_class.save_pretrained(tmp)
         shutil.rmtree(tmp / ".trainer", ignore_errors=True)
+        resumed_from = resume.name if resume else None
         (tmp / "training_args.bin").unlink(missing_ok=True)
         stage = {"name": name, "parent": parent, "data": data, "loss": loss, "beta": beta}
         summary = {
@@ -228,6 +254,7 @@ def align(
                 "global_batch_size": training.per_device_batch_size
                 * training.gradient_accumulation_steps * trainer.accelerator.num_processes,
                 "steps": trainer.state.global_step,
+                "resumed_from": resumed_from,
                 "first_loss": losses[0] if losses else None,
                 "final_loss": losses[-1] if losses else None,
                 "train_runtime_s": round(result.metrics.get("train_runtime", math.nan), 2),
@@ -235,6 +262,8 @@ def align(
         }
         if trainer.accelerator.is_main_process:
             write_model_card(tmp, summary)
+    if checkpoint_dir and trainer.accelerator.is_main_process:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # finished: nothing to resume
     log.info("aligned model '%s' written to %s (%.1f s)", name, out_dir,
              time.monotonic() - started)
     return summary
@@ -248,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--spec", required=True,
                         help="JSON: name, parent, data, loss, beta, training, "
                         "prompt_template, seed")
+    parser.add_argument("--checkpoint-dir",
+                        help="scratch folder for trainer checkpoints (resume after a kill)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--log")
     args = parser.parse_args(argv)
@@ -257,4 +288,4 @@ def main(argv: list[str] | None = None) -> None:
           data=spec["data"], loss=spec["loss"], beta=float(spec["beta"]),
           training=TrainingConfig.from_dict(spec.get("training", {})),
           prompt_template=spec["prompt_template"], seed=int(spec.get("seed", 0)),
-          threads=args.threads)
+          threads=args.threads, checkpoint_dir=args.checkpoint_dir)

@@ -111,7 +111,8 @@ def _criteria(battles: pd.DataFrame, anchor: str) -> list[_Criterion]:
         valid = ~error
         if int(error.sum()):
             log.warning("%s: %d failed judgments left out of the Elo fit", name, int(error.sum()))
-        prompt_codes, prompt_names = pd.factorize(keys[group.index][valid], sort=True)
+        prompt_codes, prompt_names = pd.factorize(keys.loc[group.index].to_numpy()[valid],
+                                                   sort=True)
         a, b = a_all[valid], b_all[valid]
         crit = _Criterion(
             name=str(name), models=models, anchor=index[anchor], a=a, b=b,
@@ -184,7 +185,8 @@ def _fit_batch(w: np.ndarray, anchor: int) -> tuple[np.ndarray, np.ndarray]:
     ll = _log_lik(w, theta)
     converged = False
     for _ in range(_MAX_NEWTON):
-        p = 1.0 / (1.0 + np.exp(-(theta[:, :, None] - theta[:, None, :])))
+        # tanh form of the logistic: no overflow for far-apart strengths
+        p = 0.5 * (1.0 + np.tanh(0.5 * (theta[:, :, None] - theta[:, None, :])))
         grad = np.where(free, (w - total * p).sum(axis=2), 0.0)
         h = total * p * (1.0 - p)
         info = np.where(eye, h.sum(axis=2)[:, :, None], -h)

@@ -3,7 +3,10 @@
 Every prompt is judged in both orders (candidate shown first, baseline shown
 first) so position bias cancels in the pooled win rate and can be measured.
 Each judgment is one battle row; the judge's reply text goes to a sidecar file
-that the row points to, so a surprising outcome can be read back.
+that the row points to, so a surprising outcome can be read back, and what the
+judging cost (requests, retries, tokens, dollars) goes to a usage file. Failed
+judgments stay errors; too many of them fail the step instead of biasing the
+win rate.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ GENERATION_FIELDS = ("prompt_id", "prompt", "answer", "model")
 PROMPT_FIELDS = ("prompt_id", "prompt")
 # how many ids an error message lists before "..."
 _SHOW_IDS = 5
+#: the judge section's `max_error_rate` when it gives none
+DEFAULT_MAX_ERROR_RATE = 0.05
 
 # verdict (about the answer shown first/second) -> outcome (about model a/b), per order
 _OUTCOME = {
@@ -124,6 +129,29 @@ def replies_path_for(out_path: str | Path) -> Path:
     return out_path.with_name(f"{out_path.stem}.replies.jsonl")
 
 
+def usage_path_for(out_path: str | Path) -> Path:
+    """The usage file next to a battles file: `<out stem>.usage.json`."""
+    out_path = Path(out_path)
+    return out_path.with_name(f"{out_path.stem}.usage.json")
+
+
+def _check_error_rate(errors_by_prompt: Counter[str], total: int, max_error_rate: float,
+                      replies_path: Path) -> None:
+    """Raise when more than `max_error_rate` of the judgments failed, naming the worst prompts."""
+    errors = sum(errors_by_prompt.values())
+    if not total or errors / total <= max_error_rate:
+        return
+    worst = ", ".join(f"{pid!r} ({n})" for pid, n in errors_by_prompt.most_common(_SHOW_IDS))
+    more = len(errors_by_prompt) - _SHOW_IDS
+    raise InputError(
+        f"{errors} of {total} judgments failed ({errors / total:.1%}, more than "
+        f"{max_error_rate:.1%}); prompts with the most errors: {worst}"
+        + (f" and {more} more" if more > 0 else "")
+        + f"; nothing written (the replies would have gone to {replies_path.name}, the log "
+        "has the usage, and a caching judge keeps its replies for the rerun)",
+        field="judge.max_error_rate")
+
+
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -140,12 +168,15 @@ def judge_model(
     *,
     batch_size: int = 256,
     progress: bool | None = None,
+    max_error_rate: float | None = None,
 ) -> dict[str, Any]:
     """Judge candidate (model a) against baseline (model b) on every prompt of a set.
 
-    Writes the battles JSONL at `out_path` and its replies sidecar, both or
-    neither. `progress=None` shows a progress bar only when there is more than
-    one batch. Returns a summary with the outcome counts.
+    Writes the battles JSONL at `out_path`, its replies sidecar and its usage
+    file, all or none: none when the share of "error" judgments exceeds
+    `max_error_rate` (None: no limit). `progress=None` shows a progress bar
+    only when there is more than one batch. Returns a summary with the outcome
+    counts.
     """
     if criterion not in CRITERIA:
         raise InputError(f"unknown criterion {criterion!r} (known: {CRITERIA})",
@@ -155,6 +186,9 @@ def judge_model(
                          field="repetitions")
     if batch_size < 1:
         raise InputError(f"must be a positive integer, got {batch_size!r}", field="batch_size")
+    if max_error_rate is not None and not 0 <= max_error_rate <= 1:
+        raise InputError(f"must be between 0 and 1, got {max_error_rate!r}",
+                         field="judge.max_error_rate")
     cand_path, base_path = Path(candidate_generations), Path(baseline_generations)
     prompts_path, out_path = Path(prompts_path), Path(out_path)
 
@@ -201,11 +235,14 @@ def judge_model(
              repetitions, len(requests), judge.name)
 
     replies_path = replies_path_for(out_path)
+    usage_path = usage_path_for(out_path)
     counts: Counter[str] = Counter()
+    errors_by_prompt: Counter[str] = Counter()
     show = len(requests) > batch_size if progress is None else progress
     line = 0
-    # battles renamed into place last: a finished battles file implies its replies exist
-    with atomic_output(out_path) as tmp_out, atomic_output(replies_path) as tmp_rep, \
+    # battles renamed into place last: a finished battles file implies the others exist
+    with atomic_output(out_path) as tmp_out, atomic_output(usage_path) as tmp_usage, \
+            atomic_output(replies_path) as tmp_rep, \
             open(tmp_out, "w", encoding="utf-8") as fh_out, \
             open(tmp_rep, "w", encoding="utf-8") as fh_rep, \
             tqdm(total=len(requests), desc=f"judge {criterion}", unit="judgment",
@@ -223,6 +260,8 @@ def judge_model(
                 battle = battles[line - 1]
                 outcome = _OUTCOME[battle["order"]][reply.verdict]
                 counts[outcome] += 1
+                if outcome == "error":
+                    errors_by_prompt[battle["prompt_id"]] += 1
                 fh_rep.write(json.dumps({"id": line, "verdict": reply.verdict, "raw": reply.raw,
                                          "detail": reply.detail}, ensure_ascii=False) + "\n")
                 fh_out.write(json.dumps({**battle, "outcome": outcome, "judge": judge.name,
@@ -230,8 +269,15 @@ def judge_model(
                                         ensure_ascii=False) + "\n")
             bar.update(len(batch))
 
-    outcomes = {o: counts.get(o, 0) for o in OUTCOMES}
-    log.info("outcomes: %s", ", ".join(f"{k}={v}" for k, v in outcomes.items()))
+        outcomes = {o: counts.get(o, 0) for o in OUTCOMES}
+        log.info("outcomes: %s", ", ".join(f"{k}={v}" for k, v in outcomes.items()))
+        usage = _usage(judge, len(requests), outcomes)
+        log.info("usage: %s", json.dumps(usage, sort_keys=True))
+        if max_error_rate is not None:
+            _check_error_rate(errors_by_prompt, len(requests), max_error_rate, replies_path)
+        tmp_usage.write_text(json.dumps(usage, indent=2, ensure_ascii=False) + "\n",
+                             encoding="utf-8")
+
     if outcomes["error"]:
         log.warning("%d of %d judgments failed (outcome 'error'; see %s)", outcomes["error"],
                     len(requests), replies_path)
@@ -239,8 +285,24 @@ def judge_model(
         "criterion": criterion, "prompt_set": prompt_set, "model_a": model_a,
         "model_b": model_b, "judge": judge.name, "prompts": len(prompts),
         "repetitions": repetitions, "battles": len(requests), "outcomes": outcomes,
-        "out": str(out_path), "replies": str(replies_path),
+        "out": str(out_path), "replies": str(replies_path), "usage": str(usage_path),
     }
+
+
+def _usage(judge: Judge, judgments: int, outcomes: dict[str, int]) -> dict[str, Any]:
+    """The step's counts plus what the judge reports (requests, tokens, cost) if it can."""
+    report = getattr(judge, "usage", None)
+    extra = report() if callable(report) else {}
+    return {"judge": judge.name, "battles": judgments, "outcomes": outcomes,
+            "error_rate": outcomes["error"] / judgments if judgments else 0.0, **extra}
+
+
+def _max_error_rate(config: dict[str, Any]) -> float:
+    value = config.get("max_error_rate", DEFAULT_MAX_ERROR_RATE)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise InputError(f"must be a number between 0 and 1, got {value!r}",
+                         field="judge.max_error_rate")
+    return float(value)
 
 
 def _parse_judge_config(text: str) -> dict[str, Any]:
@@ -262,6 +324,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-config", required=True,
                    help='the config\'s judge section as JSON, e.g. \'{"backend": "rule"}\'')
     p.add_argument("--spec", default=None, help="demo world spec (rule judge)")
+    p.add_argument("--judge-cache", default=None,
+                   help="reply cache file of a remote judge, shared by judge jobs "
+                        "(overrides the judge config's `cache`)")
     p.add_argument("--repetitions", type=int, default=1,
                    help="judgments per prompt and order (1 for a deterministic judge)")
     p.add_argument("--batch-size", type=int, default=256)
@@ -273,10 +338,15 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     setup_logging(args.log)
-    judge = make_judge(_parse_judge_config(args.judge_config), spec_path=args.spec)
+    config = _parse_judge_config(args.judge_config)
+    if args.judge_cache is not None:
+        config["cache"] = args.judge_cache
+    max_error_rate = _max_error_rate(config)
+    judge = make_judge(config, spec_path=args.spec)
     try:
         judge_model(args.candidate, args.baseline, args.prompts, args.criterion, judge,
-                    args.repetitions, args.out, batch_size=args.batch_size)
+                    args.repetitions, args.out, batch_size=args.batch_size,
+                    max_error_rate=max_error_rate)
     finally:
         judge.close()
 

@@ -33,9 +33,17 @@ def _make_rule(config: dict[str, Any], spec_path: str | Path | None) -> Judge:
     return RuleJudge.from_file(spec_path)
 
 
+def _make_openai(config: dict[str, Any], spec_path: str | Path | None) -> Judge:
+    # imported here: only this backend needs the `openai` client
+    from sacpo_steps.judges.openai import OpenAIJudge
+
+    return OpenAIJudge.from_config(config)
+
+
 # backend name -> factory(config, spec_path)
 BACKENDS: dict[str, Callable[[dict[str, Any], str | Path | None], Judge]] = {
     "rule": _make_rule,
+    "openai": _make_openai,
 }
 
 

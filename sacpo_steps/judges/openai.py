@@ -205,8 +205,7 @@ def _check_value(key: str, value: Any, default: Any) -> Any:
         if not isinstance(value, str):
             raise InputError(f"expected a string, got {value!r}", field=where)
         return value
-    if isinstance(default, int) and not isinstance(default, bool) and key not in {
-            "timeout", "temperature", "backoff_base", "backoff_max"}:
+    if isinstance(default, int) and not isinstance(default, bool):
         if isinstance(value, bool) or not isinstance(value, int):
             raise InputError(f"expected an integer, got {value!r}", field=where)
     elif isinstance(value, bool) or not isinstance(value, int | float) \
@@ -427,7 +426,7 @@ class OpenAIJudge(Judge):
                     self._stats.errors[fetched.cause] += 1
                     return JudgeReply("error", fetched.message, {
                         "reason": f"no reply: {fetched.cause}", "attempt": attempt,
-                        "earlier": reasons})
+                        "reasons": reasons})
                 entry = self.cache.put(key, {
                     "model": cfg.model, "criterion": request.criterion,
                     "template": self.templates[request.criterion].sha256,
@@ -447,7 +446,8 @@ class OpenAIJudge(Judge):
         assert entry is not None
         return JudgeReply("error", entry["raw"], {
             "reason": f"unparseable after {cfg.parse_retries + 1} attempts: {reasons[-1]}",
-            "attempts": reasons, "finish_reason": entry.get("finish_reason")})
+            "attempts": cfg.parse_retries + 1, "reasons": reasons,
+            "finish_reason": entry.get("finish_reason")})
 
     async def _judge_all(self, requests: Sequence[JudgeRequest]) -> list[JudgeReply]:
         cfg = self.config

@@ -11,6 +11,8 @@ rule align:
     params:
         spec=align_spec,
         data=align_data_file,
+        launcher=launcher,
+        checkpoints=align_checkpoint_dir,
         code=code("align"),
     threads: config["threads"]["align"]
     resources:
@@ -23,5 +25,7 @@ rule align:
     log:
         "logs/align/{aligned}.log",
     shell:
-        "python -m sacpo_steps align --parent-dir {input.parent} --data {params.data} --out {output}"
-        " --spec {params.spec:q} --threads {threads} > {log} 2>&1"
+        "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 {params.launcher} align"
+        " --parent-dir {input.parent} --data {params.data} --out {output}"
+        " --spec {params.spec:q} --checkpoint-dir {params.checkpoints}"
+        " --threads {threads} > {log} 2>&1"

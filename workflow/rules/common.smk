@@ -1,5 +1,6 @@
 # Config validation, the plan, and the helpers that turn it into paths and params.
 # Rules in the other .smk files call only these helpers.
+import hashlib
 import os
 import re
 import sys
@@ -113,6 +114,25 @@ def align_spec(wildcards):
             "prompt_template": config["prompt_template"],
             "seed": SEED,
         }
+    )
+
+
+def align_checkpoint_dir(wildcards):
+    """Scratch for trainer checkpoints, keyed by the node's parameters: a changed beta
+    never resumes a stale run."""
+    digest = hashlib.sha256(align_spec(wildcards).encode()).hexdigest()[:12]
+    return f"scratch/align/{wildcards.aligned}-{digest}"
+
+
+def launcher(wildcards, resources):
+    """One process, or `accelerate launch` with one process per GPU of the job."""
+    gpus = int(getattr(resources, "gpu", 0) or 0)
+    if gpus <= 1:
+        return "python -m sacpo_steps"
+    dist = PLAN.nodes[wildcards.aligned].training["distributed"]
+    return (
+        f"accelerate launch --num_processes {gpus} "
+        f"--config_file config/accelerate/{dist}.yaml -m sacpo_steps"
     )
 
 

@@ -20,7 +20,7 @@ rule generate:
     log:
         "logs/generate/{model}/{prompt_set}.log",
     shell:
-        "python -m sacpo_steps generate --model-dir {input.model} --model-name {wildcards.model}"
+        "HF_HUB_OFFLINE=1 python -m sacpo_steps generate --model-dir {input.model} --model-name {wildcards.model}"
         " --prompts {input.prompts} --out {output} --spec {params.spec:q}"
         " --threads {threads} > {log} 2>&1"
 

@@ -28,5 +28,5 @@ for _index, (_group, _nodes) in enumerate(PLAN.merge_groups().items()):
         log:
             f"logs/merge/{_group}.log",
         shell:
-            "python -m sacpo_steps merge --a {input.a} --b {input.b}"
+            "HF_HUB_OFFLINE=1 python -m sacpo_steps merge --a {input.a} --b {input.b}"
             " --name-a {params.name_a} --name-b {params.name_b} {params.outputs} > {log} 2>&1"
