@@ -33,8 +33,10 @@ def atomic_output(final: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to `final`; move it into place only on success."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    # leftovers of a killed earlier attempt (one writer per output at a time)
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        _remove(stale)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    _remove(tmp)
     if is_dir:
         tmp.mkdir()
     try:
