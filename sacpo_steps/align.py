@@ -53,6 +53,9 @@ class TrainingConfig:
     max_steps: int = -1
     save_steps: int = 0  # checkpoint every N steps for resume (0: no checkpoints)
     distributed: str = "fsdp"  # accelerate config used when the job has several GPUs
+    # LoRA adapter instead of a full fine-tune: {r, alpha, dropout, target_modules}
+    lora: dict[str, Any] | None = None
+    quantization: str | None = None  # "4bit": QLoRA (bitsandbytes NF4 base, LoRA on top)
     global_batch_size: int | None = None  # declared; the plan checks it adds up
     max_examples: int | None = None  # use only the first N (shuffled) examples
 
@@ -145,7 +148,27 @@ def build_trainer(
     tokenizer = AutoTokenizer.from_pretrained(parent_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(parent_dir, dtype="auto")
+    model_kwargs: dict[str, Any] = {"dtype": "auto"}
+    if training.quantization == "4bit":
+        if not training.lora:
+            raise InputError("quantization '4bit' needs a `lora` adapter (QLoRA)",
+                             field="training.quantization")
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if training.bf16 else torch.float32
+        model_kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+    model = AutoModelForCausalLM.from_pretrained(parent_dir, **model_kwargs)
+    peft_config = None
+    if training.lora:
+        from peft import LoraConfig
+
+        lora = training.lora
+        peft_config = LoraConfig(r=lora.get("r", 16), lora_alpha=lora.get("alpha", 32),
+                                 lora_dropout=lora.get("dropout", 0.05),
+                                 target_modules=lora.get("target_modules", "all-linear"),
+                                 task_type="CAUSAL_LM")
     ref_model = None
     if reference_dir is not None:
         ref_model = AutoModelForCausalLM.from_pretrained(reference_dir, dtype="auto")
@@ -180,7 +203,8 @@ def build_trainer(
 
         args = DPOConfig(loss_type=["sigmoid"], **common)
         trainer = DPOTrainer(model=model, ref_model=ref_model, args=args,
-                             train_dataset=dataset, processing_class=tokenizer)
+                             train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=peft_config)
     else:
         from trl import KTOConfig, KTOTrainer
 
@@ -190,8 +214,29 @@ def build_trainer(
                              field="training.per_device_batch_size")
         args = KTOConfig(desirable_weight=desirable, undesirable_weight=undesirable, **common)
         trainer = KTOTrainer(model=model, ref_model=ref_model, args=args,
-                             train_dataset=dataset, processing_class=tokenizer)
+                             train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=peft_config)
     return trainer
+
+
+def save_merged_adapter(trainer, parent_dir: Path, out: Path, training: TrainingConfig) -> None:
+    """Save a LoRA stage as a FULL model (adapter merged into the parent's weights).
+
+    TRL's reference for a PEFT policy is the base with the adapter disabled. If a
+    LoRA stage 1 were passed on as an adapter, stage 2's reference would silently be
+    SFT; merging makes the stage-1 model an ordinary model that stage 2 starts from
+    and refers to. A 4-bit (QLoRA) base is reloaded at full precision for the merge.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter_dir = out / ".adapter"
+    trainer.model.save_pretrained(adapter_dir)
+    if trainer.accelerator.is_main_process:
+        base = AutoModelForCausalLM.from_pretrained(parent_dir, dtype="auto")
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        merged.save_pretrained(out, safe_serialization=True)
+    shutil.rmtree(adapter_dir, ignore_errors=True)
 
 
 def align(
@@ -235,7 +280,10 @@ def align(
             log.info("resuming from %s", resume)
         result = trainer.train(resume_from_checkpoint=resume)
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-        trainer.save_model(str(tmp))
+        if training.lora:
+            save_merged_adapter(trainer, parent_dir, tmp, training)
+        else:
+            trainer.save_model(str(tmp))
         trainer.processing_class.save_pretrained(tmp)
         shutil.rmtree(tmp / ".trainer", ignore_errors=True)
         resumed_from = resume.name if resume else None

@@ -18,7 +18,8 @@ TEXTS = [
 ]
 
 
-def make_tiny_model(out: Path, *, seed: int = 0, noise: float = 0.0) -> Path:
+def make_tiny_model(out: Path, *, seed: int = 0, noise: float = 0.0, hidden: int = 16
+                    ) -> Path:
     """A tiny random Llama with a tokenizer trained on a few sentences, saved to `out`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -29,7 +30,8 @@ def make_tiny_model(out: Path, *, seed: int = 0, noise: float = 0.0) -> Path:
     corpus = [PROMPT_TEMPLATE.format(prompt=p) + " " + r for p, r in TEXTS] * 4
     tokenizer = train_tokenizer(corpus, vocab_size=300)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden,
+                         intermediate_size=2 * hidden,
                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
                          max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id,
