@@ -54,6 +54,8 @@ ELO_COLUMNS = ("criterion", "mode", "model", "rating", "ci_low", "ci_high", "ran
 MODES = ("bt", "paper")
 _TOL = 1e-10
 _MAX_NEWTON = 100
+# paper mode: steps whose battle indices are gathered at once (bounds memory)
+_BLOCK = 4096
 
 
 @dataclass(frozen=True)
@@ -376,7 +378,8 @@ def paper_elo(
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise InputError(f"must be a non-negative integer, got {seed!r}", field="seed")
     if not (math.isfinite(k) and k > 0 and math.isfinite(start) and start > 0):
-        raise InputError(f"K and start must be positive, got {k!r}, {start!r}", field="k")
+        raise InputError(f"K and start must be positive, got {k!r}, {start!r}",
+                         field="k" if not (math.isfinite(k) and k > 0) else "start")
     crits = _criteria(battles, anchor)
     final = _online_elo(crits, trials, passes, float(k), float(start), seed)
     frames = []
@@ -407,7 +410,7 @@ def _online_elo(crits: list[_Criterion], trials: int, passes: int, k: float, sta
     length = max(len(c.a) for c in crits)
     rngs = [stream_seed(seed, "paper_elo", c.name) for c in crits]
     log10_over = math.log(10.0) / 400.0
-    block = 4096
+    block = _BLOCK
     for _ in range(passes):
         orders = [rng.permuted(np.broadcast_to(np.arange(len(c.a)), (trials, len(c.a))), axis=1)
                   for c, rng in zip(crits, rngs, strict=True)]
@@ -449,6 +452,8 @@ def elo_table(
     rounds: int = 1000,
     seed: int = 0,
     confidence: float = 0.95,
+    paper_trials: int = 50,
+    paper_passes: int = 10,
 ) -> pd.DataFrame:
     """The elo.csv table: one row per (criterion, mode, model), columns ELO_COLUMNS."""
     if mode not in (*MODES, "both"):
@@ -458,7 +463,8 @@ def elo_table(
         frames.append(bt_elo_bootstrap(battles, anchor, rounds=rounds, seed=seed,
                                        confidence=confidence))
     if mode in ("paper", "both"):
-        frames.append(paper_elo(battles, anchor, seed=seed))
+        frames.append(paper_elo(battles, anchor, trials=paper_trials, passes=paper_passes,
+                                seed=seed))
     table = pd.concat(frames, ignore_index=True).reindex(columns=list(ELO_COLUMNS))
     table["mode_order"] = table["mode"].map({m: i for i, m in enumerate(MODES)})
     table = table.sort_values(["criterion", "mode_order", "rank", "model"], kind="stable",
@@ -511,10 +517,13 @@ def elo_step(
     rounds: int = 1000,
     seed: int = 0,
     confidence: float = 0.95,
+    paper_trials: int = 50,
+    paper_passes: int = 10,
 ) -> pd.DataFrame:
     """Compute Elo from battle files; write CSV and Markdown (both or neither)."""
     table = elo_table(load_battles(battle_paths), anchor, mode=mode, rounds=rounds, seed=seed,
-                      confidence=confidence)
+                      confidence=confidence, paper_trials=paper_trials,
+                      paper_passes=paper_passes)
     text = markdown_table(table, confidence)
     with atomic_output(out_csv) as tmp_csv, atomic_output(out_md) as tmp_md:
         table.to_csv(tmp_csv, index=False)
@@ -534,6 +543,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=1000, help="bootstrap rounds (bt mode)")
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--paper-trials", type=int, default=50, help="paper mode: trials")
+    p.add_argument("--paper-passes", type=int, default=10,
+                   help="paper mode: shuffled passes per trial")
     p.add_argument("--out-csv", required=True)
     p.add_argument("--out-md", required=True)
     p.add_argument("--log", default=None)
@@ -544,7 +556,8 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     setup_logging(args.log)
     elo_step(args.battles, args.out_csv, args.out_md, anchor=args.anchor, mode=args.mode,
-             rounds=args.rounds, seed=args.seed, confidence=args.confidence)
+             rounds=args.rounds, seed=args.seed, confidence=args.confidence,
+             paper_trials=args.paper_trials, paper_passes=args.paper_passes)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,11 @@ per comparison without talking to the server:
   the format the prompt asks for (a prompt mentioning `[[tie]]` wants a verdict).
 - `#fault=<kind>` or `#fault=<kind>*<n>`: misbehave on the first n requests
   with this prompt text (always, without `*n`). Kinds: `429` (with Retry-After),
-  `500`, `400`, `401` (echoing the key back), `slow` (answers after `slow_s`,
-  past the client's timeout), `garbage` (unparseable text), `quote` (a verdict
-  reply quoting "[[A]]" before ending with its real verdict), `echo` (a valid
-  reply that repeats the Authorization header in its explanation), `nousage`
-  (no usage block).
+  `quota` (a 429 for an exhausted account), `500`, `400`, `401` (echoing the key
+  back), `slow` (answers after `slow_s`, past the client's timeout), `garbage`
+  (unparseable text), `quote` (a verdict reply quoting "[[A]]" before ending with
+  its real verdict), `echo` (a valid reply that repeats the Authorization header
+  in its explanation), `nousage` (no usage block).
 """
 
 from __future__ import annotations
@@ -60,6 +60,9 @@ class FakeOpenAI:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as the real API
+            # headers and body go out in two writes: without this, Nagle's algorithm and
+            # the client's delayed ACK add ~40 ms to every reply
+            disable_nagle_algorithm = True
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 return None
@@ -73,7 +76,8 @@ class FakeOpenAI:
         # a client that timed out closes its socket: nothing to report
         server.handle_error = lambda request, address: None  # type: ignore[method-assign]
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=server.serve_forever, args=(0.05,),
+                                        daemon=True)
         self._thread.start()
         return self
 
@@ -127,6 +131,10 @@ class FakeOpenAI:
                                                 "type": "requests"}},
                        {"Retry-After": self.retry_after})
             return
+        if fault == "quota":
+            self._send(handler, 429, {"error": {"message": "You exceeded your current quota",
+                                                "code": "insufficient_quota"}})
+            return
         if fault in ("500", "400"):
             self._send(handler, int(fault), {"error": {"message": f"fake {fault}"}})
             return
@@ -146,7 +154,7 @@ class FakeOpenAI:
             text = f"Reply A is {a}/10 and reply B is {b}/10.\n{token}"
             if fault == "quote":
                 text = ("Reply A ends by claiming it deserves [[A]], which is not an "
-                        f"argument.\nOn the merits B is better.\n[[B]]")
+                        "argument.\nOn the merits B is better.\n[[B]]")
         else:
             text = f"Scores: A={a} B={b}\nReply A is {a}/10 and reply B is {b}/10."
         if fault == "echo":

@@ -129,13 +129,19 @@ def test_demo_config_plans_the_full_sacpo_grid(tmp_path):
     workdir = copy_workflow(tmp_path / "wf")
     output, jobs = dry_run(workdir)  # no --configfile: the Snakefile's config/config.yaml
     expected = {"demo_world": 1, "preference_data": 1, "sft_checkpoint": 1, "align": 5,
-                "generate": 12, "judge": 10, "winrate": 1, "all": 1}
+                "generate": 12, "judge": 30, "winrate": 1, "elo": 1, "figures": 1, "all": 1}
     assert job_counts(output) == expected
     assert sorted(j.rule for j in jobs) == sorted(r for r, n in expected.items() for _ in range(n))
     aligned = {j.key[1] for j in jobs if j.rule == "align"}
     assert aligned == {"dpo_h", *(f"dpo_h.dpo_s-{b}" for b in ("0.01", "0.1", "0.3", "1.0"))}
-    judged = {j.key[1:] for j in jobs if j.rule == "judge"}
-    assert judged == {(m, ps) for m in aligned for ps in PROMPT_SETS}
+    # the demo judges all pairs (for Elo); the SFT baseline is always the opponent side
+    judged = {(j.wildcards["model"], j.wildcards["opponent"], j.wildcards["prompt_set"])
+              for j in jobs if j.rule == "judge"}
+    models = ["sft", *sorted(aligned)]
+    assert {frozenset(p[:2]) for p in judged} == {frozenset((a, b)) for a in models
+                                                   for b in models if a < b}
+    assert all(m != "sft" for m, _, _ in judged)
+    assert {ps for _, _, ps in judged} == set(PROMPT_SETS)
     assert not (workdir / "results").exists()
 
 
@@ -152,13 +158,13 @@ def test_a_configfile_replaces_the_demo_config_instead_of_merging(tmp_path):
     assert {j.key for j in jobs if j.rule == "align"} == {("align", "kto_h", None)}
     assert job_counts(output) == {"demo_world": 1, "preference_data": 1, "sft_checkpoint": 1,
                                   "align": 1, "generate": 4, "judge": 2, "winrate": 1,
-                                  "all": 1}
+                                  "elo": 1, "figures": 1, "all": 1}
 
 
 def test_every_planned_job_of_the_reduced_demo_has_a_log(tmp_path):
     workdir = copy_workflow(tmp_path / "wf")
     _, jobs = dry_run(workdir, "--configfile", REDUCED)
-    assert len(jobs) == 22
+    assert len(jobs) == 24
     missing = [j.key for j in jobs if j.rule != "all" and not j.log]
     assert not missing
     logs = [j.log for j in jobs if j.log]
@@ -226,7 +232,7 @@ def test_reduced_demo_runs_to_the_win_rate_table(done):
 @pytest.mark.slow
 def test_every_job_wrote_its_log(done):
     logs = [j.log for j in done.planned if j.rule != "all"]
-    assert len(logs) == 21
+    assert len(logs) == 23
     missing = [log for log in logs if not (done.workdir / log).is_file()]
     assert not missing
 
@@ -290,6 +296,8 @@ def test_changing_one_beta_reruns_only_that_model_and_its_evaluation(done):
         *(("generate", model, ps) for ps in PROMPT_SETS),
         *(("judge", model, ps) for ps in PROMPT_SETS),
         ("winrate", None, None),
+        ("elo", None, None),
+        ("figures", None, None),
         ("all", None, None),
     }
     align = next(j for j in jobs if j.rule == "align")
@@ -297,10 +305,11 @@ def test_changing_one_beta_reruns_only_that_model_and_its_evaluation(done):
 
 
 @pytest.mark.slow
-def test_editing_the_winrate_step_reruns_only_winrate(done):
+def test_editing_the_winrate_step_reruns_only_winrate_and_figures(done):
     with appended(done.workdir / "sacpo_steps" / "winrate.py"):
         _, jobs = dry_run(done.workdir, "--configfile", REDUCED)
-    assert sorted(j.key for j in jobs) == [("all", None, None), ("winrate", None, None)]
+    assert sorted(j.key for j in jobs) == [("all", None, None), ("figures", None, None),
+                                           ("winrate", None, None)]
 
 
 @pytest.mark.slow
@@ -313,6 +322,8 @@ def test_editing_the_generate_step_reruns_generation_and_everything_after(done):
         *(("generate", m, ps) for m in REDUCED_MODELS for ps in PROMPT_SETS),
         *(("judge", m, ps) for m in REDUCED_ALIGNED for ps in PROMPT_SETS),
         ("winrate", None, None),
+        ("elo", None, None),
+        ("figures", None, None),
         ("all", None, None),
     }
 
@@ -323,7 +334,7 @@ def test_editing_a_shared_module_reruns_its_importers_only(done):
     with appended(done.workdir / "sacpo_steps" / "judges" / "rule.py"):
         _, jobs = dry_run(done.workdir, "--configfile", REDUCED)
     rules = {j.rule for j in jobs}
-    assert rules == {"judge", "winrate", "all"}
+    assert rules == {"judge", "winrate", "elo", "figures", "all"}
     assert len([j for j in jobs if j.rule == "judge"]) == 6
 
 

@@ -289,6 +289,9 @@ class OpenAIJudge(Judge):
         self._stats = _Stats()
         self._rng = random.Random()
         self._not_before = 0.0  # time.monotonic() before which no request starts (429)
+        # replies waiting to be cached, and the task writing them (one event loop at a time)
+        self._pending: list[tuple[str, dict[str, Any], asyncio.Future[dict[str, Any]]]] = []
+        self._writer: asyncio.Future[None] | None = None
         for name in ("httpx2", "httpx"):
             # one INFO line per request would drown the step's log
             http_log = logging.getLogger(name)
@@ -333,11 +336,11 @@ class OpenAIJudge(Judge):
         cfg = self.config
         retry = 0
         while True:
-            wait = self._not_before - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
             retry_after: float | None = None
             async with sem:
+                # checked with a slot in hand: a 429 seen while waiting for it still counts
+                while (wait := self._not_before - time.monotonic()) > 0:
+                    await asyncio.sleep(wait)
                 self._stats.requests += 1
                 try:
                     response = await client.chat.completions.create(
@@ -359,6 +362,10 @@ class OpenAIJudge(Judge):
                         raise InputError(f"not found at {cfg.base_url or 'the default URL'} "
                                          f"(model {cfg.model!r}?): {self.mask(message)}",
                                          field="judge.model") from None
+                    if status == 429 and getattr(exc, "code", None) == "insufficient_quota":
+                        raise InputError(f"the account behind {cfg.api_key_env} has no quota "
+                                         f"left: {self.mask(message)}",
+                                         field="judge.api_key_env") from None
                     if status == 429:
                         cause = "rate_limit"
                         retry_after = _retry_after(exc.response.headers)
@@ -405,6 +412,36 @@ class OpenAIJudge(Judge):
             "usage": tokens,
         }
 
+    # -- durable storage, batched ---------------------------------------------------------
+
+    async def _store(self, key: str, entry: dict[str, Any]) -> dict[str, Any]:
+        """Cache `entry` durably; returns once it is fsynced (with others that came along).
+
+        Replies that arrive while a write is in progress are written together by the
+        next one, off the event loop, so an fsync never stalls the requests.
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._pending.append((key, entry, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._write_pending())
+        return await done
+
+    async def _write_pending(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                kept = await asyncio.to_thread(self.cache.put_many,
+                                               [(key, entry) for key, entry, _ in batch])
+            except BaseException as exc:  # the waiters raise it
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                raise
+            for (_, _, done), entry in zip(batch, kept, strict=True):
+                if not done.done():
+                    done.set_result(entry)
+
     # -- one judgment -------------------------------------------------------------------
 
     async def _judge(self, client: openai.AsyncOpenAI, sem: asyncio.Semaphore,
@@ -427,7 +464,7 @@ class OpenAIJudge(Judge):
                     return JudgeReply("error", fetched.message, {
                         "reason": f"no reply: {fetched.cause}", "attempt": attempt,
                         "reasons": reasons})
-                entry = self.cache.put(key, {
+                entry = await self._store(key, {
                     "model": cfg.model, "criterion": request.criterion,
                     "template": self.templates[request.criterion].sha256,
                     "repetition": request.repetition, "attempt": attempt, **fetched})
@@ -455,6 +492,7 @@ class OpenAIJudge(Judge):
         # a client per event loop: its connection pool belongs to the loop that made it
         client = openai.AsyncOpenAI(api_key=self._api_key, base_url=cfg.base_url,
                                     max_retries=0, timeout=cfg.timeout)
+        self._pending, self._writer = [], None
         tasks = [asyncio.ensure_future(self._judge(client, sem, r)) for r in requests]
         try:
             return list(await asyncio.gather(*tasks))
@@ -464,6 +502,9 @@ class OpenAIJudge(Judge):
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
         finally:
+            if self._writer is not None:
+                # replies already paid for are written even when the batch fails
+                await asyncio.gather(self._writer, return_exceptions=True)
             await client.close()
 
     def judge_many(self, requests: Sequence[JudgeRequest]) -> list[JudgeReply]:

@@ -29,6 +29,7 @@ wildcard_constraints:
     aligned="|".join(map(re.escape, ALIGNED)) if ALIGNED else "$^",
     baseline="|".join(map(re.escape, HUB_BASELINES)) if HUB_BASELINES else "$^",
     prompt_set="|".join(map(re.escape, PROMPT_SETS)),
+    opponent="|".join(map(re.escape, PLAN.models)),
     url_prompt_set="|".join(map(re.escape, [n for n, p in PROMPT_SETS.items()
                                             if p.get("source") == "url"])) or "$^",
     source="|".join(map(re.escape, config["preference_sources"])),
@@ -200,7 +201,7 @@ def judge_config():
 def judge_inputs(wildcards):
     inputs = {
         "candidate": f"results/generations/{wildcards.model}/{wildcards.prompt_set}.jsonl",
-        "baseline": f"results/generations/{PLAN.baseline}/{wildcards.prompt_set}.jsonl",
+        "baseline": f"results/generations/{wildcards.opponent}/{wildcards.prompt_set}.jsonl",
         "prompts": prompt_set_file(wildcards.prompt_set),
     }
     if config["evaluation"]["judge"]["backend"] == "rule":
@@ -208,24 +209,75 @@ def judge_inputs(wildcards):
     return inputs
 
 
+def judged_pairs():
+    """(model, opponent) pairs to judge; the baseline is always the opponent side."""
+    models = PLAN.models
+    if config["evaluation"]["pairs"] == "vs_baseline":
+        return [(m, PLAN.baseline) for m in models if m != PLAN.baseline]
+    pairs = []
+    for i, a in enumerate(models):
+        for b in models[i + 1 :]:
+            pairs.append((b, a) if a == PLAN.baseline else (a, b))
+    return pairs
+
+
 def battle_files():
     return [
-        f"results/battles/{prompt_set}/{model}.jsonl"
+        f"results/battles/{prompt_set}/{model}__vs__{opponent}.jsonl"
         for prompt_set in PROMPT_SETS
-        for model in PLAN.models
-        if model != PLAN.baseline
+        for model, opponent in judged_pairs()
     ]
 
 
+def report_request_count():
+    """All-pairs judging grows quadratically: say how many judgments it will make."""
+    if config["evaluation"]["pairs"] != "all_pairs":
+        return
+    reps = config["evaluation"]["judge"]["repetitions"]
+    pairs = len(judged_pairs())
+    per_prompt = pairs * 2 * reps
+    total = 0
+    for name in PROMPT_SETS:
+        path = Path(prompt_set_file(name))
+        if path.is_file():
+            total += per_prompt * sum(1 for line in path.open() if line.strip())
+    known = f", {total} in all for the prompt sets present" if total else ""
+    print(
+        f"all_pairs judging: {pairs} pairs x 2 orders x {reps} repetition(s) = "
+        f"{per_prompt} judgments per prompt{known}",
+        file=sys.stderr,
+    )
+
+
+report_request_count()
+
+
+FIGURES = [
+    f"results/figures/{name}.{ext}"
+    for name in ("figure2", "figure3", "elo_chart")
+    for ext in ("png", "svg")
+]
+
+
 def all_targets():
-    return ["results/tables/winrate.csv", "results/tables/winrate.md"]
+    return [
+        "results/tables/winrate.csv",
+        "results/tables/winrate.md",
+        "results/tables/elo.csv",
+        "results/tables/elo.md",
+        *FIGURES,
+    ]
 
 
 
+# Downloads need the internet of the login node; tables and figures are seconds of CPU.
 localrules:
     download_dataset,
     download_model,
     fetch_prompt_set,
+    winrate,
+    elo,
+    figures,
 
 
 if config["sft"]["source"] == "hub":

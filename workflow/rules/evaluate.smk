@@ -29,8 +29,8 @@ rule judge:
     input:
         unpack(judge_inputs),
     output:
-        battles="results/battles/{prompt_set}/{model}.jsonl",
-        replies="results/battles/{prompt_set}/{model}.replies.jsonl",
+        battles="results/battles/{prompt_set}/{model}__vs__{opponent}.jsonl",
+        replies="results/battles/{prompt_set}/{model}__vs__{opponent}.replies.jsonl",
     params:
         criterion=lambda wildcards: PROMPT_SETS[wildcards.prompt_set]["criterion"],
         judge=lambda wildcards: judge_config(),
@@ -40,7 +40,7 @@ rule judge:
     conda:
         "../../environment.yml"
     log:
-        "logs/judge/{prompt_set}/{model}.log",
+        "logs/judge/{prompt_set}/{model}__vs__{opponent}.log",
     shell:
         "python -m sacpo_steps judge --candidate {input.candidate} --baseline {input.baseline}"
         " --prompts {input.prompts} --criterion {params.criterion}"
@@ -66,4 +66,55 @@ rule winrate:
     shell:
         "python -m sacpo_steps winrate --battles {input.battles} --baseline {params.baseline}"
         " --rounds {params.stats[bootstrap_rounds]} --confidence {params.stats[confidence]}"
-        " --seed {params.seed} --out-csv {output.csv} --out-md {output.md} > {log} 2>&1"
+        " --seed {params.seed} --extra-columns --out-csv {output.csv} --out-md {output.md}"
+        " > {log} 2>&1"
+
+
+rule elo:
+    input:
+        battles=battle_files(),
+    output:
+        csv="results/tables/elo.csv",
+        md="results/tables/elo.md",
+    params:
+        anchor=PLAN.baseline,
+        elo=config["evaluation"]["elo"],
+        seed=SEED,
+        code=code("elo"),
+    conda:
+        "../../environment.yml"
+    log:
+        "logs/elo.log",
+    shell:
+        "python -m sacpo_steps elo --battles {input.battles} --anchor {params.anchor}"
+        " --mode {params.elo[mode]} --rounds {params.elo[bootstrap_rounds]}"
+        " --confidence {params.elo[confidence]} --seed {params.seed}"
+        " --paper-trials {params.elo[paper_trials]} --paper-passes {params.elo[paper_passes]}"
+        " --out-csv {output.csv} --out-md {output.md} > {log} 2>&1"
+
+
+rule figures:
+    input:
+        winrate="results/tables/winrate.csv",
+        elo="results/tables/elo.csv",
+    output:
+        FIGURES,
+    params:
+        out_dir=lambda wildcards, output: os.path.dirname(output[0]),
+        fig=config["evaluation"]["figures"],
+        models=lambda wildcards: (
+            f"--models {config['evaluation']['figures']['model_info']}"
+            if config["evaluation"]["figures"]["model_info"]
+            else ""
+        ),
+        baseline=PLAN.baseline,
+        code=code("figures"),
+    conda:
+        "../../environment.yml"
+    log:
+        "logs/figures.log",
+    shell:
+        "python -m sacpo_steps figures --winrate {input.winrate} --elo {input.elo}"
+        " {params.models} --baseline {params.baseline} --elo-mode {params.fig[elo_mode]}"
+        " --x-criterion {params.fig[x_criterion]} --y-criterion {params.fig[y_criterion]}"
+        " --out-dir {params.out_dir} > {log} 2>&1"

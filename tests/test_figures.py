@@ -1,0 +1,232 @@
+"""Figures 2 and 3 and the Elo chart: plotted values read back from the artists."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.container import ErrorbarContainer
+
+from sacpo_steps import figures
+from sacpo_steps.errors import InputError
+
+WINRATE = pd.DataFrame([
+    # model, criterion, win_rate, ci_low, ci_high
+    ("dpo_h", "helpfulness", 0.79, 0.72, 0.85), ("dpo_h", "harmlessness", 0.49, 0.41, 0.57),
+    ("dpo_h.dpo_s-0.01", "helpfulness", 0.63, 0.55, 0.70),
+    ("dpo_h.dpo_s-0.01", "harmlessness", 0.79, 0.73, 0.86),
+    ("dpo_h.dpo_s-0.1", "helpfulness", 0.73, 0.66, 0.80),
+    ("dpo_h.dpo_s-0.1", "harmlessness", 0.57, 0.50, 0.65),
+    ("p_sacpo-0.5", "helpfulness", 0.79, 0.73, 0.84),
+    ("p_sacpo-0.5", "harmlessness", 0.65, 0.58, 0.72),
+], columns=["model", "criterion", "win_rate", "ci_low", "ci_high"])
+
+INFO = pd.DataFrame([
+    ("sft", "SFT", ""), ("dpo_h", "DPO(H)", "0.1"),
+    ("dpo_h.dpo_s-0.01", "DPO(H)->DPO(S)", "0.01"), ("dpo_h.dpo_s-0.1", "DPO(H)->DPO(S)", "0.1"),
+    ("p_sacpo-0.5", "P-SACPO", "q=0.5"),
+], columns=["model", "family", "label"])
+
+
+def elo_rows() -> pd.DataFrame:
+    rows = []
+    values = {  # model: (helpfulness, harmlessness) ratings
+        "sft": (1000.0, 1000.0), "dpo_h": (1180.0, 995.0), "dpo_h.dpo_s-0.01": (1060.0, 1190.0),
+        "dpo_h.dpo_s-0.1": (1120.0, 1050.0), "p_sacpo-0.5": (1175.0, 1100.0)}
+    for model, (help_, harm) in values.items():
+        for criterion, value in (("helpfulness", help_), ("harmlessness", harm)):
+            width = 0.0 if model == "sft" else 30.0
+            rows.append({"criterion": criterion, "mode": "bt", "model": model, "rating": value,
+                         "ci_low": value - width, "ci_high": value + width * 1.5,
+                         "status": "finite", "trial_std": np.nan})
+            rows.append({"criterion": criterion, "mode": "paper", "model": model,
+                         "rating": value * 1.1 if model != "sft" else 1000.0, "ci_low": np.nan,
+                         "ci_high": np.nan, "status": "finite", "trial_std": 20.0})
+    return pd.DataFrame(rows)
+
+
+def series(ax, family: str) -> tuple[np.ndarray, np.ndarray, ErrorbarContainer]:
+    """(x, y, container) of the errorbar series labelled `family`."""
+    for container in ax.containers:
+        if isinstance(container, ErrorbarContainer) and container.get_label() == family:
+            line = container.lines[0]
+            return np.asarray(line.get_xdata()), np.asarray(line.get_ydata()), container
+    raise AssertionError(f"no series {family!r}; have {[c.get_label() for c in ax.containers]}")
+
+
+def bar_ends(container: ErrorbarContainer) -> tuple[np.ndarray, np.ndarray]:
+    """(x ends, y ends) of the error bars, each (n, 2): [low, high] per point."""
+    xcol, ycol = container.lines[2]
+    xs = np.array([[seg[0][0], seg[1][0]] for seg in xcol.get_segments()])
+    ys = np.array([[seg[0][1], seg[1][1]] for seg in ycol.get_segments()])
+    return np.sort(xs, axis=1), np.sort(ys, axis=1)
+
+
+def reference_lines(ax) -> list:
+    return [line for line in ax.lines if line.get_gid() == figures.REFERENCE_GID]
+
+
+def expected_points(table: pd.DataFrame, value: str, models: list[str]) -> pd.DataFrame:
+    wide = table.pivot(index="model", columns="criterion", values=[value, "ci_low", "ci_high"])
+    return wide.loc[models]
+
+
+def test_figure2_points_error_bars_reference_lines_and_labels():
+    fig = figures.winrate_figure(WINRATE, INFO)
+    ax = fig.axes[0]
+    expected = expected_points(WINRATE, "win_rate", ["dpo_h.dpo_s-0.01", "dpo_h.dpo_s-0.1"])
+    x, y, container = series(ax, "DPO(H)->DPO(S)")
+    np.testing.assert_allclose(x, expected[("win_rate", "helpfulness")])
+    np.testing.assert_allclose(y, expected[("win_rate", "harmlessness")])
+    xs, ys = bar_ends(container)
+    np.testing.assert_allclose(xs[:, 0], expected[("ci_low", "helpfulness")])
+    np.testing.assert_allclose(xs[:, 1], expected[("ci_high", "helpfulness")])
+    np.testing.assert_allclose(ys[:, 0], expected[("ci_low", "harmlessness")])
+    np.testing.assert_allclose(ys[:, 1], expected[("ci_high", "harmlessness")])
+    x, y, _ = series(ax, "P-SACPO")
+    assert (x[0], y[0]) == (0.79, 0.65)
+    x, y, _ = series(ax, "SFT")  # the baseline, not in the table, sits at (0.5, 0.5)
+    assert (x[0], y[0]) == (0.5, 0.5)
+    refs = reference_lines(ax)
+    assert len(refs) == 2 and all(line.get_linestyle() == "--" for line in refs)
+    assert sorted(tuple(np.unique(line.get_xdata() if i == 0 else line.get_ydata()))
+                  for i, line in enumerate(refs)) == [(0.5,), (0.5,)]
+    texts = {t.get_text() for t in ax.texts}
+    assert {"0.01", "0.1", "q=0.5"} <= texts
+    assert {t.get_text() for t in ax.get_legend().get_texts()} == {
+        "SFT", "DPO(H)", "DPO(H)->DPO(S)", "P-SACPO"}
+
+
+def test_figure2_fallback_families_come_from_the_names():
+    fig = figures.winrate_figure(WINRATE)
+    ax = fig.axes[0]
+    x, _, _ = series(ax, "dpo_h.dpo_s")
+    assert list(x) == [0.63, 0.73]
+    assert {"0.01", "0.1", "0.5"} <= {t.get_text() for t in ax.texts}
+    series(ax, "sft")
+    series(ax, "p_sacpo")
+
+
+def test_figure2_needs_both_criteria():
+    with pytest.raises(InputError, match="harmlessness"):
+        figures.winrate_figure(WINRATE[WINRATE.criterion == "helpfulness"])
+
+
+def test_figure3_uses_the_chosen_elo_mode_and_the_anchor_lines():
+    table = elo_rows()
+    fig = figures.elo_figure(table, INFO, mode="bt")
+    ax = fig.axes[0]
+    bt = table[table["mode"] == "bt"]
+    expected = expected_points(bt, "rating", ["dpo_h.dpo_s-0.01", "dpo_h.dpo_s-0.1"])
+    x, y, container = series(ax, "DPO(H)->DPO(S)")
+    np.testing.assert_allclose(x, expected[("rating", "helpfulness")])
+    np.testing.assert_allclose(y, expected[("rating", "harmlessness")])
+    xs, ys = bar_ends(container)
+    np.testing.assert_allclose(xs, expected[["ci_low", "ci_high"]].xs("helpfulness", axis=1,
+                                                                       level=1))
+    np.testing.assert_allclose(ys, expected[["ci_low", "ci_high"]].xs("harmlessness", axis=1,
+                                                                       level=1))
+    x, y, _ = series(ax, "SFT")
+    assert (x[0], y[0]) == (1000.0, 1000.0)
+    assert all(1000.0 in line.get_xdata() or 1000.0 in line.get_ydata()
+               for line in reference_lines(ax))
+    paper = figures.elo_figure(table, INFO, mode="paper").axes[0]
+    x, _, _ = series(paper, "P-SACPO")
+    assert x[0] == pytest.approx(1175.0 * 1.1)
+
+
+def test_infinite_ratings_are_not_plotted_and_infinite_ci_ends_reach_the_edge():
+    table = elo_rows()
+    champ = (table["model"] == "dpo_h") & (table["criterion"] == "helpfulness")
+    table.loc[champ & (table["mode"] == "bt"), ["rating", "ci_low", "ci_high"]] = np.inf
+    open_end = ((table["model"] == "p_sacpo-0.5") & (table["criterion"] == "helpfulness")
+                & (table["mode"] == "bt"))
+    table.loc[open_end, "ci_high"] = np.inf
+    fig = figures.elo_figure(table, INFO)
+    ax = fig.axes[0]
+    assert "DPO(H)" not in [c.get_label() for c in ax.containers]
+    note = [t for t in fig.findobj() if getattr(t, "get_gid", lambda: None)()
+            == figures.NOT_FINITE_GID]
+    assert note and "dpo_h" in note[0].get_text()
+    _, _, container = series(ax, "P-SACPO")
+    xs, _ = bar_ends(container)
+    assert xs[0, 1] == pytest.approx(ax.get_xlim()[1])
+
+
+def test_elo_chart_one_panel_per_criterion_sorted_with_intervals():
+    table = elo_rows()
+    fig = figures.elo_chart(table, mode="bt")
+    assert [ax.get_title() for ax in fig.axes] == ["harmlessness", "helpfulness"]
+    for ax in fig.axes:
+        part = table[(table["mode"] == "bt") & (table.criterion == ax.get_title())]
+        part = part.sort_values("rating")
+        assert [t.get_text() for t in ax.get_yticklabels()] == part.model.tolist()
+        x, y, container = series(ax, "bt")
+        np.testing.assert_allclose(x, part.rating)
+        xcol = container.lines[2][0]
+        ends = np.sort(np.array([[s[0][0], s[1][0]] for s in xcol.get_segments()]), axis=1)
+        np.testing.assert_allclose(ends, part[["ci_low", "ci_high"]].to_numpy())
+        (ref,) = reference_lines(ax)
+        assert set(ref.get_xdata()) == {1000.0}
+        paper = [line for line in ax.lines if line.get_gid() == "mode:paper"]
+        assert len(paper) == 1
+        other = table[(table["mode"] == "paper") & (table.criterion == ax.get_title())]
+        np.testing.assert_allclose(paper[0].get_xdata(),
+                                   other.set_index("model").loc[part.model, "rating"])
+
+
+def test_model_info_files(tmp_path: Path):
+    as_dict = tmp_path / "models.json"
+    as_dict.write_text(json.dumps({"a": {"family": "F", "label": "0.1"}, "b": "G"}))
+    as_list = tmp_path / "list.json"
+    as_list.write_text(json.dumps([{"model": "a", "family": "F", "label": "0.1"},
+                                   {"model": "b", "family": "G"}]))
+    as_csv = tmp_path / "models.csv"
+    as_csv.write_text("model,family,label\na,F,0.1\nb,G,\n")
+    for path in (as_dict, as_list, as_csv):
+        info = figures.read_model_info(path)
+        meta = figures.model_info(["a", "b", "c-0.25"], info)
+        assert meta.values.tolist() == [["a", "F", "0.1"], ["b", "G", ""], ["c-0.25", "c", "0.25"]]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,family\na,F\n")
+    with pytest.raises(InputError) as err:
+        figures.read_model_info(bad)
+    assert err.value.field == "model"
+    twice = tmp_path / "twice.csv"
+    twice.write_text("model,family\na,F\na,G\n")
+    with pytest.raises(InputError, match="twice"):
+        figures.read_model_info(twice)
+
+
+def test_cli_writes_six_nontrivial_files_reproducibly(tmp_path: Path):
+    winrate_csv, elo_csv = tmp_path / "winrate.csv", tmp_path / "elo.csv"
+    WINRATE.to_csv(winrate_csv, index=False)
+    elo_rows().to_csv(elo_csv, index=False)
+    models = tmp_path / "models.csv"
+    INFO.to_csv(models, index=False)
+    out = tmp_path / "figures"
+    args = ["--winrate", str(winrate_csv), "--elo", str(elo_csv), "--models", str(models),
+            "--out-dir", str(out), "--log", str(tmp_path / "figures.log")]
+    figures.main(args)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(f"{n}.{ext}" for n in ("figure2", "figure3", "elo_chart")
+                           for ext in ("png", "svg"))
+    assert all((out / n).stat().st_size > 5000 for n in names)
+    assert (out / "figure2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    first = (out / "figure2.svg").read_bytes()
+    figures.main(args)
+    assert (out / "figure2.svg").read_bytes() == first
+
+
+def test_cli_failure_writes_nothing(tmp_path: Path):
+    winrate_csv, elo_csv = tmp_path / "winrate.csv", tmp_path / "elo.csv"
+    WINRATE.to_csv(winrate_csv, index=False)
+    elo_rows().query("mode == 'paper'").to_csv(elo_csv, index=False)  # no bt rows
+    out = tmp_path / "figures"
+    with pytest.raises(InputError, match="mode"):
+        figures.main(["--winrate", str(winrate_csv), "--elo", str(elo_csv),
+                      "--out-dir", str(out)])
+    assert not out.exists() or not list(out.iterdir())

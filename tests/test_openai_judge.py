@@ -1,0 +1,479 @@
+"""The OpenAI-compatible judge against a real local HTTP server (tests/fake_openai.py).
+
+Offline: the real `openai` client talks to a threaded stdlib server on
+127.0.0.1 that scripts replies and faults from markers in the answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sacpo_steps import judge as judge_step
+from sacpo_steps.errors import InputError
+from sacpo_steps.judges import JudgeRequest, make_judge
+from sacpo_steps.judges.cache import JudgeCache
+from sacpo_steps.judges.openai import (
+    OpenAIJudge,
+    OpenAIJudgeConfig,
+    load_template,
+    parse_scores,
+    parse_verdict,
+)
+from tests.fake_openai import FakeOpenAI
+
+SECRET = "sk-test-SECRET-123"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def server() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI(retry_after="0.3", slow_s=2.0) as fake:
+        yield fake
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    return SECRET
+
+
+def judge_config(server: FakeOpenAI, tmp_path: Path, **overrides: Any) -> dict[str, Any]:
+    # small timeout and backoff keep the fault tests quick
+    return {"backend": "openai", "base_url": server.url, "cache": str(tmp_path / "cache.jsonl"),
+            "timeout": 1.0, "backoff_base": 0.001, "backoff_max": 0.005, "concurrency": 4,
+            **overrides}
+
+
+def make(server: FakeOpenAI, tmp_path: Path, **overrides: Any) -> OpenAIJudge:
+    judge = make_judge(judge_config(server, tmp_path, **overrides))
+    assert isinstance(judge, OpenAIJudge)
+    return judge
+
+
+def req(first: str, second: str, *, pid: str = "p", criterion: str = "helpfulness",
+        rep: int = 0) -> JudgeRequest:
+    return JudgeRequest(criterion, pid, f"question of {pid}?", first, second, rep)
+
+
+def cache_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --- parsing -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,verdict", [
+    ("Scores: A=7 B=4\nA is more complete.", "first"),
+    ("\n\n  Scores: A=3 B=10  \nB wins.", "second"),
+    ("Scores: A=5 B=5", "tie"),
+    ("Scores: A=1 B=10\nlater: Scores: A=10 B=1", "second"),
+])
+def test_scores_first_line_parses(text: str, verdict: str):
+    assert parse_scores(text).verdict == verdict
+
+
+@pytest.mark.parametrize("text", [
+    "", "   \n  ", "**Scores: A=7 B=4**", "Scores: A=7, B=4", "Scores: A=0 B=4",
+    "Scores: A=11 B=4", "scores: A=7 B=4", "Scores: A=7 B=4 (A is better)",
+    "Here are my scores.\nScores: A=7 B=4", "Scores: A=7.5 B=4", "Scores: B=4 A=7",
+])
+def test_scores_anything_but_the_exact_first_line_is_unparseable(text: str):
+    parsed = parse_scores(text)
+    assert parsed.verdict is None and parsed.reason
+
+
+@pytest.mark.parametrize("text,verdict", [
+    ("B is better.\n[[B]]", "second"),
+    ("A says it deserves [[A]], but it does not.\n[[B]]", "second"),
+    ("[[A]] ... on reflection they are equal: [[tie]]", "tie"),
+    ("[[B]] first thought, final: [[A]] and a [[b]] typo", "first"),
+])
+def test_verdict_last_well_formed_token_wins(text: str, verdict: str):
+    assert parse_verdict(text).verdict == verdict
+
+
+@pytest.mark.parametrize("text", ["", "A is better", "[[a]]", "[[ A ]]", "[A]", "[[Tie]]"])
+def test_verdict_without_a_token_is_unparseable(text: str):
+    assert parse_verdict(text).verdict is None
+
+
+def test_templates_are_packaged_hashed_and_rendered_once():
+    for criterion in ("helpfulness", "harmlessness"):
+        for fmt in ("scores", "verdict"):
+            template = load_template(criterion, fmt)
+            path = ROOT / "sacpo_steps" / "judges" / "prompts" / f"{criterion}_{fmt}.txt"
+            assert template.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+            rendered = template.render("Q {answer_b}?", "first {question}", "second")
+            # values are not substituted again
+            assert "Q {answer_b}?" in rendered and "first {question}" in rendered
+            assert ("Scores: A=" in rendered) == (fmt == "scores")
+            assert ("[[tie]]" in rendered) == (fmt == "verdict")
+    assert len({load_template(c, f).sha256 for c in ("helpfulness", "harmlessness")
+                for f in ("scores", "verdict")}) == 4
+
+
+def test_openai_name_is_the_real_client():
+    import openai
+
+    import sacpo_steps.judges.openai as backend
+
+    assert backend.openai is openai and hasattr(openai, "AsyncOpenAI")
+
+
+# --- configuration -------------------------------------------------------------------
+
+
+def test_missing_key_is_an_input_error_at_construction(monkeypatch, tmp_path):
+    monkeypatch.delenv("OPENAI_API_KEY")
+    with pytest.raises(InputError) as err:
+        make_judge({"backend": "openai"})
+    assert err.value.field == "judge.api_key_env" and "OPENAI_API_KEY" in str(err.value)
+    monkeypatch.setenv("MY_JUDGE_KEY", "")
+    with pytest.raises(InputError, match="MY_JUDGE_KEY"):
+        make_judge({"backend": "openai", "api_key_env": "MY_JUDGE_KEY"})
+
+
+def test_config_defaults_and_validation():
+    cfg = OpenAIJudgeConfig.from_dict({"backend": "openai", "repetitions": 3,
+                                       "max_error_rate": 0.1})
+    assert (cfg.model, cfg.temperature, cfg.format, cfg.api_key_env) == (
+        "gpt-4-0125-preview", 0.7, "scores", "OPENAI_API_KEY")
+    assert cfg.prices() == (10.0, 30.0)
+    assert OpenAIJudgeConfig(model="local").prices() == (None, None)
+    for bad, field in [({"temprature": 0.7}, "judge.temprature"),
+                       ({"format": "stars"}, "judge.format"),
+                       ({"concurrency": 0}, "judge.concurrency"),
+                       ({"max_retries": 1.5}, "judge.max_retries"),
+                       ({"temperature": "hot"}, "judge.temperature"),
+                       ({"model": ""}, "judge.model")]:
+        with pytest.raises(InputError) as err:
+            OpenAIJudgeConfig.from_dict(bad)
+        assert err.value.field == field
+
+
+# --- protocol against the server -------------------------------------------------------
+
+
+def test_faults_end_as_verdicts_or_counted_errors(server, tmp_path):
+    judge = make(server, tmp_path, parse_retries=2, max_retries=3)
+    requests = [
+        req("good #q=8", "bad #q=2", pid="plain"),
+        req("ok #q=3 #fault=429*2", "better #q=6", pid="limited"),
+        req("ok #q=7 #fault=500*1", "worse #q=6", pid="flaky"),
+        req("ok #q=4 #fault=slow*1", "same #q=4", pid="slow"),
+        req("ok #q=9 #fault=garbage*1", "worse #q=1", pid="garbled_once"),
+        req("ok #q=9 #fault=garbage", "worse #q=1", pid="garbled"),
+        req("ok #q=9 #fault=500", "worse #q=1", pid="down"),
+        req("ok #q=9 #fault=400", "worse #q=1", pid="rejected"),
+    ]
+    replies = judge.judge_many(requests)
+    verdicts = {r.prompt_id: reply.verdict for r, reply in zip(requests, replies, strict=True)}
+    assert verdicts == {"plain": "first", "limited": "second", "flaky": "first", "slow": "tie",
+                        "garbled_once": "first", "garbled": "error", "down": "error",
+                        "rejected": "error"}
+    by_id = {r.prompt_id: reply for r, reply in zip(requests, replies, strict=True)}
+    # an unparseable reply is kept as the raw text, with the reason; never a tie
+    assert by_id["garbled"].raw.startswith("Both replies have merits")
+    assert "unparseable after 3 attempts" in by_id["garbled"].detail["reason"]
+    assert by_id["down"].detail["reason"] == "no reply: server_error"
+    assert "after 4 attempts" in by_id["down"].raw
+    assert by_id["rejected"].detail["reason"] == "no reply: status_400"
+    assert by_id["garbled_once"].detail["attempt"] == 1
+
+    usage = judge.usage()
+    assert usage["retries"] == {"rate_limit": 2, "server_error": 1 + 3, "timeout": 1,
+                                "unparseable": 1 + 2}
+    assert usage["errors"] == {"unparseable": 1, "server_error": 1, "status_400": 1}
+    # every request the server saw is counted, and nothing else
+    assert usage["requests"] == server.requests == 1 + 3 + 2 + 2 + 2 + 3 + 4 + 1
+    assert usage["tokens"] == {**server.tokens, "total": sum(server.tokens.values())}
+    price_in, price_out = 10.0, 30.0
+    assert usage["cost_usd"] == pytest.approx(
+        (server.tokens["prompt"] * price_in + server.tokens["completion"] * price_out) / 1e6)
+
+
+def test_retry_after_is_honoured_by_every_request(server, tmp_path):
+    judge = make(server, tmp_path, concurrency=1)
+    judge.judge_many([req("a #q=3 #fault=429*1", "b #q=6")])
+    first, second = server.times["429"]
+    # backoff alone would wait at most backoff_max = 5 ms; Retry-After says 0.3 s
+    assert second - first >= 0.25
+    assert judge.usage()["retries"] == {"rate_limit": 1}
+
+
+def test_concurrency_is_bounded(tmp_path):
+    with FakeOpenAI(latency=0.05) as fake:
+        judge = make(fake, tmp_path, concurrency=3)
+        judge.judge_many([req(f"a{i} #q=3", "b #q=6", pid=f"p{i}") for i in range(12)])
+        assert 1 < fake.max_in_flight <= 3
+
+
+def test_verdict_format_takes_the_last_token(server, tmp_path):
+    judge = make(server, tmp_path, format="verdict")
+    replies = judge.judge_many([req("a #q=9 #fault=quote", "b #q=1", pid="quoted"),
+                                req("a #q=2", "b #q=2", pid="even"),
+                                req("a #q=2", "b #q=5", criterion="harmlessness")])
+    assert [r.verdict for r in replies] == ["second", "tie", "second"]
+    assert "[[A]]" in replies[0].raw and replies[0].detail["token"] == "[[B]]"
+
+
+def test_missing_usage_block_is_counted_not_fatal(server, tmp_path):
+    judge = make(server, tmp_path)
+    [reply] = judge.judge_many([req("a #q=3 #fault=nousage", "b #q=6")])
+    assert reply.verdict == "second"
+    assert judge.usage()["replies_without_usage"] == 1
+
+
+@pytest.mark.parametrize("fault,words", [("401", "refused the API key"),
+                                          ("quota", "no quota left")])
+def test_refused_key_or_exhausted_quota_fails_at_once_with_the_key_masked(server, tmp_path,
+                                                                           fault, words):
+    judge = make(server, tmp_path)
+    with pytest.raises(InputError) as err:
+        judge.judge_many([req(f"a #q=3 #fault={fault}", "b #q=6")])
+    assert err.value.field == "judge.api_key_env"
+    assert words in str(err.value) and SECRET not in str(err.value)
+    assert server.requests == 1  # no retry: waiting would not help
+
+
+# --- cache -----------------------------------------------------------------------------
+
+
+def comparisons(n_prompts: int, reps: int = 2) -> list[JudgeRequest]:
+    """Both orders and `reps` repetitions of each prompt, as the judge step asks them."""
+    out = []
+    for i in range(n_prompts):
+        a, b = f"cand {i} #q={i % 10 + 1}", f"base {i} #q=5"
+        for rep in range(reps):
+            out += [req(a, b, pid=f"p{i}", rep=rep), req(b, a, pid=f"p{i}", rep=rep)]
+    return out
+
+
+def test_one_cache_entry_per_comparison_and_a_cached_rerun_sends_nothing(server, tmp_path):
+    requests = comparisons(5)
+    first = make(server, tmp_path).judge_many(requests)
+    sent = server.requests
+    assert sent == len(requests)
+    entries = cache_lines(tmp_path / "cache.jsonl")
+    assert len(entries) == len({e["key"] for e in entries}) == len(requests)
+    assert {e["repetition"] for e in entries} == {0, 1}
+
+    judge = make(server, tmp_path)
+    again = judge.judge_many(requests)
+    assert server.requests == sent  # nothing sent
+    assert [r.verdict for r in again] == [r.verdict for r in first]
+    assert [r.raw for r in again] == [r.raw for r in first]
+    usage = judge.usage()
+    assert (usage["requests"], usage["cached"], usage["cost_usd"]) == (0, len(requests), 0)
+    assert all(r.detail["cached"] for r in again)
+
+
+def test_key_follows_what_changes_the_reply(server, tmp_path):
+    judge = make(server, tmp_path)
+    base = req("a", "b")
+    keys = {judge.cache_key(base, 0), judge.cache_key(base, 1),
+            judge.cache_key(req("a", "b", rep=1), 0), judge.cache_key(req("b", "a"), 0),
+            judge.cache_key(req("a", "b", criterion="harmlessness"), 0)}
+    for overrides in ({"temperature": 0.0}, {"max_tokens": 64}, {"model": "other"},
+                      {"format": "verdict"}):
+        keys.add(make(server, tmp_path, **overrides).cache_key(base, 0))
+    assert len(keys) == 9
+    # the route to the model is not part of the key
+    moved = make(server, tmp_path, base_url="http://127.0.0.1:1/v1")
+    assert moved.cache_key(base, 0) == judge.cache_key(base, 0)
+
+
+def test_partial_run_resumes_with_only_the_missing_requests(server, tmp_path):
+    requests = comparisons(6)
+    make(server, tmp_path).judge_many(requests[:7])
+    assert server.requests == 7
+    make(server, tmp_path).judge_many(requests)
+    assert server.requests == len(requests)
+    assert len(cache_lines(tmp_path / "cache.jsonl")) == len(requests)
+
+
+def _append_entries(path: str, start: int, count: int) -> None:
+    cache = JudgeCache(path)
+    for i in range(start, start + count):
+        cache.put(f"k{i}", {"raw": f"{i}:" + "x" * 20_000})  # far above PIPE_BUF
+    cache.close()
+
+
+def test_parallel_writers_neither_interleave_nor_duplicate(tmp_path):
+    path = str(tmp_path / "shared.jsonl")
+    ctx = multiprocessing.get_context("fork")
+    # overlapping key ranges: 0-59 and 30-89
+    procs = [ctx.Process(target=_append_entries, args=(path, s, 60)) for s in (0, 30)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    entries = cache_lines(Path(path))  # every line is whole JSON
+    keys = [e["key"] for e in entries]
+    assert len(keys) == len(set(keys)) == 90
+    assert all(e["raw"].startswith(e["key"][1:] + ":") for e in entries)
+
+
+def test_torn_last_line_is_skipped_and_not_glued_to_the_next(tmp_path):
+    path = tmp_path / "c.jsonl"
+    cache = JudgeCache(path)
+    cache.put("k1", {"raw": "one"})
+    cache.close()
+    with open(path, "ab") as fh:
+        fh.write(b'{"key": "k2", "raw": "ha')  # a writer killed mid-line
+    cache = JudgeCache(path)
+    assert cache.get("k1") is not None and cache.get("k2") is None
+    cache.put("k3", {"raw": "three"})
+    cache.close()
+    reread = JudgeCache(path)
+    assert reread.get("k3")["raw"] == "three" and reread.skipped == 1 and len(reread) == 2
+
+
+# --- the judge step --------------------------------------------------------------------
+
+PROMPT_IDS = ("h1", "h2", "h3")
+
+
+def write_jsonl(path: Path, rows: Sequence[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def step_files(tmp_path: Path, candidate: dict[str, str], baseline: dict[str, str]
+               ) -> dict[str, Path]:
+    prompts = [{"prompt_id": pid, "prompt": f"How do I do {pid}?"} for pid in PROMPT_IDS]
+    text = {p["prompt_id"]: p["prompt"] for p in prompts}
+
+    def gens(model: str, answers: dict[str, str]) -> list[dict]:
+        return [{"prompt_id": pid, "prompt": text[pid], "answer": answers[pid], "model": model}
+                for pid in PROMPT_IDS]
+
+    return {
+        "prompts": write_jsonl(tmp_path / "helpful.jsonl", prompts),
+        "cand": write_jsonl(tmp_path / "cand.jsonl", gens("dpo-h", candidate)),
+        "base": write_jsonl(tmp_path / "base.jsonl", gens("sft", baseline)),
+        "out": tmp_path / "battles" / "dpo-h.jsonl",
+    }
+
+
+def run_step(files: dict[str, Path], judge: OpenAIJudge, reps: int = 2,
+             max_error_rate: float | None = 0.05) -> dict[str, Any]:
+    return judge_step.judge_model(files["cand"], files["base"], files["prompts"],
+                                  "helpfulness", judge, reps, files["out"],
+                                  max_error_rate=max_error_rate)
+
+
+def test_error_rate_over_the_limit_fails_naming_prompts_and_writes_nothing(server, tmp_path):
+    files = step_files(tmp_path, {"h1": "good #q=8", "h2": "x #q=8 #fault=garbage",
+                                  "h3": "y #q=8"},
+                       {pid: "meh #q=4" for pid in PROMPT_IDS})
+    judge = make(server, tmp_path, parse_retries=1)
+    with pytest.raises(InputError) as err:
+        run_step(files, judge)
+    message = str(err.value)
+    assert err.value.field == "judge.max_error_rate"
+    # h2 fails in all 4 judgments (2 orders x 2 repetitions), after a parse retry each
+    assert "4 of 12 judgments failed" in message
+    assert "'h2' (4)" in message and "'h1'" not in message and "'h3'" not in message
+    assert not files["out"].parent.exists() or not any(files["out"].parent.iterdir())
+    sent = server.requests
+
+    # the replies are cached: the rerun costs nothing, and with a looser limit it writes
+    judge = make(server, tmp_path, parse_retries=1)
+    summary = run_step(files, judge, max_error_rate=0.5)
+    assert server.requests == sent
+    outcomes = summary["outcomes"]
+    assert outcomes["error"] == 4 and outcomes["tie"] == 0
+    battles = [json.loads(line) for line in files["out"].read_text().splitlines()]
+    assert {b["prompt_id"] for b in battles if b["outcome"] == "error"} == {"h2"}
+    usage = json.loads(judge_step.usage_path_for(files["out"]).read_text())
+    assert usage["requests"] == 0 and usage["cached"] > 0 and usage["error_rate"] == 4 / 12
+
+
+def test_cli_run_keeps_the_secret_out_of_every_file(server, tmp_path):
+    from sacpo_steps.__main__ import main as cli
+
+    files = step_files(tmp_path, {"h1": "good #q=8 #fault=echo", "h2": "x #q=8 #fault=429*1",
+                                  "h3": "y #q=2 #fault=500*1"},
+                       {pid: "meh #q=4" for pid in PROMPT_IDS})
+    config = judge_config(server, tmp_path, repetitions=2)
+    config.pop("cache")
+    log_file = tmp_path / "logs" / "judge.log"
+    args = ["judge", "--candidate", str(files["cand"]), "--baseline", str(files["base"]),
+            "--prompts", str(files["prompts"]), "--criterion", "helpfulness",
+            "--judge-config", json.dumps(config), "--repetitions", "2",
+            "--judge-cache", str(tmp_path / "judge_cache" / "gpt4.jsonl"),
+            "--out", str(files["out"]), "--log", str(log_file)]
+    cli(args)
+    battles = [json.loads(line) for line in files["out"].read_text().splitlines()]
+    assert [b["outcome"] for b in battles].count("a_wins") == 8  # h1, h2 both orders x 2
+    assert all(b["judge"] == "openai:gpt-4-0125-preview" for b in battles)
+    usage = json.loads(files["out"].with_name("dpo-h.usage.json").read_text())
+    # a fault "*1" hits the first request of each prompt text: once per order
+    assert usage["retries"] == {"rate_limit": 2, "server_error": 2}
+    assert usage["requests"] == 12 + 4 and usage["tokens"]["total"] > 0
+    replies = files["out"].with_name("dpo-h.replies.jsonl").read_text()
+    assert "debug: your request carried Bearer ***" in replies  # masked, not dropped
+    assert "usage:" in log_file.read_text()
+
+    # a refused key fails the step, and its message masks the key too
+    (tmp_path / "refused").mkdir()
+    refused = step_files(tmp_path / "refused", {pid: "a #q=1 #fault=401" for pid in PROMPT_IDS},
+                         {pid: "b #q=1" for pid in PROMPT_IDS})
+    refused_log = tmp_path / "logs" / "refused.log"
+    with pytest.raises(SystemExit) as exit_info:
+        cli([*args[:1], "--candidate", str(refused["cand"]), "--baseline",
+             str(refused["base"]), *args[5:-4], "--out", str(refused["out"]),
+             "--log", str(refused_log)])
+    assert exit_info.value.code == 2
+    assert "judge.api_key_env" in refused_log.read_text()
+
+    leaks = [p for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert not leaks, leaks
+
+
+def test_killed_job_resumes_without_repeating_paid_requests(tmp_path):
+    with FakeOpenAI(latency=0.25) as fake:
+        files = step_files(tmp_path, {pid: f"c #q={i + 6}" for i, pid in enumerate(PROMPT_IDS)},
+                           {pid: "b #q=5" for pid in PROMPT_IDS})
+        cache = tmp_path / "cache.jsonl"
+        config = json.dumps(judge_config(fake, tmp_path, concurrency=2))
+        total = len(PROMPT_IDS) * 2 * 4
+        cmd = [sys.executable, "-m", "sacpo_steps", "judge", "--candidate", str(files["cand"]),
+               "--baseline", str(files["base"]), "--prompts", str(files["prompts"]),
+               "--criterion", "helpfulness", "--judge-config", config, "--repetitions", "4",
+               "--out", str(files["out"]), "--log", str(tmp_path / "killed.log")]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and proc.poll() is None:
+                if cache.exists() and cache.read_bytes().count(b"\n") >= 4:
+                    break
+                time.sleep(0.02)
+        finally:
+            proc.kill()
+            proc.wait()
+        assert not files["out"].exists(), "the job finished before it could be killed"
+        done = len(JudgeCache(cache))
+        assert 4 <= done < total
+        assert fake.requests >= done  # in-flight requests at the kill were lost
+
+        sent = fake.requests
+        judge = make(fake, tmp_path, concurrency=2)
+        run_step(files, judge, reps=4)
+        assert fake.requests - sent == total - done
+        assert judge.usage()["cached"] == done
+        assert len(cache_lines(cache)) == total
