@@ -52,7 +52,12 @@ rule winrate:
     input:
         battles=battle_files(),
     output:
-        csv="results/tables/winrate.csv",
+        csv=report(
+            "results/tables/winrate.csv",
+            caption="../report/winrate.rst",
+            category="Tables",
+            labels={"table": "win rate vs baseline"},
+        ),
         md="results/tables/winrate.md",
     params:
         baseline=PLAN.baseline,
@@ -74,7 +79,12 @@ rule elo:
     input:
         battles=battle_files(),
     output:
-        csv="results/tables/elo.csv",
+        csv=report(
+            "results/tables/elo.csv",
+            caption="../report/elo.rst",
+            category="Tables",
+            labels={"table": "Elo"},
+        ),
         md="results/tables/elo.md",
     params:
         anchor=PLAN.baseline,
@@ -98,7 +108,11 @@ rule figures:
         winrate="results/tables/winrate.csv",
         elo="results/tables/elo.csv",
     output:
-        FIGURES,
+        [
+            report(path, caption=f"../report/{Path(path).stem}.rst", category="Figures",
+                   labels={"figure": Path(path).stem, "format": Path(path).suffix[1:]})
+            for path in FIGURES
+        ],
     params:
         out_dir=lambda wildcards, output: os.path.dirname(output[0]),
         fig=config["evaluation"]["figures"],
