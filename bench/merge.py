@@ -59,14 +59,14 @@ for shard in sorted(a.glob("*.safetensors")):
 
 def make_model(out: Path, seed: int) -> None:
     """A random Llama saved by transformers itself, so the shard layout is the real one."""
+    if (out / "model.safetensors.index.json").is_file():
+        print(f"reusing {out}", file=sys.stderr)
+        return
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sacpo_steps.sft import train_tokenizer
 
-    if (out / "model.safetensors.index.json").is_file():
-        print(f"reusing {out}", file=sys.stderr)
-        return
     config = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
                          num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
                          max_position_embeddings=2048, tie_word_embeddings=False)

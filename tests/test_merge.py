@@ -136,9 +136,11 @@ def test_sharded_parent_gives_the_same_shards_and_a_valid_index(parents, tmp_pat
     a = reshard(parents["a"], tmp_path / "a_sharded", "20KB")
     shards = sorted(p.name for p in a.glob("*.safetensors"))
     assert len(shards) > 1
-    out = tmp_path / "merged"
-    merge(a, parents["b"], [0.5], [out])  # b is a single file: layouts may differ
+    out, first = tmp_path / "merged", tmp_path / "q0"
+    merge(a, parents["b"], [0.5, 0.0], [out, first])  # b is a single file: layouts may differ
     assert sorted(p.name for p in out.glob("*.safetensors")) == shards
+    for shard in shards:
+        assert (first / shard).read_bytes() == (a / shard).read_bytes(), shard
     index = json.loads((out / INDEX_FILE).read_text())
     a_index = json.loads((a / INDEX_FILE).read_text())
     assert index["weight_map"] == a_index["weight_map"]
@@ -320,6 +322,12 @@ def test_refuses_output_over_a_parent(parents, tmp_path):
     with pytest.raises(InputError, match="overlaps the parent"):
         merge(parents["a"], parents["b"], [0.5], [parents["root"]])
     assert (parents["a"] / "model.safetensors").is_file()
+
+
+def test_refuses_duplicate_outputs(parents, tmp_path):
+    with pytest.raises(InputError, match="duplicate output folder"):
+        merge(parents["a"], parents["b"], [0.25, 0.5], [tmp_path / "m", tmp_path / "." / "m"])
+    assert_nothing_left(tmp_path / "m")
 
 
 def test_failure_mid_merge_leaves_no_output_at_all(parents, tmp_path):
