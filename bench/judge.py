@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -79,21 +80,27 @@ class RemoteServer:
 
 
 def run(server: RemoteServer, cache: Path, concurrency: int,
-        requests: list[JudgeRequest]) -> tuple[float, int, dict]:
+        requests: list[JudgeRequest]) -> tuple[float, float, int, dict]:
     judge = OpenAIJudge.from_config({"base_url": server.url, "cache": str(cache),
                                      "concurrency": concurrency, "api_key_env": KEY_ENV,
                                      "model": "fake-judge"})
     sent = server.requests
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu()
     replies = []
     for i in range(0, len(requests), BATCH):
         replies += judge.judge_many(requests[i:i + BATCH])
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, _cpu() - cpu_start
     judge.close()
     errors = sum(r.verdict == "error" for r in replies)
     if errors:
         raise SystemExit(f"{errors} judgments failed")
-    return wall, server.requests - sent, judge.usage()
+    return wall, cpu, server.requests - sent, judge.usage()
+
+
+def _cpu() -> float:
+    """CPU seconds of this process (the judge), not of the server's."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -112,19 +119,21 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for concurrency in args.concurrency:
                 cache = Path(tmp) / f"cache-{concurrency}.jsonl"
-                wall, sent, _ = run(server, cache, concurrency, requests)
-                rows.append((concurrency, wall, sent))
-            rerun_wall, rerun_sent, usage = run(server, cache, args.concurrency[-1], requests)
+                wall, cpu, sent, _ = run(server, cache, concurrency, requests)
+                rows.append((concurrency, wall, cpu, sent))
+            rerun_wall, _, rerun_sent, usage = run(server, cache, args.concurrency[-1],
+                                                   requests)
     finally:
         server.stop()
 
     print(f"{args.n} judgments, server latency {args.latency * 1000:.0f} ms, "
           f"batches of {BATCH}, empty cache each run; load average {load:.1f} on "
           f"{os.cpu_count()} CPUs at the start\n")
-    print("| concurrency | wall s | requests | judgments/s |")
-    print("|---:|---:|---:|---:|")
-    for concurrency, wall, sent in rows:
-        print(f"| {concurrency} | {wall:.2f} | {sent} | {args.n / wall:.1f} |")
+    print("| concurrency | wall s | requests | judgments/s | judge CPU ms/judgment |")
+    print("|---:|---:|---:|---:|---:|")
+    for concurrency, wall, cpu, sent in rows:
+        print(f"| {concurrency} | {wall:.2f} | {sent} | {args.n / wall:.1f} "
+              f"| {cpu / args.n * 1000:.1f} |")
     if len(rows) > 1:
         print(f"\nspeed-up {rows[-1][0]} vs {rows[0][0]}: {rows[0][1] / rows[-1][1]:.1f}x "
               "(goal >= 8x)")

@@ -58,10 +58,26 @@ def module_closure(module: str) -> tuple[Path, ...]:
     return tuple(sorted(set(seen.values())))
 
 
+DATA_DIRS = ("prompts",)  # package data that changes a step's behaviour (judge prompts)
+
+
+def data_files(modules: tuple[Path, ...]) -> list[Path]:
+    """Files in data folders (e.g. judges/prompts/) beside the modules of a closure."""
+    found: set[Path] = set()
+    for path in modules:
+        for name in DATA_DIRS:
+            folder = path.parent / name
+            if folder.is_dir():
+                found.update(p for p in folder.rglob("*") if p.is_file())
+    return sorted(found)
+
+
 def source_hash(module: str) -> str:
-    """A short hash of the source of `module` and the package modules it imports."""
+    """A short hash of the source of `module`, the package modules it imports and
+    their data files (judge prompt templates)."""
     digest = hashlib.sha256()
-    for path in module_closure(module):
+    closure = module_closure(module)
+    for path in (*closure, *data_files(closure)):
         digest.update(path.relative_to(PACKAGE_DIR).as_posix().encode())
         digest.update(b"\0")
         digest.update(path.read_bytes())

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def server() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI(retry_after="0.3", slow_s=2.0) as fake:
+    with FakeOpenAI(retry_after="0.3", slow_s=3.0) as fake:
         yield fake
 
 
@@ -51,7 +51,7 @@ def api_key(monkeypatch: pytest.MonkeyPatch) -> str:
 def judge_config(server: FakeOpenAI, tmp_path: Path, **overrides: Any) -> dict[str, Any]:
     # small timeout and backoff keep the fault tests quick
     return {"backend": "openai", "base_url": server.url, "cache": str(tmp_path / "cache.jsonl"),
-            "timeout": 1.0, "backoff_base": 0.001, "backoff_max": 0.005, "concurrency": 4,
+            "timeout": 2.0, "backoff_base": 0.001, "backoff_max": 0.005, "concurrency": 4,
             **overrides}
 
 

@@ -7,7 +7,7 @@ import yaml
 
 from sacpo_steps.align import TrainingConfig
 from sacpo_steps.plan import load_plan
-from tests.test_workflow import ROOT, copy_workflow, dry_run, job_counts
+from tests.test_workflow import ROOT, copy_workflow, dry_run, job_counts, snakemake
 
 STAGE2 = [0.01, 0.025, 0.05, 0.1]
 
@@ -69,7 +69,8 @@ def test_paper_recipes_load_against_trl(paper):
         assert args.beta == node.beta
 
 
-def test_paper_dry_run_plans_every_model(tmp_path):
+def test_paper_dry_run_plans_every_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
     work = copy_workflow(tmp_path)
     output, jobs = dry_run(work, "--configfile", "config/paper.yaml")
     counts = job_counts(output)
@@ -83,3 +84,13 @@ def test_paper_dry_run_plans_every_model(tmp_path):
     assert {"sft", "beaver-7b-v1.0", "p-sacpo-0.5", "naive-merge-0.25",
             "dpo_s.dpo_h-0.1"} <= generated
     assert "dpo_h.dpo_s-0.3" not in output  # nothing of the demo leaks in
+
+
+def test_paper_run_without_api_key_stops_before_any_job(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    work = copy_workflow(tmp_path)
+    proc = snakemake(work, "-n", "--configfile", "config/paper.yaml")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "evaluation.judge.api_key_env" in out and "OPENAI_API_KEY" in out
+    assert "Job stats" not in out and not (work / "results").exists()

@@ -161,8 +161,11 @@ def test_demo_config_expands_to_the_sacpo_chain():
     assert plan.sft == "sft"
     assert plan.baseline == "sft"
     stage2 = [f"dpo_h.dpo_s-{b}" for b in ("0.01", "0.1", "0.3", "1.0")]
+    merged = [f"p-sacpo-{q}" for q in ("0.25", "0.5", "0.75")]
     assert list(plan.nodes) == ["dpo_h", *stage2]
-    assert plan.models == ["sft", "dpo_h", *stage2]
+    assert plan.models == ["sft", "dpo_h", *stage2, *merged]
+    assert {(m.parent_a, m.parent_b) for m in plan.merges.values()} == {
+        ("dpo_h", "dpo_h.dpo_s-0.01")}
     for name in stage2:
         node = plan.nodes[name]
         assert (node.parent, node.data, node.loss) == ("dpo_h", "safety", "dpo")
@@ -240,7 +243,7 @@ def test_sft_name_and_baseline_can_be_changed():
     cfg = demo()
     cfg["sft"]["name"] = "base"
     for spec in cfg["models"].values():
-        if spec["parent"] == "sft":
+        if spec.get("parent") == "sft":
             spec["parent"] = "base"
     cfg["evaluation"]["baseline"] = "dpo_h"
     plan = load_plan(cfg, source="x.yaml")
@@ -295,6 +298,7 @@ def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path, mutate, path):
 
 def test_merge_nodes_are_grouped_per_pair_and_ordered_after_parents():
     cfg = demo()
+    cfg["models"] = {n: m for n, m in cfg["models"].items() if "parents" not in m}
     cfg["models"] = {
         "p-0.75": {"parents": ["dpo_h", "dpo_h.dpo_s-0.01"], "q": 0.75},
         "p-0.25": {"parents": ["dpo_h", "dpo_h.dpo_s-0.01"], "q": 0.25},

@@ -35,7 +35,8 @@ def test_workflow_profile_sets_no_default_resources():
     assert "default-resources" not in cfg and "resources" not in cfg
 
 
-def test_stage1_and_stage2_get_their_own_gpus(tmp_path):
+def test_stage1_and_stage2_get_their_own_gpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
     work = copy_workflow(tmp_path / "wf")
     code, out = dry_run(work, "--configfile", "config/paper.yaml", "-p")
     assert code == 0, out

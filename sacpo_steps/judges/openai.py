@@ -45,7 +45,7 @@ FORMATS = ("scores", "verdict")
 #: USD per 1M (input, output) tokens, used when the config gives no price
 DEFAULT_PRICES = {"gpt-4-0125-preview": (10.0, 30.0)}
 #: keys of the judge section that belong to the judge step, not to this backend
-STEP_KEYS = frozenset({"backend", "repetitions", "max_error_rate"})
+STEP_KEYS = frozenset({"backend", "repetitions", "max_error_rate", "parallel_jobs"})
 #: a server asking to wait longer than this is not waited for (the retry still counts)
 MAX_RETRY_AFTER_S = 600.0
 

@@ -198,6 +198,35 @@ def judge_config():
     return to_json(config["evaluation"]["judge"])
 
 
+JUDGE = config["evaluation"]["judge"]
+
+
+def judge_cache():
+    """API judges share one append-only cache per judge model, outside results/: these
+    replies are paid for, and must survive a cleaned results/ folder."""
+    if JUDGE["backend"] == "rule":
+        return ""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", JUDGE.get("model", JUDGE["backend"]))
+    return f"--judge-cache resources/judge_cache/{name}.jsonl"
+
+
+if JUDGE["backend"] == "openai":
+    # The key comes from the environment only; refuse before any job if it is missing.
+    _key_env = JUDGE.get("api_key_env", "OPENAI_API_KEY")
+    if not os.environ.get(_key_env):
+        raise WorkflowError(
+            f"evaluation.judge.api_key_env: the environment variable "
+            f"{_key_env} is not set (the openai judge needs an API key; "
+            f"for a local server any non-empty value works)"
+        )
+
+    envvars:
+        _key_env,
+
+    # Each judge job keeps `concurrency` requests in flight: cap the jobs at once.
+    workflow.global_resources.setdefault("judge_api", JUDGE.get("parallel_jobs", 4))
+
+
 def judge_inputs(wildcards):
     inputs = {
         "candidate": f"results/generations/{wildcards.model}/{wildcards.prompt_set}.jsonl",

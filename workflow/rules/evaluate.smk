@@ -31,12 +31,16 @@ rule judge:
     output:
         battles="results/battles/{prompt_set}/{model}__vs__{opponent}.jsonl",
         replies="results/battles/{prompt_set}/{model}__vs__{opponent}.replies.jsonl",
+        usage="results/battles/{prompt_set}/{model}__vs__{opponent}.usage.json",
     params:
         criterion=lambda wildcards: PROMPT_SETS[wildcards.prompt_set]["criterion"],
         judge=lambda wildcards: judge_config(),
         repetitions=config["evaluation"]["judge"]["repetitions"],
         spec=lambda wildcards, input: f"--spec {input.spec}" if "spec" in input.keys() else "",
+        cache=lambda wildcards: judge_cache(),
         code=code("judge"),
+    resources:
+        judge_api=1,
     conda:
         "../../environment.yml"
     log:
@@ -45,7 +49,8 @@ rule judge:
         "python -m sacpo_steps judge --candidate {input.candidate} --baseline {input.baseline}"
         " --prompts {input.prompts} --criterion {params.criterion}"
         " --judge-config {params.judge:q} {params.spec}"
-        " --repetitions {params.repetitions} --out {output.battles} > {log} 2>&1"
+        " --repetitions {params.repetitions} {params.cache} --out {output.battles}"
+        " > {log} 2>&1"
 
 
 rule winrate:
