@@ -1,0 +1,54 @@
+"""Copy the demo's results into the README (between markers) and docs/figure2.png.
+
+Run after `snakemake --cores all` on the default demo config:
+
+    python docs/update_readme.py
+
+It never edits numbers by hand: the tables are the workflow's own Markdown files.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+START, END = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
+
+
+def main() -> None:
+    tables = ROOT / "results" / "tables"
+    figure = ROOT / "results" / "figures" / "figure2.png"
+    missing = [p for p in (tables / "winrate.md", tables / "elo.md", figure) if not p.is_file()]
+    if missing:
+        sys.exit(f"run the demo first; missing: {', '.join(map(str, missing))}")
+    shutil.copyfile(figure, ROOT / "docs" / "figure2.png")
+    block = "\n".join([
+        START,
+        "",
+        "![Figure 2 of the demo](docs/figure2.png)",
+        "",
+        "Win rates against the SFT model (`results/tables/winrate.md`):",
+        "",
+        (tables / "winrate.md").read_text(encoding="utf-8").strip(),
+        "",
+        "Elo (`results/tables/elo.md`):",
+        "",
+        (tables / "elo.md").read_text(encoding="utf-8").strip(),
+        "",
+        END,
+    ])
+    readme = ROOT / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    if START not in text:
+        sys.exit(f"README.md has no {START} marker")
+    text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: block, text,
+                  flags=re.S)
+    readme.write_text(text, encoding="utf-8")
+    print("README.md and docs/figure2.png updated")
+
+
+if __name__ == "__main__":
+    main()
