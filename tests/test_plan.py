@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -20,6 +19,7 @@ import yaml
 
 from sacpo_steps.errors import InputError
 from sacpo_steps.plan import Node, Plan, PlanError, load_plan
+from tests.test_workflow import copy_workflow
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text(encoding="utf-8"))
@@ -253,22 +253,6 @@ def test_sft_name_and_baseline_can_be_changed():
 
 
 # ---- through Snakemake ---------------------------------------------------------
-
-WORKFLOW_PARTS = ["Snakefile", "workflow", "config", "profiles", "sacpo_steps", "tests/configs",
-                  "environment.yml"]  # the rules' `conda:` directives name environment.yml
-
-
-def copy_workflow(dest: Path) -> Path:
-    for part in WORKFLOW_PARTS:
-        src = ROOT / part
-        if src.is_dir():
-            shutil.copytree(src, dest / part,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        else:
-            (dest / part).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / part)
-    return dest
-
 
 SNAKEMAKE_CASES = [
     ("beta-string", _set("models/dpo_h.dpo_s-0.1/beta", "0.1"), "models.dpo_h.dpo_s-0.1.beta"),
