@@ -129,7 +129,8 @@ def test_demo_config_plans_the_full_sacpo_grid(tmp_path):
     workdir = copy_workflow(tmp_path / "wf")
     output, jobs = dry_run(workdir)  # no --configfile: the Snakefile's config/config.yaml
     expected = {"demo_world": 1, "preference_data": 1, "sft_checkpoint": 1, "align": 5,
-                "generate": 12, "judge": 30, "winrate": 1, "elo": 1, "figures": 1, "all": 1}
+                "merge_0": 1, "generate": 18, "judge": 72, "winrate": 1, "elo": 1,
+                "figures": 1, "all": 1}
     assert job_counts(output) == expected
     assert sorted(j.rule for j in jobs) == sorted(r for r, n in expected.items() for _ in range(n))
     aligned = {j.key[1] for j in jobs if j.rule == "align"}
@@ -137,7 +138,8 @@ def test_demo_config_plans_the_full_sacpo_grid(tmp_path):
     # the demo judges all pairs (for Elo); the SFT baseline is always the opponent side
     judged = {(j.wildcards["model"], j.wildcards["opponent"], j.wildcards["prompt_set"])
               for j in jobs if j.rule == "judge"}
-    models = ["sft", *sorted(aligned)]
+    merged = [f"p-sacpo-{q}" for q in ("0.25", "0.5", "0.75")]
+    models = ["sft", *sorted(aligned), *merged]
     assert {frozenset(p[:2]) for p in judged} == {frozenset((a, b)) for a in models
                                                    for b in models if a < b}
     assert all(m != "sft" for m, _, _ in judged)
@@ -164,7 +166,7 @@ def test_a_configfile_replaces_the_demo_config_instead_of_merging(tmp_path):
 def test_every_planned_job_of_the_reduced_demo_has_a_log(tmp_path):
     workdir = copy_workflow(tmp_path / "wf")
     _, jobs = dry_run(workdir, "--configfile", REDUCED)
-    assert len(jobs) == 24
+    assert len(jobs) == 29
     missing = [j.key for j in jobs if j.rule != "all" and not j.log]
     assert not missing
     logs = [j.log for j in jobs if j.log]
@@ -212,7 +214,8 @@ def appended(path: Path, text: str = "\n# edited by the test\n"):
         path.write_bytes(original)
 
 
-REDUCED_ALIGNED = ["dpo_h", "dpo_h.dpo_s-0.01", "dpo_h.dpo_s-0.1"]
+# every model judged against the SFT (the merge included)
+REDUCED_ALIGNED = ["dpo_h", "dpo_h.dpo_s-0.01", "dpo_h.dpo_s-0.1", "p-sacpo-0.5"]
 REDUCED_MODELS = ["sft", *REDUCED_ALIGNED]
 
 
@@ -222,7 +225,7 @@ def test_reduced_demo_runs_to_the_win_rate_table(done):
     assert (tables / "winrate.md").is_file()
     table = pd.read_csv(tables / "winrate.csv")
     pairs = list(zip(table["model"], table["criterion"], strict=True))
-    assert len(pairs) == len(set(pairs)) == 6
+    assert len(pairs) == len(set(pairs)) == 8
     assert set(pairs) == {(m, c) for m in REDUCED_ALIGNED for c in ("helpfulness", "harmlessness")}
     assert table["win_rate"].between(0, 1).all()
     markdown = (tables / "winrate.md").read_text(encoding="utf-8")
@@ -232,7 +235,7 @@ def test_reduced_demo_runs_to_the_win_rate_table(done):
 @pytest.mark.slow
 def test_every_job_wrote_its_log(done):
     logs = [j.log for j in done.planned if j.rule != "all"]
-    assert len(logs) == 23
+    assert len(logs) == 28
     missing = [log for log in logs if not (done.workdir / log).is_file()]
     assert not missing
 
@@ -335,7 +338,7 @@ def test_editing_a_shared_module_reruns_its_importers_only(done):
         _, jobs = dry_run(done.workdir, "--configfile", REDUCED)
     rules = {j.rule for j in jobs}
     assert rules == {"judge", "winrate", "elo", "figures", "all"}
-    assert len([j for j in jobs if j.rule == "judge"]) == 6
+    assert len([j for j in jobs if j.rule == "judge"]) == 8
 
 
 @pytest.mark.slow
