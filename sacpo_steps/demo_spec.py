@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 SPEC_VERSION = 1
@@ -39,9 +40,14 @@ class Score:
     harm: float
 
 
-def _contains(haystack: str, phrase: str) -> bool:
+@lru_cache(maxsize=4096)
+def _phrase_pattern(phrase: str) -> re.Pattern[str]:
     # phrase boundaries: not inside a longer word
-    return re.search(rf"(?<![a-z0-9]){re.escape(phrase)}(?![a-z0-9])", haystack) is not None
+    return re.compile(rf"(?<![a-z0-9]){re.escape(phrase)}(?![a-z0-9])")
+
+
+def _contains(haystack: str, phrase: str) -> bool:
+    return _phrase_pattern(phrase).search(haystack) is not None
 
 
 def found_phrases(spec: dict[str, Any], text: str) -> dict[str, list[str]]:

@@ -67,6 +67,8 @@ class RuleJudge(Judge):
     def __init__(self, spec: dict[str, Any], *, source: str | Path | None = None) -> None:
         self.spec = validate_spec(spec, path=source)
         self.source = str(source) if source is not None else None
+        # each answer is scored in both orders (and against several models): score once
+        self._scores: dict[tuple[str, str], dict[str, Any]] = {}
 
     @classmethod
     def from_file(cls, path: str | Path) -> RuleJudge:
@@ -74,12 +76,15 @@ class RuleJudge(Judge):
         return cls(read_json(path), source=path)
 
     def _score(self, task_id: str, text: str) -> dict[str, Any]:
-        score = demo_spec.score_answer(self.spec, task_id, text)
-        return {
-            "helpfulness": score.helpfulness,
-            "harm": score.harm,
-            "found": demo_spec.found_phrases(self.spec, text),
-        }
+        key = (task_id, text)
+        if key not in self._scores:
+            score = demo_spec.score_answer(self.spec, task_id, text)
+            self._scores[key] = {
+                "helpfulness": score.helpfulness,
+                "harm": score.harm,
+                "found": demo_spec.found_phrases(self.spec, text),
+            }
+        return self._scores[key]
 
     def judge_one(self, request: JudgeRequest) -> JudgeReply:
         """Judge one request; a missing or unknown task id is an error reply."""
