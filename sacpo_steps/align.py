@@ -47,6 +47,7 @@ class TrainingConfig:
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.03
     precompute_ref_log_probs: bool = True
+    precompute_ref_batch_size: int | None = None  # None: the training batch size
     bf16: bool = False
     gradient_checkpointing: bool = False
     logging_steps: int = 10
@@ -184,6 +185,7 @@ def build_trainer(
         max_length=training.max_length,
         beta=beta,
         precompute_ref_log_probs=training.precompute_ref_log_probs,
+        precompute_ref_batch_size=training.precompute_ref_batch_size,
         bf16=training.bf16,
         gradient_checkpointing=training.gradient_checkpointing,
         logging_steps=training.logging_steps,
