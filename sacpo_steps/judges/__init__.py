@@ -1,7 +1,7 @@
 """Pairwise judges behind one interface, chosen by the config's `judge.backend`.
 
 Backends are imported only when chosen, so the rule judge never pulls in an
-HTTP client.
+HTTP client, nor torch.
 """
 
 from __future__ import annotations
@@ -40,10 +40,18 @@ def _make_openai(config: dict[str, Any], spec_path: str | Path | None) -> Judge:
     return OpenAIJudge.from_config(config)
 
 
+def _make_score_model(config: dict[str, Any], spec_path: str | Path | None) -> Judge:
+    # imported here: only this backend needs torch and transformers
+    from sacpo_steps.judges.score_model import ScoreModelJudge
+
+    return ScoreModelJudge.from_config(config)
+
+
 # backend name -> factory(config, spec_path)
 BACKENDS: dict[str, Callable[[dict[str, Any], str | Path | None], Judge]] = {
     "rule": _make_rule,
     "openai": _make_openai,
+    "score_model": _make_score_model,
 }
 
 

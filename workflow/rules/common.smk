@@ -233,8 +233,13 @@ def judge_inputs(wildcards):
         "baseline": f"results/generations/{wildcards.opponent}/{wildcards.prompt_set}.jsonl",
         "prompts": prompt_set_file(wildcards.prompt_set),
     }
-    if config["evaluation"]["judge"]["backend"] == "rule":
+    judge = config["evaluation"]["judge"]
+    if judge["backend"] == "rule":
         inputs["spec"] = f"{DEMO_WORLD}/spec.json"
+    if judge["backend"] == "score_model":
+        for key in ("reward_model", "cost_model"):
+            if judge.get(key):
+                inputs[key] = judge[key]
     return inputs
 
 
