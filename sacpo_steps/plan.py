@@ -246,12 +246,44 @@ def build_plan(config: dict[str, Any]) -> Plan:
     baseline = evaluation.get("baseline", sft)
     if baseline != sft and baseline not in every and baseline not in baselines:
         raise PlanError(f"evaluation.baseline: unknown model {baseline!r}")
+    judge_schema = load_schema()["properties"]["evaluation"]["properties"]["judge"]
     for name, ps in evaluation["prompt_sets"].items():
+        if "judge" in ps:
+            _check_judge_override(ps["judge"], judge_schema,
+                                  f"evaluation.prompt_sets.{name}.judge")
         if ps.get("source", "local") == "local" and "path" not in ps:
             raise PlanError(f"evaluation.prompt_sets.{name}: needs `path` (or source: demo)")
     return Plan(sft=sft, nodes={n: nodes[n] for n in ordered if n in nodes}, datasets=datasets,
                 baseline=baseline, merges={n: merges[n] for n in ordered if n in merges},
                 baselines=baselines, order=ordered)
+
+
+JUDGE_SHARED = ("repetitions", "max_error_rate", "parallel_jobs")
+
+
+def judge_for(evaluation: dict[str, Any], prompt_set: str) -> dict[str, Any]:
+    """The judge of one prompt set: the global judge, overridden by the set's own.
+
+    An override with another backend keeps only the protocol keys (repetitions, error
+    threshold, parallel jobs): the other backend's settings would not apply to it.
+    """
+    base = dict(evaluation["judge"])
+    own = evaluation["prompt_sets"][prompt_set].get("judge", {})
+    if own.get("backend", base["backend"]) != base["backend"]:
+        base = {k: v for k, v in base.items() if k in JUDGE_SHARED}
+    return {**base, **own}
+
+
+def _check_judge_override(override: dict[str, Any], schema: dict[str, Any], where: str
+                          ) -> None:
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema)
+    for err in sorted(validator.iter_errors(override), key=lambda e: list(e.absolute_path)):
+        if err.validator == "additionalProperties":
+            extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+            raise PlanError(f"{where}: unknown key(s) {extra}")
+        raise PlanError(f"{where}.{_path(err)}: {err.message}")
 
 
 ALIGN_FIELDS = ("parent", "data", "loss", "beta")

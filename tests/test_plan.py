@@ -104,6 +104,12 @@ BAD_CASES = [
     ("missing-evaluation", _delete("evaluation"), "(top level)", ["evaluation", "required"]),
     ("missing-models", _delete("models"), "(top level)", ["models", "required"]),
     ("baseline-unknown", _set("evaluation/baseline", "gpt"), "evaluation.baseline", ["gpt"]),
+    ("prompt-set-judge-unknown-key",
+     _set("evaluation/prompt_sets/red_team/judge", {"bakend": "rule"}),
+     "evaluation.prompt_sets.red_team.judge", ["bakend"]),
+    ("prompt-set-judge-bad-backend",
+     _set("evaluation/prompt_sets/red_team/judge", {"backend": "gpt"}),
+     "evaluation.prompt_sets.red_team.judge.backend", ["gpt"]),
     # merge nodes
     ("merge-q-above-1", _add_models(m={"parents": ["dpo_h", "dpo_h.dpo_s-0.01"], "q": 1.5}),
      "models.m.q", ["1.5"]),
@@ -299,3 +305,21 @@ def test_merge_nodes_are_grouped_per_pair_and_ordered_after_parents():
     assert sorted(n.q for n in groups["dpo_h+dpo_h.dpo_s-0.01"]) == [0.25, 0.75]
     assert [n.name for n in groups["dpo_h+dpo_s"]] == ["naive"]
     assert "naive" in plan.models and "naive" not in plan.nodes
+
+
+def test_each_prompt_set_can_have_its_own_judge():
+    from sacpo_steps.plan import judge_for
+
+    cfg = demo()
+    cfg["evaluation"]["judge"] = {"backend": "openai", "model": "gpt-4-0125-preview",
+                                  "repetitions": 3, "temperature": 0.7}
+    cfg["evaluation"]["prompt_sets"]["red_team"]["judge"] = {
+        "backend": "score_model", "cost_model": "resources/models/cost"}
+    cfg["evaluation"]["prompt_sets"]["helpfulness"]["judge"] = {"temperature": 0.0}
+    load_plan(cfg, source="x.yaml")
+    harmless = judge_for(cfg["evaluation"], "red_team")
+    assert harmless == {"backend": "score_model", "cost_model": "resources/models/cost",
+                        "repetitions": 3}  # openai's settings do not leak into it
+    helpful = judge_for(cfg["evaluation"], "helpfulness")
+    assert helpful["backend"] == "openai" and helpful["temperature"] == 0.0
+    assert helpful["model"] == "gpt-4-0125-preview"

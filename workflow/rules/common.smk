@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir)))
 
-from sacpo_steps.plan import PlanError, load_plan, to_json  # noqa: E402
+from sacpo_steps.plan import PlanError, judge_for, load_plan, to_json  # noqa: E402
 from sacpo_steps.provenance import source_hash  # noqa: E402
 
 _config_source = ", ".join(map(str, workflow.overwrite_configfiles)) or "config/config.yaml"
@@ -194,23 +194,26 @@ def merge_spec(nodes):
     return to_json([{"name": n.name, "q": n.q} for n in nodes])
 
 
-def judge_config():
-    return to_json(config["evaluation"]["judge"])
+JUDGES = {name: judge_for(config["evaluation"], name) for name in PROMPT_SETS}
 
 
-JUDGE = config["evaluation"]["judge"]
+def judge_config(wildcards):
+    return to_json(JUDGES[wildcards.prompt_set])
 
 
-def judge_cache():
+def judge_cache(wildcards):
     """API judges share one append-only cache per judge model, outside results/: these
     replies are paid for, and must survive a cleaned results/ folder."""
-    if JUDGE["backend"] == "rule":
+    judge = JUDGES[wildcards.prompt_set]
+    if judge["backend"] == "rule":
         return ""
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", JUDGE.get("model", JUDGE["backend"]))
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", judge.get("model", judge["backend"]))
     return f"--judge-cache resources/judge_cache/{name}.jsonl"
 
 
-if JUDGE["backend"] == "openai":
+_openai = [j for j in JUDGES.values() if j["backend"] == "openai"]
+if _openai:
+    JUDGE = _openai[0]
     # The key comes from the environment only; refuse before any job if it is missing.
     _key_env = JUDGE.get("api_key_env", "OPENAI_API_KEY")
     if not os.environ.get(_key_env):
@@ -233,7 +236,7 @@ def judge_inputs(wildcards):
         "baseline": f"results/generations/{wildcards.opponent}/{wildcards.prompt_set}.jsonl",
         "prompts": prompt_set_file(wildcards.prompt_set),
     }
-    judge = config["evaluation"]["judge"]
+    judge = JUDGES[wildcards.prompt_set]
     if judge["backend"] == "rule":
         inputs["spec"] = f"{DEMO_WORLD}/spec.json"
     if judge["backend"] == "score_model":
@@ -267,14 +270,15 @@ def report_request_count():
     """All-pairs judging grows quadratically: say how many judgments it will make."""
     if config["evaluation"]["pairs"] != "all_pairs":
         return
-    reps = config["evaluation"]["judge"]["repetitions"]
     pairs = len(judged_pairs())
+    reps = max(judge_for(config["evaluation"], n)["repetitions"] for n in PROMPT_SETS)
     per_prompt = pairs * 2 * reps
     total = 0
     for name in PROMPT_SETS:
         path = Path(prompt_set_file(name))
+        n_reps = judge_for(config["evaluation"], name)["repetitions"]
         if path.is_file():
-            total += per_prompt * sum(1 for line in path.open() if line.strip())
+            total += pairs * 2 * n_reps * sum(1 for line in path.open() if line.strip())
     known = f", {total} in all for the prompt sets present" if total else ""
     print(
         f"all_pairs judging: {pairs} pairs x 2 orders x {reps} repetition(s) = "

@@ -34,10 +34,10 @@ rule judge:
         usage="results/battles/{prompt_set}/{model}__vs__{opponent}.usage.json",
     params:
         criterion=lambda wildcards: PROMPT_SETS[wildcards.prompt_set]["criterion"],
-        judge=lambda wildcards: judge_config(),
-        repetitions=config["evaluation"]["judge"]["repetitions"],
+        judge=judge_config,
+        repetitions=lambda wildcards: JUDGES[wildcards.prompt_set]["repetitions"],
         spec=lambda wildcards, input: f"--spec {input.spec}" if "spec" in input.keys() else "",
-        cache=lambda wildcards: judge_cache(),
+        cache=judge_cache,
         code=code("judge"),
     resources:
         judge_api=1,
