@@ -78,7 +78,8 @@ def generate(
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(device)
     model.eval()
     # Longest prompts first: batches of similar length waste less padding.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]["prompt"]))
@@ -92,7 +93,8 @@ def generate(
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc=f"generate {model_name}", unit="batch"):
         texts = [prompt_template.format(prompt=prompts[i]["prompt"]) for i in batch]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer(texts, return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(device)
         with torch.inference_mode():
             out = model.generate(
                 **enc, do_sample=False, max_new_tokens=max_new_tokens,

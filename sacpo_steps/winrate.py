@@ -8,6 +8,7 @@ only with --extra-columns, so that tables rendered before keep their layout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 from collections.abc import Sequence
@@ -67,14 +68,25 @@ def winrate_table(
     confidence: float = 0.95,
     seed: int = 0,
     extra_columns: bool = False,
+    out_battles: str | Path | None = None,
 ) -> pd.DataFrame:
-    """Compute win rates from battle files; write CSV and Markdown (both or neither)."""
-    table = win_rates(load_battles(battle_paths), baseline, rounds=rounds,
-                      confidence=confidence, seed=seed)
+    """Compute win rates from battle files; write CSV and Markdown (both or neither).
+
+    `out_battles` also writes every judgment in long form (one CSV, the single table
+    all statistics derive from), with an `error` flag column.
+    """
+    battles = load_battles(battle_paths)
+    table = win_rates(battles, baseline, rounds=rounds, confidence=confidence, seed=seed)
     text = markdown_table(table, confidence, extra_columns=extra_columns)
-    with atomic_output(out_csv) as tmp_csv, atomic_output(out_md) as tmp_md:
+    with contextlib.ExitStack() as stack:
+        tmp_csv = stack.enter_context(atomic_output(out_csv))
+        tmp_md = stack.enter_context(atomic_output(out_md))
         table.to_csv(tmp_csv, index=False)
         tmp_md.write_text(text, encoding="utf-8")
+        if out_battles is not None:
+            tmp_battles = stack.enter_context(atomic_output(out_battles))
+            battles.assign(error=battles["outcome"] == "error").to_csv(tmp_battles,
+                                                                       index=False)
     for r in table.itertuples(index=False):
         log.info("%s / %s: win rate %s [%s, %s] (n=%d, errors=%d)", r.model, r.criterion,
                  _fmt(r.win_rate), _fmt(r.ci_low), _fmt(r.ci_high), r.n, r.errors)
@@ -93,6 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--extra-columns", action="store_true",
                    help="add position consistency and mean ± std over repetitions to the "
                         "Markdown table")
+    p.add_argument("--out-battles", default=None,
+                   help="also write all judgments in long form (CSV)")
     p.add_argument("--log", default=None)
     return p
 
@@ -102,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(args.log)
     winrate_table(args.battles, args.baseline, args.out_csv, args.out_md,
                   rounds=args.rounds, confidence=args.confidence, seed=args.seed,
-                  extra_columns=args.extra_columns)
+                  extra_columns=args.extra_columns, out_battles=args.out_battles)
 
 
 if __name__ == "__main__":

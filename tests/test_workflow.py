@@ -346,3 +346,24 @@ def test_source_edits_are_undone_after_the_checks(done):
     # the edits above restore the files: the run is up to date again
     output, jobs = dry_run(done.workdir, "--configfile", REDUCED)
     assert "Nothing to be done" in output and jobs == []
+
+
+@pytest.mark.slow
+def test_changing_a_statistics_setting_reruns_only_statistics(done):
+    cfg = reduced_config()
+    cfg["evaluation"]["winrate"]["bootstrap_rounds"] = 300
+    config = write_config(done.workdir / "stats.yaml", cfg)
+    _, jobs = dry_run(done.workdir, "--configfile", str(config))
+    assert sorted(j.rule for j in jobs) == ["all", "figures", "winrate"]
+
+
+@pytest.mark.slow
+def test_battles_table_and_report(done):
+    battles = pd.read_csv(done.workdir / "results/tables/battles.csv")
+    assert {"criterion", "prompt_id", "model_a", "model_b", "order", "repetition", "outcome",
+            "judge", "error"} <= set(battles.columns)
+    assert len(battles) == 4 * 2 * 120 * 2  # models x prompt sets x prompts x orders
+    proc = snakemake(done.workdir, "--configfile", REDUCED, "--report", "report.html")
+    assert proc.returncode == 0, output_of(proc)
+    html = (done.workdir / "report.html").read_text(encoding="utf-8", errors="replace")
+    assert len(html) > 50_000 and "figure2" in html and "winrate.csv" in html

@@ -64,6 +64,7 @@ rule winrate:
             labels={"table": "win rate vs baseline"},
         ),
         md="results/tables/winrate.md",
+        battles="results/tables/battles.csv",
     params:
         baseline=PLAN.baseline,
         stats=config["evaluation"]["winrate"],
@@ -77,6 +78,7 @@ rule winrate:
         "python -m sacpo_steps winrate --battles {input.battles} --baseline {params.baseline}"
         " --rounds {params.stats[bootstrap_rounds]} --confidence {params.stats[confidence]}"
         " --seed {params.seed} --extra-columns --out-csv {output.csv} --out-md {output.md}"
+        " --out-battles {output.battles}"
         " > {log} 2>&1"
 
 
