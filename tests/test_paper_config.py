@@ -53,11 +53,14 @@ def test_paper_plan_holds_table3(paper):
     assert cfg["prompt_template"] == "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 
 
-def test_paper_recipes_load_against_trl(paper):
+@pytest.mark.parametrize("config_file", sorted(p.name for p in (ROOT / "config").glob("*.yaml")))
+def test_every_recipe_loads_against_trl(config_file):
     """Every node's training section becomes a real TRL config (recipes must not rot)."""
     from trl import DPOConfig, KTOConfig
 
-    _, plan = paper
+    cfg = yaml.safe_load((ROOT / "config" / config_file).read_text())
+    plan = load_plan(cfg, source=config_file)
+    assert plan.nodes
     for node in plan.nodes.values():
         training = TrainingConfig.from_dict(node.training)
         cls = DPOConfig if node.loss == "dpo" else KTOConfig
@@ -65,6 +68,10 @@ def test_paper_recipes_load_against_trl(paper):
                    num_train_epochs=training.epochs, max_length=training.max_length,
                    per_device_train_batch_size=training.per_device_batch_size,
                    gradient_accumulation_steps=training.gradient_accumulation_steps,
+                   lr_scheduler_type=training.lr_scheduler,
+                   warmup_steps=float(training.warmup_ratio),
+                   precompute_ref_log_probs=training.precompute_ref_log_probs,
+                   precompute_ref_batch_size=training.precompute_ref_batch_size,
                    beta=node.beta, bf16=False, report_to=[])
         assert args.beta == node.beta
 
