@@ -114,6 +114,7 @@ rule figures:
     input:
         winrate="results/tables/winrate.csv",
         elo="results/tables/elo.csv",
+        model_info=config["evaluation"]["figures"]["model_info"] or [],
     output:
         [
             report(path, caption=f"../report/{Path(path).stem}.rst", category="Figures",
@@ -123,10 +124,8 @@ rule figures:
     params:
         out_dir=lambda wildcards, output: os.path.dirname(output[0]),
         fig=config["evaluation"]["figures"],
-        models=lambda wildcards: (
-            f"--models {config['evaluation']['figures']['model_info']}"
-            if config["evaluation"]["figures"]["model_info"]
-            else ""
+        models=lambda wildcards, input: (
+            f"--models {input.model_info}" if input.model_info else ""
         ),
         baseline=PLAN.baseline,
         code=code("figures"),
