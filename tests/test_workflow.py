@@ -367,3 +367,21 @@ def test_battles_table_and_report(done):
     assert proc.returncode == 0, output_of(proc)
     html = (done.workdir / "report.html").read_text(encoding="utf-8", errors="replace")
     assert len(html) > 50_000 and "figure2" in html and "winrate.csv" in html
+
+
+def test_external_baseline_is_generated_and_judged_like_a_model(tmp_path):
+    workdir = copy_workflow(tmp_path / "wf")
+    cfg = reduced_config()
+    cfg["baselines"] = {"beaver-local": {
+        "source": "local", "path": "external/beaver",
+        "prompt_template": "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"}}
+    (workdir / "external/beaver").mkdir(parents=True)
+    config = write_config(tmp_path / "baseline.yaml", cfg)
+    output, jobs = dry_run(workdir, "--configfile", str(config), "-p")
+    generated = {j.wildcards.get("model") for j in jobs if j.rule == "generate"}
+    judged = {(j.wildcards["model"], j.wildcards["opponent"]) for j in jobs
+              if j.rule == "judge"}
+    assert "beaver-local" in generated
+    assert ("beaver-local", "sft") in judged
+    assert "--model-dir external/beaver" in output
+    assert "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:" in output
