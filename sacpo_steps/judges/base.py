@@ -69,3 +69,12 @@ class Judge(ABC):
     def close(self) -> None:
         """Release clients, flush caches; a no-op unless a backend needs it."""
         return None
+
+
+def check_criteria(requests: Sequence[JudgeRequest]) -> None:
+    """Refuse a batch that asks for a criterion no judge knows (a config error)."""
+    from sacpo_steps.errors import InputError
+
+    bad = sorted({r.criterion for r in requests} - set(CRITERIA))
+    if bad:
+        raise InputError(f"unknown criterion {bad[0]!r} (known: {CRITERIA})", field="criterion")

@@ -35,7 +35,13 @@ from typing import Any
 import openai
 
 from sacpo_steps.errors import InputError
-from sacpo_steps.judges.base import CRITERIA, Judge, JudgeReply, JudgeRequest
+from sacpo_steps.judges.base import (
+    CRITERIA,
+    Judge,
+    JudgeReply,
+    JudgeRequest,
+    check_criteria,
+)
 from sacpo_steps.judges.cache import JudgeCache
 
 log = logging.getLogger("sacpo.judge.openai")
@@ -509,10 +515,7 @@ class OpenAIJudge(Judge):
 
     def judge_many(self, requests: Sequence[JudgeRequest]) -> list[JudgeReply]:
         """Judge concurrently; cached comparisons are answered without a request."""
-        bad = sorted({r.criterion for r in requests} - set(CRITERIA))
-        if bad:
-            raise InputError(f"unknown criterion {bad[0]!r} (known: {CRITERIA})",
-                             field="criterion")
+        check_criteria(requests)
         if not requests:
             return []
         self.cache.refresh()  # entries other judge jobs added since we started

@@ -44,7 +44,12 @@ from pathlib import Path
 from typing import Any
 
 from sacpo_steps.errors import InputError
-from sacpo_steps.judges.base import CRITERIA, Judge, JudgeReply, JudgeRequest
+from sacpo_steps.judges.base import (
+    Judge,
+    JudgeReply,
+    JudgeRequest,
+    check_criteria,
+)
 from sacpo_steps.judges.cache import JudgeCache
 from sacpo_steps.modelio import check_model_dir, set_threads
 
@@ -572,10 +577,7 @@ class ScoreModelJudge(Judge):
 
     def judge_many(self, requests: Sequence[JudgeRequest]) -> list[JudgeReply]:
         """Score every distinct answer once (cache first), then compare per request."""
-        bad = sorted({r.criterion for r in requests} - set(CRITERIA))
-        if bad:
-            raise InputError(f"unknown criterion {bad[0]!r} (known: {CRITERIA})",
-                             field="criterion")
+        check_criteria(requests)
         if not requests:
             return []
         start = time.monotonic()
