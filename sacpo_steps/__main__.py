@@ -17,6 +17,7 @@ STEPS = {
     "sft_checkpoint": "sacpo_steps.sft",
     "align": "sacpo_steps.align",
     "merge": "sacpo_steps.merge",
+    "target_search": "sacpo_steps.target_search",
     "generate": "sacpo_steps.generate",
     "judge": "sacpo_steps.judge",
     "winrate": "sacpo_steps.winrate",

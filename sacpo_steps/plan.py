@@ -253,6 +253,18 @@ def build_plan(config: dict[str, Any]) -> Plan:
                                   f"evaluation.prompt_sets.{name}.judge")
         if ps.get("source", "local") == "local" and "path" not in ps:
             raise PlanError(f"evaluation.prompt_sets.{name}: needs `path` (or source: demo)")
+    target = config.get("target")
+    if target:
+        over_safe = nodes.get(target["over_safe"])
+        if over_safe is None:
+            raise PlanError(f"target.over_safe: {target['over_safe']!r} is not an alignment "
+                            f"node of the plan")
+        criteria = {ps["criterion"] for ps in evaluation["prompt_sets"].values()}
+        if criteria != {"helpfulness", "harmlessness"}:
+            raise PlanError("target: needs one helpfulness and one harmlessness prompt set")
+        if evaluation["judge"]["backend"] != "rule":
+            raise PlanError("target: the search judges with the rule judge (the demo world) "
+                            "only, for now")
     return Plan(sft=sft, nodes={n: nodes[n] for n in ordered if n in nodes}, datasets=datasets,
                 baseline=baseline, merges={n: merges[n] for n in ordered if n in merges},
                 baselines=baselines, order=ordered)

@@ -110,6 +110,10 @@ BAD_CASES = [
     ("prompt-set-judge-bad-backend",
      _set("evaluation/prompt_sets/red_team/judge", {"backend": "gpt"}),
      "evaluation.prompt_sets.red_team.judge.backend", ["gpt"]),
+    ("target-over-safe-unknown",
+     _set("target", {"over_safe": "nope", "value": 0.9}), "target.over_safe", ["nope"]),
+    ("target-value-above-1",
+     _set("target", {"over_safe": "dpo_h.dpo_s-0.01", "value": 1.5}), "target.value", []),
     # merge nodes
     ("merge-q-above-1", _add_models(m={"parents": ["dpo_h", "dpo_h.dpo_s-0.01"], "q": 1.5}),
      "models.m.q", ["1.5"]),

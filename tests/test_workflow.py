@@ -385,3 +385,14 @@ def test_external_baseline_is_generated_and_judged_like_a_model(tmp_path):
     assert ("beaver-local", "sft") in judged
     assert "--model-dir external/beaver" in output
     assert "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:" in output
+
+
+def test_target_search_adds_one_job_after_its_inputs(tmp_path):
+    workdir = copy_workflow(tmp_path / "wf")
+    cfg = reduced_config()
+    cfg["target"] = {"over_safe": "dpo_h.dpo_s-0.01", "value": 0.9, "lambda_bar": 10}
+    config = write_config(tmp_path / "target.yaml", cfg)
+    output, jobs = dry_run(workdir, "--configfile", str(config), "-p")
+    assert job_counts(output)["target_search"] == 1
+    assert "--a results/models/dpo_h --b results/models/dpo_h.dpo_s-0.01" in output
+    assert "--target 0.9" in output and "--lambda-bar 10" in output

@@ -5,6 +5,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(workflow.basedir)))
 
@@ -297,7 +298,29 @@ FIGURES = [
 ]
 
 
+TARGET = config.get("target")
+
+
+def target_inputs(wildcards):
+    node = PLAN.nodes[TARGET["over_safe"]]
+    by_criterion = {ps["criterion"]: name for name, ps in reversed(PROMPT_SETS.items())}
+    sets = [by_criterion["helpfulness"], by_criterion["harmlessness"]]
+    return {
+        "a": model_dir(node.parent),
+        "b": model_dir(node.name),
+        "prompts": [prompt_set_file(s) for s in sets],
+        "baseline": [f"results/generations/{PLAN.baseline}/{s}.jsonl" for s in sets],
+        "spec": f"{DEMO_WORLD}/spec.json",
+    }
+
+
 def all_targets():
+    if TARGET:
+        return [*_all_targets(), "results/target/search.json", "results/target/search.md"]
+    return _all_targets()
+
+
+def _all_targets():
     return [
         "results/tables/winrate.csv",
         "results/tables/winrate.md",

@@ -30,3 +30,35 @@ for _index, (_group, _nodes) in enumerate(PLAN.merge_groups().items()):
         shell:
             "HF_HUB_OFFLINE=1 python -m sacpo_steps merge --a {input.a} --b {input.b}"
             " --name-a {params.name_a} --name-b {params.name_b} {params.outputs} > {log} 2>&1"
+
+
+if TARGET:
+
+    rule target_search:
+        input:
+            unpack(target_inputs),
+        output:
+            json="results/target/search.json",
+            md="results/target/search.md",
+        params:
+            target=TARGET,
+            name_b=TARGET["over_safe"],
+            lambda_bar=lambda wildcards: (
+                f"--lambda-bar {TARGET['lambda_bar']}" if TARGET["lambda_bar"] else ""
+            ),
+            generation=lambda wildcards: generation_spec(SimpleNamespace(model=PLAN.sft)),
+            rounds=config["evaluation"]["winrate"]["bootstrap_rounds"],
+            seed=SEED,
+            code=code("target_search"),
+        threads: config["threads"]["generate"]
+        conda:
+            "../../environment.yml"
+        log:
+            "logs/target_search.log",
+        shell:
+            "HF_HUB_OFFLINE=1 python -m sacpo_steps target_search --a {input.a} --b {input.b}"
+            " --name-b {params.name_b} --target {params.target[value]}"
+            " --tolerance {params.target[tolerance]} {params.lambda_bar}"
+            " --prompts {input.prompts} --baseline {input.baseline} --spec {input.spec}"
+            " --generation {params.generation:q} --rounds {params.rounds} --seed {params.seed}"
+            " --threads {threads} --out-json {output.json} --out-md {output.md} > {log} 2>&1"

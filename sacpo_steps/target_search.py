@@ -1,0 +1,192 @@
+"""P-SACPO that meets a safety target without retraining: search the merge weight q.
+
+The user states the paper's constraint E[g] >= b as a target on a measured safety
+value (here: the harmlessness win rate vs the baseline). Merging the reward-aligned
+model a with its over-safe stage-2 child b at weight q trades helpfulness for
+safety; assuming the safety measurement grows with q, the helpfulness-maximising
+feasible merge is the smallest q whose measured constraint meets the target. The
+target counts as met only when the LOWER end of the 95% interval meets it.
+
+Bisection: q = 1 (the over-safe model itself) is measured first: if even it misses
+the target, no merge can meet it, and the over-safe model must be retrained with a
+smaller beta/lambda. Then q = 0, then halving [lo, hi] until it is narrower than
+`tolerance`. lambda ~ q * lambda_bar is reported, labelled approximate: merging
+weights only approximates mixing policies.
+
+One search job runs every evaluation (merge, generate, judge) in-process, because
+the q values to try depend on earlier measurements: a Snakemake checkpoint would
+cost a DAG re-evaluation and several job start-ups per step for no caching gain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sacpo_steps.errors import InputError
+from sacpo_steps.fileio import atomic_output, setup_logging
+
+log = logging.getLogger("sacpo.target_search")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Measured at one q: the constraint (with its interval) and the objective."""
+
+    q: float
+    constraint: float
+    constraint_low: float
+    constraint_high: float
+    helpfulness: float
+    helpfulness_low: float
+    helpfulness_high: float
+
+    def meets(self, target: float) -> bool:
+        return self.constraint_low >= target
+
+
+@dataclass
+class SearchResult:
+    met: bool
+    q: float | None
+    chosen: Measurement | None
+    trace: list[Measurement]
+    lambda_approx: float | None
+    message: str
+
+
+def search(evaluate: Callable[[float], Measurement], target: float, *,
+           tolerance: float = 0.05, lambda_bar: float | None = None,
+           over_safe_name: str = "b") -> SearchResult:
+    """Smallest q in [0, 1] whose constraint's lower bound meets `target` (bisection)."""
+    if not 0.0 < tolerance < 1.0:
+        raise InputError(f"tolerance must be in (0, 1), got {tolerance}", field="target.tolerance")
+    trace: list[Measurement] = []
+
+    def measure(q: float) -> Measurement:
+        m = evaluate(q)
+        trace.append(m)
+        log.info("q=%.4f: constraint %.3f [%.3f, %.3f], helpfulness %.3f", q, m.constraint,
+                 m.constraint_low, m.constraint_high, m.helpfulness)
+        return m
+
+    top = measure(1.0)
+    if not top.meets(target):
+        msg = (f"no merge meets the target {target}: even the over-safe model "
+               f"'{over_safe_name}' (q = 1) measures {top.constraint:.3f} "
+               f"[{top.constraint_low:.3f}, {top.constraint_high:.3f}]. Train the over-safe "
+               f"model again with a smaller beta/lambda.")
+        return SearchResult(False, None, None, trace, None, msg)
+    bottom = measure(0.0)
+    if bottom.meets(target):
+        best, lo, hi = bottom, 0.0, 0.0
+    else:
+        best, lo, hi = top, 0.0, 1.0
+        while hi - lo > tolerance:
+            mid = round((lo + hi) / 2, 6)
+            m = measure(mid)
+            if m.meets(target):
+                best, hi = m, mid
+            else:
+                lo = mid
+    lam = best.q * lambda_bar if lambda_bar is not None else None
+    msg = (f"q = {best.q:g} meets the target {target}: constraint {best.constraint:.3f} "
+           f"[{best.constraint_low:.3f}, {best.constraint_high:.3f}], helpfulness "
+           f"{best.helpfulness:.3f}" + (f"; lambda ~ {lam:g} (approximate)" if lam else ""))
+    return SearchResult(True, best.q, best, trace, lam, msg)
+
+
+def demo_evaluator(parent_a: Path, parent_b: Path, *, prompts: dict[str, Path],
+                   baseline: dict[str, Path], spec: Path, gen: dict[str, Any], work: Path,
+                   rounds: int, seed: int, threads: int | None
+                   ) -> Callable[[float], Measurement]:
+    """Merge at q, generate both prompt sets, judge vs the baseline with the rule judge."""
+    from sacpo_steps.generate import generate
+    from sacpo_steps.judge import judge_model
+    from sacpo_steps.judges import make_judge
+    from sacpo_steps.merge import merge
+    from sacpo_steps.stats import load_battles, win_rates
+
+    judge = make_judge({"backend": "rule"}, spec_path=spec)
+    criteria = {"helpfulness": "helpfulness", "red_team": "harmlessness"}
+
+    def evaluate(q: float) -> Measurement:
+        name = f"merge-q{q:g}"
+        model = work / name
+        merge(parent_a, parent_b, [q], [model], names=[name], threads=threads)
+        files = []
+        for prompt_set, criterion in criteria.items():
+            out = work / f"{name}.{prompt_set}.jsonl"
+            generate(model, prompts[prompt_set], out, model_name=name, seed=seed,
+                     threads=threads, **gen)
+            battles = work / f"{name}.{prompt_set}.battles.jsonl"
+            judge_model(out, baseline[prompt_set], prompts[prompt_set], criterion, judge, 1,
+                        battles)
+            files.append(battles)
+        table = win_rates(load_battles(files), baseline="sft", rounds=rounds,
+                          seed=seed).set_index("criterion")
+        h, c = table.loc["helpfulness"], table.loc["harmlessness"]
+        return Measurement(q, float(c.win_rate), float(c.ci_low), float(c.ci_high),
+                           float(h.win_rate), float(h.ci_low), float(h.ci_high))
+
+    return evaluate
+
+
+def write_result(result: SearchResult, target: float, out_json: Path, out_md: Path) -> None:
+    rows = ["| q | harmlessness [95% CI] | helpfulness [95% CI] | meets |",
+            "|---|---|---|---|"]
+    for m in sorted(result.trace, key=lambda m: m.q):
+        rows.append(f"| {m.q:g} | {m.constraint:.3f} [{m.constraint_low:.3f}, "
+                    f"{m.constraint_high:.3f}] | {m.helpfulness:.3f} [{m.helpfulness_low:.3f},"
+                    f" {m.helpfulness_high:.3f}] | {'yes' if m.meets(target) else 'no'} |")
+    text = f"Target: harmlessness win rate lower bound >= {target}\n\n" + "\n".join(rows)
+    text += f"\n\n{result.message}\n"
+    payload = {"target": target, **{k: v for k, v in asdict(result).items()}}
+    with atomic_output(out_json) as tj, atomic_output(out_md) as tm:
+        tj.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        tm.write_text(text, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="sacpo_steps target_search", description=__doc__)
+    p.add_argument("--a", required=True, help="reward-aligned model (q = 0)")
+    p.add_argument("--b", required=True, help="over-safe stage-2 child (q = 1)")
+    p.add_argument("--name-b", default="b")
+    p.add_argument("--target", type=float, required=True)
+    p.add_argument("--tolerance", type=float, default=0.05)
+    p.add_argument("--lambda-bar", type=float)
+    p.add_argument("--prompts", nargs=2, metavar=("HELPFULNESS", "RED_TEAM"), required=True)
+    p.add_argument("--baseline", nargs=2, metavar=("HELPFULNESS", "RED_TEAM"), required=True,
+                   help="the baseline's generations on the two prompt sets")
+    p.add_argument("--spec", required=True, help="the demo world's spec (rule judge)")
+    p.add_argument("--generation", required=True, help="JSON: generation settings")
+    p.add_argument("--rounds", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out-json", required=True)
+    p.add_argument("--out-md", required=True)
+    p.add_argument("--log")
+    args = p.parse_args(argv)
+    setup_logging(args.log)
+    gen = json.loads(args.generation)
+    gen = {k: gen[k] for k in ("prompt_template", "stop_markers", "max_new_tokens",
+                               "batch_size")}
+    with tempfile.TemporaryDirectory(prefix="target-search-") as tmp:
+        evaluate = demo_evaluator(
+            Path(args.a), Path(args.b),
+            prompts={"helpfulness": Path(args.prompts[0]), "red_team": Path(args.prompts[1])},
+            baseline={"helpfulness": Path(args.baseline[0]),
+                      "red_team": Path(args.baseline[1])},
+            spec=Path(args.spec), gen=gen, work=Path(tmp), rounds=args.rounds,
+            seed=args.seed, threads=args.threads)
+        result = search(evaluate, args.target, tolerance=args.tolerance,
+                        lambda_bar=args.lambda_bar, over_safe_name=args.name_b)
+    write_result(result, args.target, Path(args.out_json), Path(args.out_md))
+    # a missed target is a result, not a failure: the trace stays in the outputs
+    (log.info if result.met else log.error)("%s", result.message)
