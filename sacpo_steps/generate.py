@@ -85,11 +85,8 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]["prompt"]))
     answers: dict[int, str] = {}
     first_token_logged = False
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        def tqdm(x, **_):
-            return x
+    from tqdm import tqdm
+
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc=f"generate {model_name}", unit="batch"):
         texts = [prompt_template.format(prompt=prompts[i]["prompt"]) for i in batch]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,9 @@ class PlanError(InputError):
     """The config cannot describe a runnable experiment."""
 
 
+@cache
 def load_schema(path: str | Path = SCHEMA_PATH) -> dict[str, Any]:
+    """The parsed schema, read once per process (callers must not modify it)."""
     import yaml
 
     return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
@@ -270,9 +273,6 @@ def build_plan(config: dict[str, Any]) -> Plan:
                 baselines=baselines, order=ordered)
 
 
-JUDGE_SHARED = ("repetitions", "max_error_rate", "parallel_jobs")
-
-
 def judge_for(evaluation: dict[str, Any], prompt_set: str) -> dict[str, Any]:
     """The judge of one prompt set: the global judge, overridden by the set's own.
 
@@ -282,7 +282,9 @@ def judge_for(evaluation: dict[str, Any], prompt_set: str) -> dict[str, Any]:
     base = dict(evaluation["judge"])
     own = evaluation["prompt_sets"][prompt_set].get("judge", {})
     if own.get("backend", base["backend"]) != base["backend"]:
-        base = {k: v for k, v in base.items() if k in JUDGE_SHARED}
+        from sacpo_steps.judges.base import STEP_KEYS
+
+        base = {k: v for k, v in base.items() if k in STEP_KEYS - {"backend"}}
     return {**base, **own}
 
 

@@ -65,11 +65,15 @@ def fetch(url: str, out: str | Path, *, name: str, prompt_field: str = "prompt",
           id_field: str | None = None, timeout: float = 60.0) -> int:
     """Download a prompt set and write it as JSONL atomically; return the number of prompts."""
     log.info("fetching prompt set %s from %s", name, url)
-    if url.startswith(("http://", "https://")):
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
-            text = response.read().decode("utf-8")
-    else:
-        text = Path(url).read_text(encoding="utf-8")
+    try:
+        if url.startswith(("http://", "https://")):
+            with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
+                text = response.read().decode("utf-8")
+        else:
+            text = Path(url).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:  # URLError is an OSError
+        raise InputError(f"cannot read the prompt set ({exc})", path=url,
+                         field=f"evaluation.prompt_sets.{name}.url") from None
     rows = normalise(parse_rows(text, url), url, prompt_field, id_field, name)
     return write_jsonl(out, rows)
 

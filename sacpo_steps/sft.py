@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -114,8 +115,6 @@ def build(spec: dict[str, Any], corpus: str | Path, out: Path, threads: int | No
         trainer.train()
         trainer.model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        import shutil
-
         shutil.rmtree(tmp / ".trainer", ignore_errors=True)
         write_model_card(tmp, {
             "name": spec["name"],

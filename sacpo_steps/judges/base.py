@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CRITERIA = ("helpfulness", "harmlessness")
+#: judge-section keys the judge step reads (the protocol), not any backend
+STEP_KEYS = frozenset({"backend", "repetitions", "max_error_rate", "parallel_jobs"})
 VERDICTS = ("first", "second", "tie", "error")
 
 
@@ -78,3 +80,19 @@ def check_criteria(requests: Sequence[JudgeRequest]) -> None:
     bad = sorted({r.criterion for r in requests} - set(CRITERIA))
     if bad:
         raise InputError(f"unknown criterion {bad[0]!r} (known: {CRITERIA})", field="criterion")
+
+
+def backend_settings(config: dict[str, Any], known: set[str] | frozenset[str],
+                     backend: str) -> dict[str, Any]:
+    """A backend's own keys of the judge section; an unknown key names `judge.<key>`."""
+    from sacpo_steps.errors import InputError
+
+    settings = {}
+    for key, value in config.items():
+        if key in STEP_KEYS:
+            continue
+        if key not in known:
+            raise InputError(f"unknown key for the {backend} judge (known: "
+                             f"{', '.join(sorted(known))})", field=f"judge.{key}")
+        settings[key] = value
+    return settings

@@ -40,6 +40,7 @@ from sacpo_steps.judges.base import (
     Judge,
     JudgeReply,
     JudgeRequest,
+    backend_settings,
     check_criteria,
 )
 from sacpo_steps.judges.cache import JudgeCache
@@ -51,7 +52,6 @@ FORMATS = ("scores", "verdict")
 #: USD per 1M (input, output) tokens, used when the config gives no price
 DEFAULT_PRICES = {"gpt-4-0125-preview": (10.0, 30.0)}
 #: keys of the judge section that belong to the judge step, not to this backend
-STEP_KEYS = frozenset({"backend", "repetitions", "max_error_rate", "parallel_jobs"})
 #: a server asking to wait longer than this is not waited for (the retry still counts)
 MAX_RETRY_AFTER_S = 600.0
 
@@ -175,14 +175,8 @@ class OpenAIJudgeConfig:
     def from_dict(cls, config: dict[str, Any]) -> OpenAIJudgeConfig:
         """Validate the judge section; an unknown or mistyped key names `judge.<key>`."""
         known = {f.name: f for f in fields(cls)}
-        values: dict[str, Any] = {}
-        for key, value in config.items():
-            if key in STEP_KEYS:
-                continue
-            if key not in known:
-                raise InputError(f"unknown key for the openai judge (known: "
-                                 f"{', '.join(sorted(known))})", field=f"judge.{key}")
-            values[key] = _check_value(key, value, known[key].default)
+        values = {key: _check_value(key, value, known[key].default)
+                  for key, value in backend_settings(config, set(known), "openai").items()}
         made = cls(**values)
         if made.format not in FORMATS:
             raise InputError(f"must be one of {FORMATS}, got {made.format!r}",

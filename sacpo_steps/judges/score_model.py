@@ -48,6 +48,7 @@ from sacpo_steps.judges.base import (
     Judge,
     JudgeReply,
     JudgeRequest,
+    backend_settings,
     check_criteria,
 )
 from sacpo_steps.judges.cache import JudgeCache
@@ -58,7 +59,6 @@ log = logging.getLogger("sacpo.judge.score_model")
 BACKEND = "score_model"
 DEFAULT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{answer}"
 #: keys of the judge section that belong to the judge step, not to this backend
-STEP_KEYS = frozenset({"backend", "repetitions", "max_error_rate", "parallel_jobs"})
 #: which model scores which criterion, and whether a higher score is better
 ROLES = {"helpfulness": "reward", "harmlessness": "cost"}
 HIGHER_IS_BETTER = {"reward": True, "cost": False}
@@ -109,14 +109,8 @@ class ScoreModelJudgeConfig:
     def from_dict(cls, config: dict[str, Any]) -> ScoreModelJudgeConfig:
         """Validate the judge section; an unknown or mistyped key names `judge.<key>`."""
         known = {f.name for f in fields(cls)}
-        values: dict[str, Any] = {}
-        for key, value in config.items():
-            if key in STEP_KEYS:
-                continue
-            if key not in known:
-                raise InputError(f"unknown key for the score_model judge (known: "
-                                 f"{', '.join(sorted(known))})", field=f"judge.{key}")
-            values[key] = _check_value(key, value)
+        values = {key: _check_value(key, value)
+                  for key, value in backend_settings(config, known, "score_model").items()}
         made = cls(**values)
         if made.reward_model is None and made.cost_model is None:
             raise InputError("the score_model judge needs reward_model (helpfulness) and/or "

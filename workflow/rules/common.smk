@@ -5,7 +5,6 @@ import os
 import re
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(workflow.basedir)))
 
@@ -178,8 +177,12 @@ def prompt_set_file(name):
 
 
 def generation_spec(wildcards):
+    return generation_spec_for(wildcards.model)
+
+
+def generation_spec_for(model):
     gen = config["evaluation"]["generation"]
-    own = BASELINES.get(wildcards.model, {})
+    own = BASELINES.get(model, {})
     return to_json(
         {
             "prompt_template": own.get("prompt_template", config["prompt_template"]),
@@ -212,11 +215,10 @@ def judge_cache(wildcards):
     return f"--judge-cache resources/judge_cache/{name}.jsonl"
 
 
-_openai = [j for j in JUDGES.values() if j["backend"] == "openai"]
-if _openai:
-    JUDGE = _openai[0]
-    # The key comes from the environment only; refuse before any job if it is missing.
-    _key_env = JUDGE.get("api_key_env", "OPENAI_API_KEY")
+# API keys come from the environment only: refuse before any job if one is missing.
+_KEY_ENVS = sorted({j.get("api_key_env", "OPENAI_API_KEY") for j in JUDGES.values()
+                    if j["backend"] == "openai"})
+for _key_env in _KEY_ENVS:
     if not os.environ.get(_key_env):
         raise WorkflowError(
             f"evaluation.judge.api_key_env: the environment variable "
@@ -224,11 +226,16 @@ if _openai:
             f"for a local server any non-empty value works)"
         )
 
+if _KEY_ENVS:
+
     envvars:
-        _key_env,
+        *_KEY_ENVS,
 
     # Each judge job keeps `concurrency` requests in flight: cap the jobs at once.
-    workflow.global_resources.setdefault("judge_api", JUDGE.get("parallel_jobs", 4))
+    workflow.global_resources.setdefault(
+        "judge_api",
+        min(j.get("parallel_jobs", 4) for j in JUDGES.values() if j["backend"] == "openai"),
+    )
 
 
 def judge_inputs(wildcards):
@@ -272,21 +279,15 @@ def report_request_count():
     if config["evaluation"]["pairs"] != "all_pairs":
         return
     pairs = len(judged_pairs())
-    reps = max(judge_for(config["evaluation"], n)["repetitions"] for n in PROMPT_SETS)
-    per_prompt = pairs * 2 * reps
-    total = 0
+    parts, total = [], 0
     for name in PROMPT_SETS:
+        reps = JUDGES[name]["repetitions"]
+        parts.append(f"{name}: {pairs} pairs x 2 orders x {reps} repetition(s) per prompt")
         path = Path(prompt_set_file(name))
-        n_reps = judge_for(config["evaluation"], name)["repetitions"]
         if path.is_file():
-            total += pairs * 2 * n_reps * sum(1 for line in path.open() if line.strip())
-    known = f", {total} in all for the prompt sets present" if total else ""
-    print(
-        f"all_pairs judging: {pairs} pairs x 2 orders x {reps} repetition(s) = "
-        f"{per_prompt} judgments per prompt{known}",
-        file=sys.stderr,
-    )
-
+            total += pairs * 2 * reps * sum(1 for line in path.open() if line.strip())
+    known = f"; {total} judgments in all for the prompt sets present" if total else ""
+    print(f"all_pairs judging: {'; '.join(parts)}{known}", file=sys.stderr)
 
 report_request_count()
 

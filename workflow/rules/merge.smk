@@ -46,7 +46,7 @@ if TARGET:
             lambda_bar=lambda wildcards: (
                 f"--lambda-bar {TARGET['lambda_bar']}" if TARGET["lambda_bar"] else ""
             ),
-            generation=lambda wildcards: generation_spec(SimpleNamespace(model=PLAN.sft)),
+            generation=lambda wildcards: generation_spec_for(PLAN.sft),
             rounds=config["evaluation"]["winrate"]["bootstrap_rounds"],
             seed=SEED,
             code=code("target_search"),
