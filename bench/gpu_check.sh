@@ -7,6 +7,17 @@
 #
 #   bench/gpu_check.sh                 (PYTHON=... to pick the interpreter)
 #
+# Environment:
+#   PYTHON              interpreter that has the project's packages (default: python)
+#   SNAKEMAKE_ARGS      extra snakemake arguments (e.g. "--scheduler greedy" where pulp
+#                       is not installed)
+#   GPU_CHECK_ON_CPU=1  run the same script on a machine without a GPU (bf16 off, no
+#                       QLoRA stage), to test the script itself; its numbers mean nothing
+#
+# After the demo, one align job (dpo_h) is rerun through `accelerate launch` with the
+# FSDP config and one process: it cannot show multi-GPU speed, but it checks that the
+# launcher, FSDP wrapping and the full-state-dict save work on a GPU.
+#
 # Self-contained: it copies the workflow into a fresh temporary folder (printed; kept
 # for the logs), writes its own config there and runs snakemake there. Exits 2 at once
 # when torch sees no CUDA device. The model is the demo's tiny Llama, so the numbers
@@ -25,6 +36,8 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-python}
+ON_CPU=${GPU_CHECK_ON_CPU:-0}
+export ON_CPU
 
 # 1. Fail fast: a CUDA device, bf16, bitsandbytes.
 "$PYTHON" - <<'EOF' || exit 2
@@ -36,6 +49,9 @@ try:
 except ImportError as exc:
     sys.exit(f"gpu_check: cannot import torch ({exc})")
 visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
+if os.environ.get("ON_CPU") == "1":
+    print(f"device: CPU (GPU_CHECK_ON_CPU=1: a test of the script; torch {torch.__version__})")
+    sys.exit(0)
 if not torch.cuda.is_available():
     sys.exit(f"gpu_check: no CUDA device visible (torch {torch.__version__}, CUDA build: "
              f"{torch.version.cuda or 'none, a CPU build'}, CUDA_VISIBLE_DEVICES={visible}); "
@@ -62,6 +78,7 @@ done
 find "$WORK" -name __pycache__ -prune -exec rm -rf {} +
 
 "$PYTHON" - "$WORK" <<'EOF'
+import os
 import sys
 from pathlib import Path
 
@@ -70,11 +87,12 @@ import yaml
 work = Path(sys.argv[1])
 cfg = yaml.safe_load((work / "tests/configs/reduced_demo.yaml").read_text(encoding="utf-8"))
 cfg["experiment"] = "gpu-check"
-cfg["training"]["bf16"] = True
-cfg["models"]["qlora_h"] = {
-    "parent": "sft", "data": "helpfulness", "loss": "dpo", "beta": 0.1,
-    "training": {"quantization": "4bit", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
-}
+cfg["training"]["bf16"] = os.environ.get("ON_CPU") != "1"
+if os.environ.get("ON_CPU") != "1":  # bitsandbytes' CPU 4-bit path fails on these shapes
+    cfg["models"]["qlora_h"] = {
+        "parent": "sft", "data": "helpfulness", "loss": "dpo", "beta": 0.1,
+        "training": {"quantization": "4bit", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
+    }
 # One GPU per GPU-capable job; `--resources gpu=1` below runs them one at a time, so
 # each step's time and memory are its own.
 cfg["resources"] = {kind: {"gpu": 1, "cpus_per_gpu": 1}
@@ -129,8 +147,9 @@ fi
 # 4. The run.
 started=$SECONDS
 set +e
-(cd "$WORK" && "$PYTHON" -m snakemake --cores "$(nproc)" --resources gpu=1 \
-    --configfile gpu_check.yaml >"$WORK/snakemake.log" 2>&1)
+# shellcheck disable=SC2086  # SNAKEMAKE_ARGS is a list of words
+(cd "$WORK" && "$PYTHON" -m snakemake --cores "$(nproc)" --resources gpu=1 -p --keep-going \
+    --configfile gpu_check.yaml ${SNAKEMAKE_ARGS:-} >"$WORK/snakemake.log" 2>&1)
 rc=$?
 set -e
 wall=$((SECONDS - started))
@@ -142,7 +161,31 @@ if ((rc != 0)); then
 fi
 echo "snakemake: ${wall}s wall, exit $rc"
 
-# 5. The report (also for a failed run: whatever finished).
+# 5. dpo_h again, through `accelerate launch` with the FSDP config (one process): the
+# command snakemake printed (-p), with the launcher, output and scratch folder swapped.
+FSDP_RC=-
+align_cmd=$(grep -m1 -E "python -m sacpo_steps align .*--out results/models/dpo_h " \
+    "$WORK/snakemake.log" || true)
+align_cmd=${align_cmd#*Shell command: }
+if [[ $ON_CPU == 1 ]]; then
+    echo "fsdp launch: skipped on CPU"
+elif [[ -z $align_cmd ]]; then
+    echo "fsdp launch: skipped (no dpo_h align command in the snakemake log)"
+else
+    fsdp_cmd=${align_cmd/python -m sacpo_steps/accelerate launch --num_processes 1 --config_file config\/accelerate\/fsdp.yaml -m sacpo_steps}
+    fsdp_cmd=${fsdp_cmd/--out results\/models\/dpo_h /--out fsdp_check\/dpo_h }
+    fsdp_cmd=$(sed -E 's#--checkpoint-dir [^ ]+#--checkpoint-dir fsdp_check/scratch#; s# > logs/[^ ]+ 2>&1# > fsdp_check/align.log 2>\&1#' <<<"$fsdp_cmd")
+    mkdir -p "$WORK/fsdp_check"
+    started=$SECONDS
+    set +e
+    (cd "$WORK" && PATH="$(dirname "$(command -v "$PYTHON")"):$PATH" bash -c "$fsdp_cmd")
+    FSDP_RC=$?
+    set -e
+    echo "fsdp launch: exit $FSDP_RC after $((SECONDS - started))s (log: $WORK/fsdp_check/align.log)"
+    if ((FSDP_RC != 0)); then tail -n 30 "$WORK/fsdp_check/align.log"; fi
+fi
+
+# 6. The report (also for a failed run: whatever finished).
 "$PYTHON" - "$WORK" <<'EOF'
 import json
 import re
@@ -193,7 +236,9 @@ for r in records:
     name = f"{r['step']} {r['out'].removeprefix('results/')}"
     run_s = tok_s = None
     if r["step"] in ("align", "sft_checkpoint"):
-        if r["step"] == "align":
+        if r["step"] == "align" and r["out"].startswith("fsdp_check/"):
+            log = work / "fsdp_check" / "align.log"
+        elif r["step"] == "align":
             log = work / "logs" / "align" / f"{Path(r['out']).name}.log"
         else:
             log = next((work / "logs" / "sft_checkpoint").glob("*.log"), Path("-"))
@@ -218,8 +263,9 @@ if smi.exists():
         print(f"nvidia-smi memory.used: peak {max(used)} MiB, idle {min(used)} MiB "
               f"({len(used)} samples, all processes on the device)")
 
-for model in ("dpo_h", "qlora_h"):
-    card = work / "results" / "models" / model / "sacpo.json"
+for model, folder in (("dpo_h", "results/models/dpo_h"), ("qlora_h", "results/models/qlora_h"),
+                      ("dpo_h via fsdp launch", "fsdp_check/dpo_h")):
+    card = work / folder / "sacpo.json"
     if card.exists():
         t = json.loads(card.read_text())["training"]
         print(f"{model}: bf16={t['bf16']} quantization={t['quantization']} steps={t['steps']} "
@@ -244,4 +290,5 @@ if (work / "results/tables/winrate.md").exists():
     print()
     print((work / "results/tables/winrate.md").read_text())
 EOF
+if [[ $FSDP_RC != - && $FSDP_RC != 0 ]]; then exit "$FSDP_RC"; fi
 exit "$rc"
