@@ -157,6 +157,12 @@ def build_trainer(
         import torch
         from transformers import BitsAndBytesConfig
 
+        if not torch.cuda.is_available():
+            # measured: on CPU bitsandbytes' 4-bit layers give zero LoRA gradients
+            # through TRL (or fail on small shapes), so the stage would train nothing
+            raise InputError("quantization '4bit' (QLoRA) needs a CUDA GPU; this job sees "
+                             "none. Drop `quantization` or run the job on a GPU.",
+                             field="training.quantization")
         compute = torch.bfloat16 if training.bf16 else torch.float32
         model_kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)

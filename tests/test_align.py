@@ -127,9 +127,21 @@ def test_unknown_training_key_is_refused():
         TrainingConfig.from_dict({"warmup": 0.1})
 
 
-# QLoRA ("4bit") is not in this test: through TRL's PEFT path on CPU its LoRA
-# gradients came out zero here (plain peft + bitsandbytes backward works), so it is
-# not claimed to work until checked on a GPU.
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only machine")
+def test_qlora_without_a_gpu_is_refused(tiny_models, pairs_file, tmp_path):
+    """QLoRA trains nothing on CPU (measured), so the step refuses it up front."""
+    qlora = TrainingConfig(**{**TINY.__dict__, "quantization": "4bit",
+                              "lora": {"r": 4, "alpha": 8, "dropout": 0.0}})
+    out = tmp_path / "models" / "qlora"
+    with pytest.raises(InputError, match="needs a CUDA GPU") as err:
+        align(tiny_models["sft"], pairs_file, out, name="qlora", parent="sft",
+              data="helpfulness", loss="dpo", beta=0.1, training=qlora,
+              prompt_template=PROMPT_TEMPLATE)
+    assert err.value.field == "training.quantization"
+    assert not out.exists()
+
+
+# QLoRA ("4bit") runs only on a CUDA GPU (bench/gpu_check.sh checks it trains there).
 @pytest.mark.parametrize("quantization", [None])
 def test_lora_stage_is_merged_so_stage2_refers_to_it(tiny_models, pairs_file, tmp_path,
                                                     quantization):
