@@ -87,8 +87,15 @@ def base_env() -> dict[str, str]:
     return env
 
 
+# Secrets in the submitting shell reach every SLURM job (--export=ALL); none may be
+# written to a SLURM log, a step log, results/ or .snakemake/.
+CANARY = "sk-slurm-CANARY-7d2f1e"
+SECRET_VARS = ("OPENAI_API_KEY", "HF_TOKEN")
+
+
 def slurm_env() -> dict[str, str]:
-    return {**base_env(), "SLURM_CONF": "/etc/slurm/slurm.conf"}
+    return {**base_env(), "SLURM_CONF": "/etc/slurm/slurm.conf",
+            **dict.fromkeys(SECRET_VARS, CANARY)}
 
 
 def slurm_test_config() -> dict:
@@ -294,3 +301,13 @@ def test_weights_and_generations_match_the_local_run(done):
     differ = [str(f) for f in files
               if (done.slurm_dir / f).read_bytes() != (done.local_dir / f).read_bytes()]
     assert not differ
+
+
+def test_secrets_in_the_environment_appear_in_no_slurm_output(done):
+    """The canary API keys were in every job's environment: no file of the run, SLURM
+    logs included, and nothing the run printed may contain them."""
+    assert CANARY not in done.slurm.stdout + done.slurm.stderr
+    files = [p for p in done.slurm_dir.rglob("*") if p.is_file()]
+    assert any("slurm" in p.parts for p in files)  # the SLURM logs are among them
+    leaked = [str(p) for p in files if CANARY.encode() in p.read_bytes()]
+    assert not leaked
