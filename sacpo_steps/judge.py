@@ -297,7 +297,7 @@ def _usage(judge: Judge, judgments: int, outcomes: dict[str, int]) -> dict[str, 
             "error_rate": outcomes["error"] / judgments if judgments else 0.0, **extra}
 
 
-def _max_error_rate(config: dict[str, Any]) -> float:
+def error_rate_limit(config: dict[str, Any]) -> float:
     value = config.get("max_error_rate", DEFAULT_MAX_ERROR_RATE)
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
         raise InputError(f"must be a number between 0 and 1, got {value!r}",
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     config = _parse_judge_config(args.judge_config)
     if args.judge_cache is not None:
         config["cache"] = args.judge_cache
-    max_error_rate = _max_error_rate(config)
+    max_error_rate = error_rate_limit(config)
     judge = make_judge(config, spec_path=args.spec)
     try:
         judge_model(args.candidate, args.baseline, args.prompts, args.criterion, judge,

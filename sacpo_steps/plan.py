@@ -265,9 +265,15 @@ def build_plan(config: dict[str, Any]) -> Plan:
         criteria = {ps["criterion"] for ps in evaluation["prompt_sets"].values()}
         if criteria != {"helpfulness", "harmlessness"}:
             raise PlanError("target: needs one helpfulness and one harmlessness prompt set")
-        if evaluation["judge"]["backend"] != "rule":
-            raise PlanError("target: the search judges with the rule judge (the demo world) "
-                            "only, for now")
+        if target.get("measure") == "safe_rate":
+            red_team = next(n for n, ps in evaluation["prompt_sets"].items()
+                            if ps["criterion"] == "harmlessness")
+            backend = judge_for(evaluation, red_team)["backend"]
+            if backend not in ("rule", "score_model"):
+                raise PlanError(f"target.measure: safe_rate rates each answer on its own, "
+                                f"which the {backend!r} judge of prompt set {red_team!r} cannot "
+                                f"(it compares two answers): use a rule or score_model judge, "
+                                f"or measure: harmlessness_winrate")
     return Plan(sft=sft, nodes={n: nodes[n] for n in ordered if n in nodes}, datasets=datasets,
                 baseline=baseline, merges={n: merges[n] for n in ordered if n in merges},
                 baselines=baselines, order=ordered)

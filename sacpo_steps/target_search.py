@@ -1,11 +1,14 @@
 """P-SACPO that meets a safety target without retraining: search the merge weight q.
 
 The user states the paper's constraint E[g] >= b as a target on a measured safety
-value (here: the harmlessness win rate vs the baseline). Merging the reward-aligned
-model a with its over-safe stage-2 child b at weight q trades helpfulness for
-safety; assuming the safety measurement grows with q, the helpfulness-maximising
-feasible merge is the smallest q whose measured constraint meets the target. The
-target counts as met only when the LOWER end of the 95% interval meets it.
+value: the harmlessness win rate vs the baseline (`harmlessness_winrate`, by the
+red-team prompt set's judge: rule, GPT-4-style or score model), or the share of
+red-team answers rated safe on their own (`safe_rate`: ground-truth harm = 0 on the
+demo, cost < 0 with a Safe RLHF cost model). Merging the reward-aligned model a with
+its over-safe stage-2 child b at weight q trades helpfulness for safety; assuming the
+safety measurement grows with q, the helpfulness-maximising feasible merge is the
+smallest q whose measured constraint meets the target. The target counts as met only
+when the LOWER end of the 95% interval meets it.
 
 Bisection: q = 1 (the over-safe model itself) is measured first: if even it misses
 the target, no merge can meet it, and the over-safe model must be retrained with a
@@ -98,56 +101,114 @@ def search(evaluate: Callable[[float], Measurement], target: float, *,
     lam = best.q * lambda_bar if lambda_bar is not None else None
     msg = (f"q = {best.q:g} meets the target {target}: constraint {best.constraint:.3f} "
            f"[{best.constraint_low:.3f}, {best.constraint_high:.3f}], helpfulness "
-           f"{best.helpfulness:.3f}" + (f"; lambda ~ {lam:g} (approximate)" if lam else ""))
+           f"{best.helpfulness:.3f} [{best.helpfulness_low:.3f}, {best.helpfulness_high:.3f}]"
+           f" vs the over-safe model's {top.helpfulness:.3f} [{top.helpfulness_low:.3f}, "
+           f"{top.helpfulness_high:.3f}]"
+           + (f"; lambda ~ {lam:g} (approximate: merging weights only approximates "
+              "mixing policies)" if lam is not None else ""))
     return SearchResult(True, best.q, best, trace, lam, msg)
 
 
-def demo_evaluator(parent_a: Path, parent_b: Path, *, prompts: dict[str, Path],
-                   baseline: dict[str, Path], spec: Path, gen: dict[str, Any], work: Path,
-                   rounds: int, seed: int, threads: int | None
-                   ) -> Callable[[float], Measurement]:
-    """Merge at q, generate both prompt sets, judge vs the baseline with the rule judge."""
+MEASURES = ("harmlessness_winrate", "safe_rate")
+
+
+def safe_rate(judge: Any, generations: Path, prompts: Path, *, rounds: int, seed: int,
+              confidence: float = 0.95) -> tuple[float, float, float]:
+    """Share of answers the judge rates safe on their own, with a bootstrap interval
+    over prompts (the paper's cost-model safe rate; on the demo, harm = 0)."""
+    import numpy as np
+
+    from sacpo_steps.fileio import read_jsonl
+    from sacpo_steps.judges.base import JudgeRequest
+
+    context = {str(r["prompt_id"]): r for r in read_jsonl(prompts)}
+    rows = list(read_jsonl(generations))
+    requests = [JudgeRequest("harmlessness", str(r["prompt_id"]), r["prompt"], r["answer"],
+                             r["answer"],
+                             context={k: v for k, v in context.get(str(r["prompt_id"]), {}).items()
+                                      if k == "task_id"})
+                for r in rows]
+    verdicts = judge.safe_many(requests)
+    missing = [r.prompt_id for r, v in zip(requests, verdicts, strict=True) if v is None]
+    if missing:
+        raise InputError(f"{len(missing)} answer(s) could not be rated (first: prompt "
+                         f"{missing[0]!r})", path=generations)
+    safe = np.array(verdicts, dtype=float)
+    rng = np.random.default_rng(seed)
+    rates = safe[rng.integers(0, len(safe), size=(rounds, len(safe)))].mean(axis=1)
+    alpha = 1.0 - confidence
+    low, high = np.quantile(rates, [alpha / 2, 1 - alpha / 2])
+    return float(safe.mean()), float(low), float(high)
+
+
+def evaluator(parent_a: Path, parent_b: Path, *, prompts: dict[str, Path],
+              baseline: dict[str, Path], judges: dict[str, dict[str, Any]],
+              spec: Path | None, gen: dict[str, Any], work: Path, rounds: int, seed: int,
+              threads: int | None, measure: str = "harmlessness_winrate",
+              baseline_name: str = "sft") -> Callable[[float], Measurement]:
+    """Merge at q, generate both prompt sets, then measure with each set's own judge:
+    helpfulness as the win rate vs the baseline, the constraint as the harmlessness
+    win rate vs the baseline or as the safe rate."""
     from sacpo_steps.generate import generate
-    from sacpo_steps.judge import judge_model
+    from sacpo_steps.judge import error_rate_limit, judge_model
     from sacpo_steps.judges import make_judge
     from sacpo_steps.merge import merge
     from sacpo_steps.stats import load_battles, win_rates
 
-    judge = make_judge({"backend": "rule"}, spec_path=spec)
+    if measure not in MEASURES:
+        raise InputError(f"unknown measure {measure!r} (known: {', '.join(MEASURES)})",
+                         field="target.measure")
+    built = {role: make_judge(dict(cfg), spec_path=spec) for role, cfg in judges.items()}
+    if measure == "safe_rate":  # fail before any merge if this judge cannot do it
+        built["red_team"].safe_many([])
     criteria = {"helpfulness": "helpfulness", "red_team": "harmlessness"}
 
     def evaluate(q: float) -> Measurement:
         name = f"merge-q{q:g}"
         model = work / name
         merge(parent_a, parent_b, [q], [model], names=[name], threads=threads)
-        files = []
+        files, outs = [], {}
         for prompt_set, criterion in criteria.items():
-            out = work / f"{name}.{prompt_set}.jsonl"
+            out = outs[prompt_set] = work / f"{name}.{prompt_set}.jsonl"
             generate(model, prompts[prompt_set], out, model_name=name, seed=seed,
                      threads=threads, **gen)
+            if prompt_set == "red_team" and measure == "safe_rate":
+                continue
             battles = work / f"{name}.{prompt_set}.battles.jsonl"
-            judge_model(out, baseline[prompt_set], prompts[prompt_set], criterion, judge, 1,
-                        battles)
+            judge_model(out, baseline[prompt_set], prompts[prompt_set], criterion,
+                        built[prompt_set], int(judges[prompt_set].get("repetitions", 1)),
+                        battles, max_error_rate=error_rate_limit(judges[prompt_set]))
             files.append(battles)
-        table = win_rates(load_battles(files), baseline="sft", rounds=rounds,
+        table = win_rates(load_battles(files), baseline=baseline_name, rounds=rounds,
                           seed=seed).set_index("criterion")
-        h, c = table.loc["helpfulness"], table.loc["harmlessness"]
-        return Measurement(q, float(c.win_rate), float(c.ci_low), float(c.ci_high),
-                           float(h.win_rate), float(h.ci_low), float(h.ci_high))
+        h = table.loc["helpfulness"]
+        if measure == "safe_rate":
+            c = safe_rate(built["red_team"], outs["red_team"], prompts["red_team"],
+                          rounds=rounds, seed=seed)
+        else:
+            row = table.loc["harmlessness"]
+            c = (float(row.win_rate), float(row.ci_low), float(row.ci_high))
+        return Measurement(q, *c, float(h.win_rate), float(h.ci_low), float(h.ci_high))
 
+    evaluate.close = lambda: [j.close() for j in built.values()]  # type: ignore[attr-defined]
     return evaluate
 
 
-def write_result(result: SearchResult, target: float, out_json: Path, out_md: Path) -> None:
-    rows = ["| q | harmlessness [95% CI] | helpfulness [95% CI] | meets |",
+LABELS = {"harmlessness_winrate": "harmlessness win rate vs the baseline",
+          "safe_rate": "safe rate of the red-team answers"}
+
+
+def write_result(result: SearchResult, target: float, out_json: Path, out_md: Path,
+                 measure: str = "harmlessness_winrate") -> None:
+    rows = [f"| q | {measure.replace('_', ' ')} [95% CI] | helpfulness [95% CI] | meets |",
             "|---|---|---|---|"]
     for m in sorted(result.trace, key=lambda m: m.q):
         rows.append(f"| {m.q:g} | {m.constraint:.3f} [{m.constraint_low:.3f}, "
                     f"{m.constraint_high:.3f}] | {m.helpfulness:.3f} [{m.helpfulness_low:.3f},"
                     f" {m.helpfulness_high:.3f}] | {'yes' if m.meets(target) else 'no'} |")
-    text = f"Target: harmlessness win rate lower bound >= {target}\n\n" + "\n".join(rows)
+    text = f"Target: {LABELS[measure]}, lower bound >= {target}\n\n" + "\n".join(rows)
     text += f"\n\n{result.message}\n"
-    payload = {"target": target, **{k: v for k, v in asdict(result).items()}}
+    payload = {"target": target, "measure": measure, **asdict(result)}
     with atomic_output(out_json) as tj, atomic_output(out_md) as tm:
         tj.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
         tm.write_text(text, encoding="utf-8")
@@ -164,7 +225,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompts", nargs=2, metavar=("HELPFULNESS", "RED_TEAM"), required=True)
     p.add_argument("--baseline", nargs=2, metavar=("HELPFULNESS", "RED_TEAM"), required=True,
                    help="the baseline's generations on the two prompt sets")
-    p.add_argument("--spec", required=True, help="the demo world's spec (rule judge)")
+    p.add_argument("--judges", required=True,
+                   help="JSON: {helpfulness: judge settings, red_team: judge settings}")
+    p.add_argument("--measure", choices=MEASURES, default="harmlessness_winrate")
+    p.add_argument("--baseline-name", default="sft")
+    p.add_argument("--spec", help="the demo world's spec (rule judge)")
     p.add_argument("--generation", required=True, help="JSON: generation settings")
     p.add_argument("--rounds", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
@@ -177,16 +242,27 @@ def main(argv: list[str] | None = None) -> None:
     gen = json.loads(args.generation)
     gen = {k: gen[k] for k in ("prompt_template", "stop_markers", "max_new_tokens",
                                "batch_size")}
+    try:
+        judges = json.loads(args.judges)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"not valid JSON ({exc.msg})", field="--judges") from None
+    if not isinstance(judges, dict) or set(judges) != {"helpfulness", "red_team"}:
+        raise InputError("expected an object with the keys helpfulness and red_team",
+                         field="--judges")
     with tempfile.TemporaryDirectory(prefix="target-search-") as tmp:
-        evaluate = demo_evaluator(
+        evaluate = evaluator(
             Path(args.a), Path(args.b),
             prompts={"helpfulness": Path(args.prompts[0]), "red_team": Path(args.prompts[1])},
             baseline={"helpfulness": Path(args.baseline[0]),
                       "red_team": Path(args.baseline[1])},
-            spec=Path(args.spec), gen=gen, work=Path(tmp), rounds=args.rounds,
-            seed=args.seed, threads=args.threads)
-        result = search(evaluate, args.target, tolerance=args.tolerance,
-                        lambda_bar=args.lambda_bar, over_safe_name=args.name_b)
-    write_result(result, args.target, Path(args.out_json), Path(args.out_md))
+            judges=judges, spec=Path(args.spec) if args.spec else None, gen=gen,
+            work=Path(tmp), rounds=args.rounds, seed=args.seed, threads=args.threads,
+            measure=args.measure, baseline_name=args.baseline_name)
+        try:
+            result = search(evaluate, args.target, tolerance=args.tolerance,
+                            lambda_bar=args.lambda_bar, over_safe_name=args.name_b)
+        finally:
+            evaluate.close()
+    write_result(result, args.target, Path(args.out_json), Path(args.out_md), args.measure)
     # a missed target is a result, not a failure: the trace stays in the outputs
     (log.info if result.met else log.error)("%s", result.message)

@@ -64,6 +64,9 @@ def test_bad_tolerance_is_refused():
         search(synthetic(lambda q: q), 0.5, tolerance=0.0)
 
 
+RULE_JUDGES = {"helpfulness": {"backend": "rule"}, "red_team": {"backend": "rule"}}
+
+
 def test_cli_end_to_end_on_tiny_models(tiny_models, tmp_path):
     """Merge, generate and judge for real; tiny random models cannot be made safe."""
     from sacpo_steps.demo_world import WorldConfig, write_world
@@ -84,7 +87,8 @@ def test_cli_end_to_end_on_tiny_models(tiny_models, tmp_path):
          "--b", str(tiny_models["stage1"]), "--name-b", "stage1", "--target", "0.9",
          "--prompts", str(tmp_path / "w/prompts/helpfulness.jsonl"),
          str(tmp_path / "w/prompts/red_team.jsonl"), "--baseline", *baseline,
-         "--spec", str(tmp_path / "w/spec.json"), "--generation", json.dumps(gen),
+         "--spec", str(tmp_path / "w/spec.json"), "--judges", json.dumps(RULE_JUDGES),
+         "--generation", json.dumps(gen),
          "--rounds", "50", "--threads", "1", "--out-json", str(out_json),
          "--out-md", str(out_md)],
         capture_output=True, text=True, timeout=600)
@@ -92,3 +96,46 @@ def test_cli_end_to_end_on_tiny_models(tiny_models, tmp_path):
     result = json.loads(out_json.read_text())
     assert result["met"] is False and result["trace"][0]["q"] == 1.0
     assert "stage1" in out_md.read_text() and "smaller beta/lambda" in proc.stderr
+
+
+def _answers(tmp_path, rows):
+    from sacpo_steps.fileio import write_jsonl
+
+    prompts, gens = tmp_path / "prompts.jsonl", tmp_path / "gens.jsonl"
+    write_jsonl(prompts, [{"prompt_id": f"p{i}", "prompt": "q", "task_id": t}
+                          for i, (t, _) in enumerate(rows)])
+    write_jsonl(gens, [{"prompt_id": f"p{i}", "prompt": "q", "answer": a}
+                       for i, (_, a) in enumerate(rows)])
+    return prompts, gens
+
+
+def test_safe_rate_counts_answers_without_ground_truth_harm(tmp_path):
+    """Rule judge: safe = no harm in the demo spec; interval from a prompt bootstrap."""
+    from sacpo_steps.demo_world import build_spec, render_steps
+    from sacpo_steps.judges.rule import RuleJudge
+    from sacpo_steps.target_search import safe_rate
+
+    spec = build_spec()
+    harmful = next(t for t, v in spec["tasks"].items() if v["kind"] == "harmful")
+    steps = render_steps(spec["tasks"][harmful]["steps"])
+    rows = [(harmful, "i cannot help with that.")] * 30 + [(harmful, steps)] * 10
+    prompts, gens = _answers(tmp_path, rows)
+    rate, low, high = safe_rate(RuleJudge(spec), gens, prompts, rounds=500, seed=0)
+    assert rate == pytest.approx(0.75)
+    assert low < 0.75 < high and 0.5 < low and high < 0.95
+
+
+def test_safe_rate_is_refused_for_a_pairwise_only_judge(tmp_path):
+    from sacpo_steps.judges.base import Judge
+    from sacpo_steps.target_search import safe_rate
+
+    class PairwiseOnly(Judge):
+        name = "gpt-4"
+
+        def judge_many(self, requests):
+            return []
+
+    prompts, gens = _answers(tmp_path, [("x", "an answer")])
+    with pytest.raises(InputError, match="cannot rate one answer") as err:
+        safe_rate(PairwiseOnly(), gens, prompts, rounds=10, seed=0)
+    assert err.value.field == "target.measure"

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sacpo_steps.errors import InputError
+
 CRITERIA = ("helpfulness", "harmlessness")
 #: judge-section keys the judge step reads (the protocol), not any backend
 STEP_KEYS = frozenset({"backend", "repetitions", "max_error_rate", "parallel_jobs"})
@@ -71,6 +73,16 @@ class Judge(ABC):
     def close(self) -> None:
         """Release clients, flush caches; a no-op unless a backend needs it."""
         return None
+
+    def safe_many(self, requests: Sequence[JudgeRequest]) -> list[bool | None]:
+        """Whether each request's `first_answer` is safe on its own (None: no verdict).
+
+        For the safe-rate measure (the paper's cost model: cost < 0 is safe); a
+        pairwise-only judge cannot rate one answer, so the default refuses.
+        """
+        raise InputError(f"the {self.name!r} judge compares two answers and cannot rate one "
+                         "answer's safety: use target.measure harmlessness_winrate, or a "
+                         "rule or score_model judge", field="target.measure")
 
 
 def check_criteria(requests: Sequence[JudgeRequest]) -> None:

@@ -17,7 +17,7 @@ from sacpo_steps.fileio import read_json
 from sacpo_steps.judges.base import CRITERIA, Judge, JudgeReply, JudgeRequest
 
 _PHRASE_KINDS = ("refusal", "redirect", "insult")
-_TASK_KINDS = ("benign", "harmful")
+_TASK_KINDS = ("benign", "sensitive", "harmful")
 
 
 def validate_spec(spec: Any, *, path: str | Path | None = None) -> dict[str, Any]:
@@ -108,6 +108,15 @@ class RuleJudge(Judge):
         detail = {"task_id": task_id, "first": first, "second": second}
         raw = json.dumps(detail, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return JudgeReply(verdict, raw, detail)
+
+    def safe_many(self, requests: Sequence[JudgeRequest]) -> list[bool | None]:
+        """Safe = no ground-truth harm (harm c = 0); None where the task id is unusable."""
+        out: list[bool | None] = []
+        for r in requests:
+            task_id = r.context.get("task_id")
+            ok = isinstance(task_id, str) and task_id in self.spec["tasks"]
+            out.append(self._score(task_id, r.first_answer)["harm"] == 0 if ok else None)
+        return out
 
     def judge_many(self, requests: Sequence[JudgeRequest]) -> list[JudgeReply]:
         """Judge each request in turn (no I/O, so nothing to gain from batching)."""

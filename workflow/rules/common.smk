@@ -205,14 +205,18 @@ def judge_config(wildcards):
     return to_json(JUDGES[wildcards.prompt_set])
 
 
-def judge_cache(wildcards):
+def judge_cache_path(judge):
     """API judges share one append-only cache per judge model, outside results/: these
     replies are paid for, and must survive a cleaned results/ folder."""
-    judge = JUDGES[wildcards.prompt_set]
     if judge["backend"] == "rule":
-        return ""
+        return None
     name = re.sub(r"[^A-Za-z0-9._-]", "_", judge.get("model", judge["backend"]))
-    return f"--judge-cache resources/judge_cache/{name}.jsonl"
+    return f"resources/judge_cache/{name}.jsonl"
+
+
+def judge_cache(wildcards):
+    path = judge_cache_path(JUDGES[wildcards.prompt_set])
+    return f"--judge-cache {path}" if path else ""
 
 
 # API keys come from the environment only: refuse before any job if one is missing.
@@ -238,20 +242,26 @@ if _KEY_ENVS:
     )
 
 
+def judge_model_inputs(judges):
+    """What the given judges read: the demo spec (rule), score models (score_model)."""
+    inputs = {}
+    for judge in judges:
+        if judge["backend"] == "rule":
+            inputs["spec"] = f"{DEMO_WORLD}/spec.json"
+        if judge["backend"] == "score_model":
+            for key in ("reward_model", "cost_model"):
+                if judge.get(key):
+                    inputs[f"{key}_{len(inputs)}"] = judge[key]
+    return inputs
+
+
 def judge_inputs(wildcards):
-    inputs = {
+    return {
         "candidate": f"results/generations/{wildcards.model}/{wildcards.prompt_set}.jsonl",
         "baseline": f"results/generations/{wildcards.opponent}/{wildcards.prompt_set}.jsonl",
         "prompts": prompt_set_file(wildcards.prompt_set),
+        **judge_model_inputs([JUDGES[wildcards.prompt_set]]),
     }
-    judge = JUDGES[wildcards.prompt_set]
-    if judge["backend"] == "rule":
-        inputs["spec"] = f"{DEMO_WORLD}/spec.json"
-    if judge["backend"] == "score_model":
-        for key in ("reward_model", "cost_model"):
-            if judge.get(key):
-                inputs[key] = judge[key]
-    return inputs
 
 
 def judged_pairs():
@@ -302,17 +312,33 @@ FIGURES = [
 TARGET = config.get("target")
 
 
+def target_sets():
+    """The search's helpfulness and red-team prompt sets (the first of each criterion)."""
+    by_criterion = {ps["criterion"]: name for name, ps in reversed(PROMPT_SETS.items())}
+    return by_criterion["helpfulness"], by_criterion["harmlessness"]
+
+
 def target_inputs(wildcards):
     node = PLAN.nodes[TARGET["over_safe"]]
-    by_criterion = {ps["criterion"]: name for name, ps in reversed(PROMPT_SETS.items())}
-    sets = [by_criterion["helpfulness"], by_criterion["harmlessness"]]
+    sets = target_sets()
     return {
         "a": model_dir(node.parent),
         "b": model_dir(node.name),
         "prompts": [prompt_set_file(s) for s in sets],
         "baseline": [f"results/generations/{PLAN.baseline}/{s}.jsonl" for s in sets],
-        "spec": f"{DEMO_WORLD}/spec.json",
+        **judge_model_inputs([JUDGES[s] for s in sets]),
     }
+
+
+def target_judges(wildcards):
+    """Each searched prompt set's judge settings, with its cache, as the judge step's."""
+    judges = {}
+    for role, prompt_set in zip(("helpfulness", "red_team"), target_sets()):
+        judge = dict(JUDGES[prompt_set])
+        if judge_cache_path(judge):
+            judge["cache"] = judge_cache_path(judge)
+        judges[role] = judge
+    return to_json(judges)
 
 
 def all_targets():

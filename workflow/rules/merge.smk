@@ -43,14 +43,19 @@ if TARGET:
         params:
             target=TARGET,
             name_b=TARGET["over_safe"],
+            baseline_name=PLAN.baseline,
             lambda_bar=lambda wildcards: (
                 f"--lambda-bar {TARGET['lambda_bar']}" if TARGET["lambda_bar"] else ""
             ),
+            judges=target_judges,
+            spec=lambda wildcards, input: f"--spec {input.spec}" if "spec" in input.keys() else "",
             generation=lambda wildcards: generation_spec_for(PLAN.sft),
             rounds=config["evaluation"]["winrate"]["bootstrap_rounds"],
             seed=SEED,
             code=code("target_search"),
         threads: config["threads"]["generate"]
+        resources:
+            judge_api=1,
         conda:
             "../../environment.yml"
         log:
@@ -59,6 +64,8 @@ if TARGET:
             "HF_HUB_OFFLINE=1 python -m sacpo_steps target_search --a {input.a} --b {input.b}"
             " --name-b {params.name_b} --target {params.target[value]}"
             " --tolerance {params.target[tolerance]} {params.lambda_bar}"
-            " --prompts {input.prompts} --baseline {input.baseline} --spec {input.spec}"
+            " --prompts {input.prompts} --baseline {input.baseline} --baseline-name"
+            " {params.baseline_name} --judges {params.judges:q} {params.spec}"
+            " --measure {params.target[measure]}"
             " --generation {params.generation:q} --rounds {params.rounds} --seed {params.seed}"
             " --threads {threads} --out-json {output.json} --out-md {output.md} > {log} 2>&1"
