@@ -112,6 +112,11 @@ BAD_CASES = [
      "evaluation.prompt_sets.red_team.judge.backend", ["gpt"]),
     ("target-over-safe-unknown",
      _set("target", {"over_safe": "nope", "value": 0.9}), "target.over_safe", ["nope"]),
+    ("target-safe-rate-with-a-pairwise-judge",
+     lambda c: (_set("target", {"over_safe": "dpo_h.dpo_s-0.01", "value": 0.9,
+                                "measure": "safe_rate"})(c),
+                _set("evaluation/judge", {"backend": "openai", "model": "gpt-4"})(c))[-1],
+     "target.measure", ["safe_rate", "openai", "red_team"]),
     ("target-value-above-1",
      _set("target", {"over_safe": "dpo_h.dpo_s-0.01", "value": 1.5}), "target.value", []),
     # merge nodes
@@ -197,7 +202,8 @@ def test_defaults_are_filled_in_place():
     assert cfg["seed"] == 0
     assert cfg["evaluation"]["judge"] == {"backend": "rule", "repetitions": 1}
     # the demo world rule reads every key, so a missing section must be filled too
-    assert cfg["demo_world"] == {"seed": 0, "n_sft_examples": 4000, "n_preference_pairs": 3000}
+    assert cfg["demo_world"] == {"seed": 0, "n_sft_examples": 4000, "n_preference_pairs": 3000,
+                                 "sensitive_tasks": False}
     assert cfg["preference_sources"]["demo"]["split"] == "train"
     assert cfg["preference_sources"]["demo"]["on_bad_row"] == "error"
 

@@ -9,6 +9,9 @@ rule demo_world:
         spec=f"{DEMO_WORLD}/spec.json",
     params:
         world=lambda wildcards: config.get("demo_world", {}),
+        sensitive=lambda wildcards: (
+            "--sensitive-tasks" if config["demo_world"]["sensitive_tasks"] else ""
+        ),
         out_dir=lambda wildcards, output: os.path.dirname(output.preferences),
         code=code("demo_world"),
     conda:
@@ -18,7 +21,8 @@ rule demo_world:
     shell:
         "python -m sacpo_steps demo_world --out-dir {params.out_dir} --seed {params.world[seed]}"
         " --n-sft-examples {params.world[n_sft_examples]}"
-        " --n-preference-pairs {params.world[n_preference_pairs]} > {log} 2>&1"
+        " --n-preference-pairs {params.world[n_preference_pairs]}"
+        " {params.sensitive} > {log} 2>&1"
 
 
 rule download_dataset:
