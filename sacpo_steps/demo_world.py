@@ -166,8 +166,10 @@ SFT_MIX_HARMFUL = {"comply": 0.35, "partial_comply": 0.20, "refusal": 0.25, "red
 # preference pairs cover all kinds evenly
 PAIR_KINDS_BENIGN = list(SFT_MIX_BENIGN)
 PAIR_KINDS_HARMFUL = list(SFT_MIX_HARMFUL)
-# on dual-use requests the annotated answers either help (fully or in part) or decline
-PAIR_KINDS_SENSITIVE = ["complete", "partial_two", "refusal", "redirect"]
+# on dual-use requests the SFT corpus hedges often (declines in half the examples), and
+# the annotated answers either help (fully or in part) or decline
+SFT_MIX_SENSITIVE = {"complete": 0.25, "partial_two": 0.25, "refusal": 0.30, "redirect": 0.20}
+PAIR_KINDS_SENSITIVE = list(SFT_MIX_SENSITIVE)
 
 
 @dataclass(frozen=True)
@@ -278,7 +280,8 @@ def build_world(cfg: WorldConfig) -> dict[str, Any]:
     sft_rows = []
     for _ in range(cfg.n_sft_examples):
         p = rng.choice(train_prompts)
-        mix = SFT_MIX_HARMFUL if p["kind"] == "harmful" else SFT_MIX_BENIGN
+        mix = {"benign": SFT_MIX_BENIGN, "sensitive": SFT_MIX_SENSITIVE,
+               "harmful": SFT_MIX_HARMFUL}[p["kind"]]
         kind = _sample_kind(mix, rng)
         sft_rows.append({"prompt": p["prompt"],
                          "response": render_response(kind, p["task_id"], spec, rng)})

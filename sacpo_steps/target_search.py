@@ -62,6 +62,8 @@ class SearchResult:
     trace: list[Measurement]
     lambda_approx: float | None
     message: str
+    # chosen minus over-safe helpfulness win rate, paired over prompts: (mean, low, high)
+    helpfulness_gain: tuple[float, float, float] | None = None
 
 
 def search(evaluate: Callable[[float], Measurement], target: float, *,
@@ -153,7 +155,7 @@ def evaluator(parent_a: Path, parent_b: Path, *, prompts: dict[str, Path],
     from sacpo_steps.judge import error_rate_limit, judge_model
     from sacpo_steps.judges import make_judge
     from sacpo_steps.merge import merge
-    from sacpo_steps.stats import load_battles, win_rates
+    from sacpo_steps.stats import SCORE_A, load_battles, win_rates
 
     if measure not in MEASURES:
         raise InputError(f"unknown measure {measure!r} (known: {', '.join(MEASURES)})",
@@ -162,6 +164,7 @@ def evaluator(parent_a: Path, parent_b: Path, *, prompts: dict[str, Path],
     if measure == "safe_rate":  # fail before any merge if this judge cannot do it
         built["red_team"].safe_many([])
     criteria = {"helpfulness": "helpfulness", "red_team": "harmlessness"}
+    per_prompt: dict[float, Any] = {}  # q -> helpfulness score per prompt (win 1, tie 0.5)
 
     def evaluate(q: float) -> Measurement:
         name = f"merge-q{q:g}"
@@ -179,8 +182,13 @@ def evaluator(parent_a: Path, parent_b: Path, *, prompts: dict[str, Path],
                         built[prompt_set], int(judges[prompt_set].get("repetitions", 1)),
                         battles, max_error_rate=error_rate_limit(judges[prompt_set]))
             files.append(battles)
-        table = win_rates(load_battles(files), baseline=baseline_name, rounds=rounds,
+        battles = load_battles(files)
+        table = win_rates(battles, baseline=baseline_name, rounds=rounds,
                           seed=seed).set_index("criterion")
+        help_rows = battles[(battles["criterion"] == "helpfulness")
+                            & (battles["outcome"] != "error")]
+        scores = help_rows["outcome"].map(SCORE_A)
+        per_prompt[q] = scores.groupby(help_rows["prompt_id"]).mean()
         h = table.loc["helpfulness"]
         if measure == "safe_rate":
             c = safe_rate(built["red_team"], outs["red_team"], prompts["red_team"],
@@ -190,8 +198,29 @@ def evaluator(parent_a: Path, parent_b: Path, *, prompts: dict[str, Path],
             c = (float(row.win_rate), float(row.ci_low), float(row.ci_high))
         return Measurement(q, *c, float(h.win_rate), float(h.ci_low), float(h.ci_high))
 
+    def paired_gain(q: float, other: float) -> tuple[float, float, float]:
+        return paired_difference(per_prompt[q], per_prompt[other], rounds=rounds, seed=seed)
+
     evaluate.close = lambda: [j.close() for j in built.values()]  # type: ignore[attr-defined]
+    evaluate.paired_gain = paired_gain  # type: ignore[attr-defined]
     return evaluate
+
+
+def paired_difference(a: Any, b: Any, *, rounds: int, seed: int,
+                      confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean of a - b over the prompts both scored, with a bootstrap interval that
+    resamples prompts (the two models answered the same prompts: a paired design)."""
+    import numpy as np
+
+    common = a.index.intersection(b.index)
+    if len(common) == 0:
+        raise InputError("no prompt was scored for both models", field="helpfulness")
+    diff = (a.loc[common] - b.loc[common]).to_numpy(dtype=float)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(rounds, len(diff)))].mean(axis=1)
+    alpha = 1.0 - confidence
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(diff.mean()), float(low), float(high)
 
 
 LABELS = {"harmlessness_winrate": "harmlessness win rate vs the baseline",
@@ -261,6 +290,11 @@ def main(argv: list[str] | None = None) -> None:
         try:
             result = search(evaluate, args.target, tolerance=args.tolerance,
                             lambda_bar=args.lambda_bar, over_safe_name=args.name_b)
+            if result.met and result.q != 1.0:
+                gain = result.helpfulness_gain = evaluate.paired_gain(result.q, 1.0)
+                result.message += (f". Helpfulness gain over the over-safe model (paired "
+                                   f"over prompts): {gain[0]:+.3f} [{gain[1]:+.3f}, "
+                                   f"{gain[2]:+.3f}]")
         finally:
             evaluate.close()
     write_result(result, args.target, Path(args.out_json), Path(args.out_md), args.measure)

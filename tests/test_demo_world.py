@@ -7,7 +7,7 @@ import json
 import pytest
 
 from sacpo_steps import demo_spec
-from sacpo_steps.demo_world import WorldConfig, build_world, write_world
+from sacpo_steps.demo_world import WorldConfig, build_world, render_steps, write_world
 from sacpo_steps.preference_data import prepare
 
 SMALL = WorldConfig(seed=3, n_sft_examples=300, n_preference_pairs=200)
@@ -87,3 +87,36 @@ def test_scoring_of_hand_made_answers(answer, helpfulness, harm):
     spec = build_world(SMALL)["spec"]
     score = demo_spec.score_answer(spec, "benign-00", answer)  # bake bread, 4 steps
     assert score == demo_spec.Score(helpfulness, harm)
+
+
+def test_dual_use_requests_are_off_by_default_and_create_the_trade_off():
+    """sensitive_tasks: the helpfulness labels prefer answering a dual-use request, the
+    safety labels prefer declining it; held out, they join the helpfulness set."""
+    assert not any(t["kind"] == "sensitive" for t in build_world(SMALL)["spec"]["tasks"].values())
+    world = build_world(WorldConfig(seed=0, n_sft_examples=10, n_preference_pairs=3000,
+                                    sensitive_tasks=True))
+    spec = world["spec"]
+    sensitive = {t["task"]: tid for tid, t in spec["tasks"].items() if t["kind"] == "sensitive"}
+    assert len(sensitive) >= 8
+    help_refusal_loses = safe_refusal_wins = n = 0
+    for row in world["preferences"]:
+        tid = next((t for name, t in sensitive.items() if name in row["prompt"]), None)
+        refused = [r.startswith("i cannot help") for r in (row["response_0"], row["response_1"])]
+        if tid is None or sum(refused) != 1:
+            continue
+        full = render_steps(spec["tasks"][tid]["steps"])
+        answered = 1 - refused.index(True)
+        if row[f"response_{answered}"] != full:
+            continue
+        n += 1
+        help_refusal_loses += row["better_response_id"] == answered
+        safe_refusal_wins += row["safer_response_id"] != answered
+        score = demo_spec.score_answer(spec, tid, full)
+        assert score.helpfulness == 1.0 and score.harm > 0
+    assert n >= 30
+    assert help_refusal_loses / n > 0.8 and safe_refusal_wins / n > 0.8
+    helpful_kinds = {spec["tasks"][r["task_id"]]["kind"]
+                     for r in world["prompt_sets"]["helpfulness"]}
+    assert helpful_kinds == {"benign", "sensitive"}
+    assert {spec["tasks"][r["task_id"]]["kind"] for r in world["prompt_sets"]["red_team"]} == {
+        "harmful"}

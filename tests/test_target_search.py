@@ -139,3 +139,19 @@ def test_safe_rate_is_refused_for_a_pairwise_only_judge(tmp_path):
     with pytest.raises(InputError, match="cannot rate one answer") as err:
         safe_rate(PairwiseOnly(), gens, prompts, rounds=10, seed=0)
     assert err.value.field == "target.measure"
+
+
+def test_paired_difference_uses_the_prompts_both_scored():
+    import pandas as pd
+
+    from sacpo_steps.target_search import paired_difference
+
+    a = pd.Series([1.0, 1.0, 0.5, 1.0, 0.0], index=["p1", "p2", "p3", "p4", "p5"])
+    b = pd.Series([0.5, 1.0, 0.5, 0.0, 0.0, 1.0], index=["p1", "p2", "p3", "p4", "p5", "p6"])
+    mean, low, high = paired_difference(a, b, rounds=2000, seed=0)
+    assert mean == pytest.approx((0.5 + 0 + 0 + 1.0 + 0) / 5)  # p6 is not paired
+    assert low <= mean <= high and low >= 0.0 and high <= 1.0
+    same = paired_difference(a, a, rounds=100, seed=0)
+    assert same == (0.0, 0.0, 0.0)
+    with pytest.raises(InputError, match="no prompt"):
+        paired_difference(a, pd.Series([1.0], index=["zz"]), rounds=10, seed=0)
