@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,9 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-
-ROOT = Path(__file__).resolve().parent.parent
-COPY = ["Snakefile", "workflow", "config", "profiles", "sacpo_steps", "environment.yml"]
+from workcopy import ROOT, fresh_copy
 
 
 def stage2_models(config: dict, stage1: str) -> list[tuple[float, str]]:
@@ -37,16 +34,7 @@ def stage2_models(config: dict, stage1: str) -> list[tuple[float, str]]:
 
 
 def run_seed(seed: int, base: dict, workdir: Path, cores: str) -> tuple[pd.DataFrame, float]:
-    work = workdir / f"seed{seed}"
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    for name in COPY:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, work / name)
+    work = fresh_copy(workdir / f"seed{seed}")
     config = copy.deepcopy(base)
     config["seed"] = seed
     config.setdefault("demo_world", {})["seed"] = seed

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,24 +25,14 @@ import time
 from pathlib import Path
 
 import yaml
+from workcopy import ROOT, fresh_copy
 
-ROOT = Path(__file__).resolve().parent.parent
-COPY = ["Snakefile", "workflow", "config", "profiles", "sacpo_steps", "environment.yml"]
 CONFIG = "config/demo-target.yaml"
 OUTPUTS = ["results/target/search.json", "results/target/search.md"]
 
 
 def run_seed(seed: int, base: dict, workdir: Path, cores: str) -> tuple[dict, float]:
-    work = workdir / f"seed{seed}"
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    for name in COPY:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, work / name)
+    work = fresh_copy(workdir / f"seed{seed}")
     config = copy.deepcopy(base)
     config["seed"] = seed
     config["demo_world"]["seed"] = seed
