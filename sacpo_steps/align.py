@@ -10,11 +10,15 @@ is the node's own loss coefficient (for a stage-2 node, the paper's beta/lambda)
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -138,10 +142,8 @@ def build_trainer(
     `reference_dir` overrides the reference (only for controls and tests: SACPO's
     stage 2 must use its parent, i.e. the stage-1 model).
     """
-    from datasets import Dataset, disable_caching
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    disable_caching()
     if loss not in LOSSES:
         raise InputError(f"unknown loss {loss!r} (dpo | kto)", field="loss")
     if not beta > 0:
@@ -205,7 +207,7 @@ def build_trainer(
         data_seed=seed,
         dataloader_num_workers=0,
     )
-    dataset = Dataset.from_list(examples)
+    dataset = shared_dataset(examples, Path(output_dir))
     if loss == "dpo":
         from trl import DPOConfig, DPOTrainer
 
@@ -225,6 +227,43 @@ def build_trainer(
                              train_dataset=dataset, processing_class=tokenizer,
                              peft_config=peft_config)
     return trainer
+
+
+def shared_dataset(examples: list[dict[str, Any]], folder: Path):
+    """The examples as a Dataset on disk, in a folder every process of the job opens.
+
+    TRL writes the reference log-probs (and its tokenised copies) to cache files next
+    to the dataset's own: rank 0 writes them, the other ranks read them. An in-memory
+    dataset would put them in each process's private temporary folder, where the other
+    ranks cannot find them. Every process may build the folder; the first rename wins
+    (the content is the same).
+    """
+    from datasets import Dataset, load_from_disk
+
+    blob = json.dumps(examples, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    final = folder / f"dataset-{hashlib.sha256(blob).hexdigest()[:16]}"
+    if not final.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{final.name}.tmp-{os.getpid()}"
+        Dataset.from_list(examples).save_to_disk(str(tmp))
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process renamed its copy first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return load_from_disk(str(final))
+
+
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) of this process, as the launcher (accelerate, torchrun) set them."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextlib.contextmanager
+def _discarded_dir():
+    """A throwaway folder for a non-zero rank's share of the save calls (they write
+    nothing of the model; only rank 0 publishes)."""
+    with tempfile.TemporaryDirectory(prefix="sacpo-rank-") as tmp:
+        yield Path(tmp)
 
 
 def save_merged_adapter(trainer, parent_dir: Path, out: Path, training: TrainingConfig) -> None:
@@ -271,11 +310,19 @@ def align(
     last one; the model folder appears only once training has finished.
     """
     started = time.monotonic()
+    rank, world = process_rank()
+    if world > 1 and not checkpoint_dir:
+        raise InputError(f"{world} processes need --checkpoint-dir, a folder they all share "
+                         "(the trainer's state and the dataset cache live there)",
+                         field="checkpoint_dir")
     parent_dir = check_model_dir(parent_dir, role=f"parent model '{parent}'")
     examples = load_examples(data_path, loss, prompt_template, seed, training.max_examples)
     set_threads(threads)
     out_dir = Path(out_dir)
-    with atomic_output(out_dir, is_dir=True) as tmp:
+    # Every process trains and takes part in the save calls (FSDP gathers the weights
+    # there); only rank 0 writes the model folder and moves it into place.
+    publish = atomic_output(out_dir, is_dir=True) if rank == 0 else _discarded_dir()
+    with publish as tmp:
         work_dir = Path(checkpoint_dir) if checkpoint_dir else tmp / ".trainer"
         trainer = build_trainer(parent_dir, examples, loss=loss, beta=beta, training=training,
                                 output_dir=work_dir, seed=seed,
@@ -320,8 +367,11 @@ def align(
             write_model_card(tmp, summary)
     if checkpoint_dir and trainer.accelerator.is_main_process:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # finished: nothing to resume
-    log.info("aligned model '%s' written to %s (%.1f s)", name, out_dir,
-             time.monotonic() - started)
+    if rank == 0:
+        log.info("aligned model '%s' written to %s (%.1f s)", name, out_dir,
+                 time.monotonic() - started)
+    else:
+        log.info("rank %d of %d done (%.1f s)", rank, world, time.monotonic() - started)
     return summary
 
 

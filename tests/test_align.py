@@ -169,3 +169,46 @@ def test_lora_stage_is_merged_so_stage2_refers_to_it(tiny_models, pairs_file, tm
     for got, want in zip(ref, stage1_logps, strict=True):
         assert got == pytest.approx(want, abs=1e-3)
     assert first_loss(trainer) == pytest.approx(math.log(2), abs=1e-4)
+
+
+def test_two_processes_share_the_data_and_publish_one_model(tiny_models, pairs_file, tmp_path):
+    """Multi-process training (torchrun, gloo on CPU; the same code runs under accelerate
+    launch on GPUs): the reference log-probs rank 0 computes reach rank 1 through the
+    shared dataset folder, the batch is global over both processes, and only rank 0
+    writes the model folder (no stray temporary folder, scratch removed)."""
+    import os
+    import subprocess
+    import sys
+
+    spec = {"name": "ddp", "parent": "sft", "data": "helpfulness", "loss": "dpo", "beta": 0.1,
+            "training": {**TINY.__dict__, "max_steps": -1, "per_device_batch_size": 2},
+            "prompt_template": PROMPT_TEMPLATE, "seed": 0}
+    out, scratch = tmp_path / "models" / "ddp", tmp_path / "scratch" / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "sacpo_steps", "align", "--parent-dir", str(tiny_models["sft"]),
+         "--data", str(pairs_file), "--out", str(out), "--spec", json.dumps(spec),
+         "--checkpoint-dir", str(scratch), "--threads", "1"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    card = json.loads((out / "sacpo.json").read_text())["training"]
+    n = len(load_examples(pairs_file, "dpo", PROMPT_TEMPLATE, seed=0))
+    assert card["global_batch_size"] == 4  # 2 per process x 2 processes
+    assert card["steps"] == math.ceil(n / 4)  # one epoch over the global batch
+    assert card["first_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ddp"]
+    assert not scratch.exists()
+    assert "rank 1 of 2 done" in proc.stderr
+
+
+def test_several_processes_without_a_shared_folder_are_refused(tiny_models, pairs_file,
+                                                               tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(InputError, match="--checkpoint-dir") as err:
+        align(tiny_models["sft"], pairs_file, tmp_path / "out", name="x", parent="sft",
+              data="helpfulness", loss="dpo", beta=0.1, training=TINY,
+              prompt_template=PROMPT_TEMPLATE)
+    assert err.value.field == "checkpoint_dir"
+    assert not (tmp_path / "out").exists()
