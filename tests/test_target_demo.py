@@ -53,7 +53,7 @@ def test_target_between_the_two_models_is_met_with_more_help_than_the_over_safe(
     # ... and the gain, paired over prompts, is the difference of the two win rates
     gain, low, high = result["helpfulness_gain"]
     assert gain == pytest.approx(chosen["helpfulness"] - over_safe["helpfulness"], abs=1e-9)
-    assert low <= gain <= high
+    assert 0 < low <= gain <= high  # measured +0.122 [+0.077, +0.167]; > 0 on seeds 0-2
     assert result["lambda_approx"] == pytest.approx(result["q"] * cfg["target"]["lambda_bar"])
     md = (demo / SEARCH[1]).read_text()
     assert f"q = {result['q']:g} meets the target {target}" in md and "approximate" in md
