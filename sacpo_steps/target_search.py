@@ -143,67 +143,78 @@ def safe_rate(judge: Any, generations: Path, prompts: Path, *, rounds: int, seed
     return float(safe.mean()), float(low), float(high)
 
 
-def evaluator(parent_a: Path, parent_b: Path, *, prompts: dict[str, Path],
-              baseline: dict[str, Path], judges: dict[str, dict[str, Any]],
-              spec: Path | None, gen: dict[str, Any], work: Path, rounds: int, seed: int,
-              threads: int | None, measure: str = "harmlessness_winrate",
-              baseline_name: str = "sft") -> Callable[[float], Measurement]:
-    """Merge at q, generate both prompt sets, then measure with each set's own judge:
-    helpfulness as the win rate vs the baseline, the constraint as the harmlessness
-    win rate vs the baseline or as the safe rate."""
-    from sacpo_steps.generate import generate
-    from sacpo_steps.judge import error_rate_limit, judge_model
-    from sacpo_steps.judges import make_judge
-    from sacpo_steps.merge import merge
-    from sacpo_steps.stats import SCORE_A, load_battles, win_rates
+class MergeEvaluator:
+    """Measures one merge weight q: merge, generate both prompt sets, then judge each
+    with its own judge: helpfulness as the win rate vs the baseline, the constraint as
+    the harmlessness win rate vs the baseline or as the safe rate. Keeps each q's
+    per-prompt helpfulness, for the paired gain of one q over another."""
 
-    if measure not in MEASURES:
-        raise InputError(f"unknown measure {measure!r} (known: {', '.join(MEASURES)})",
-                         field="target.measure")
-    built = {role: make_judge(dict(cfg), spec_path=spec) for role, cfg in judges.items()}
-    if measure == "safe_rate":  # fail before any merge if this judge cannot do it
-        built["red_team"].safe_many([])
-    criteria = {"helpfulness": "helpfulness", "red_team": "harmlessness"}
-    per_prompt: dict[float, Any] = {}  # q -> helpfulness score per prompt (win 1, tie 0.5)
+    def __init__(self, parent_a: Path, parent_b: Path, *, prompts: dict[str, Path],
+                 baseline: dict[str, Path], judges: dict[str, dict[str, Any]],
+                 spec: Path | None, gen: dict[str, Any], work: Path, rounds: int, seed: int,
+                 threads: int | None, measure: str = "harmlessness_winrate",
+                 baseline_name: str = "sft") -> None:
+        from sacpo_steps.judges import make_judge
 
-    def evaluate(q: float) -> Measurement:
+        if measure not in MEASURES:
+            raise InputError(f"unknown measure {measure!r} (known: {', '.join(MEASURES)})",
+                             field="target.measure")
+        self.parents, self.prompts, self.baseline = (parent_a, parent_b), prompts, baseline
+        self.settings, self.gen, self.work = judges, gen, work
+        self.rounds, self.seed, self.threads = rounds, seed, threads
+        self.measure, self.baseline_name = measure, baseline_name
+        self.judges = {role: make_judge(dict(cfg), spec_path=spec)
+                       for role, cfg in judges.items()}
+        if measure == "safe_rate":  # fail before any merge if this judge cannot do it
+            self.judges["red_team"].safe_many([])
+        self.per_prompt: dict[float, Any] = {}  # q -> helpfulness per prompt (win 1, tie 0.5)
+
+    def __call__(self, q: float) -> Measurement:
+        from sacpo_steps.generate import generate
+        from sacpo_steps.judge import error_rate_limit, judge_model
+        from sacpo_steps.merge import merge
+        from sacpo_steps.stats import SCORE_A, load_battles, win_rates
+
         name = f"merge-q{q:g}"
-        model = work / name
-        merge(parent_a, parent_b, [q], [model], names=[name], threads=threads)
+        model = self.work / name
+        merge(*self.parents, [q], [model], names=[name], threads=self.threads)
         files, outs = [], {}
-        for prompt_set, criterion in criteria.items():
-            out = outs[prompt_set] = work / f"{name}.{prompt_set}.jsonl"
-            generate(model, prompts[prompt_set], out, model_name=name, seed=seed,
-                     threads=threads, **gen)
-            if prompt_set == "red_team" and measure == "safe_rate":
+        for prompt_set, criterion in (("helpfulness", "helpfulness"),
+                                      ("red_team", "harmlessness")):
+            out = outs[prompt_set] = self.work / f"{name}.{prompt_set}.jsonl"
+            generate(model, self.prompts[prompt_set], out, model_name=name, seed=self.seed,
+                     threads=self.threads, **self.gen)
+            if prompt_set == "red_team" and self.measure == "safe_rate":
                 continue
-            battles = work / f"{name}.{prompt_set}.battles.jsonl"
-            judge_model(out, baseline[prompt_set], prompts[prompt_set], criterion,
-                        built[prompt_set], int(judges[prompt_set].get("repetitions", 1)),
-                        battles, max_error_rate=error_rate_limit(judges[prompt_set]))
+            battles = self.work / f"{name}.{prompt_set}.battles.jsonl"
+            settings = self.settings[prompt_set]
+            judge_model(out, self.baseline[prompt_set], self.prompts[prompt_set], criterion,
+                        self.judges[prompt_set], int(settings.get("repetitions", 1)), battles,
+                        max_error_rate=error_rate_limit(settings))
             files.append(battles)
         battles = load_battles(files)
-        table = win_rates(battles, baseline=baseline_name, rounds=rounds,
-                          seed=seed).set_index("criterion")
-        help_rows = battles[(battles["criterion"] == "helpfulness")
-                            & (battles["outcome"] != "error")]
-        scores = help_rows["outcome"].map(SCORE_A)
-        per_prompt[q] = scores.groupby(help_rows["prompt_id"]).mean()
+        table = win_rates(battles, baseline=self.baseline_name, rounds=self.rounds,
+                          seed=self.seed).set_index("criterion")
+        helpful = battles[(battles["criterion"] == "helpfulness")
+                          & (battles["outcome"] != "error")]
+        self.per_prompt[q] = helpful["outcome"].map(SCORE_A).groupby(helpful["prompt_id"]).mean()
         h = table.loc["helpfulness"]
-        if measure == "safe_rate":
-            c = safe_rate(built["red_team"], outs["red_team"], prompts["red_team"],
-                          rounds=rounds, seed=seed)
+        if self.measure == "safe_rate":
+            c = safe_rate(self.judges["red_team"], outs["red_team"], self.prompts["red_team"],
+                          rounds=self.rounds, seed=self.seed)
         else:
             row = table.loc["harmlessness"]
             c = (float(row.win_rate), float(row.ci_low), float(row.ci_high))
         return Measurement(q, *c, float(h.win_rate), float(h.ci_low), float(h.ci_high))
 
-    def paired_gain(q: float, other: float) -> tuple[float, float, float]:
-        return paired_difference(per_prompt[q], per_prompt[other], rounds=rounds, seed=seed)
+    def paired_gain(self, q: float, other: float) -> tuple[float, float, float]:
+        """Helpfulness of q minus that of `other`, paired over prompts, with its interval."""
+        return paired_difference(self.per_prompt[q], self.per_prompt[other],
+                                 rounds=self.rounds, seed=self.seed)
 
-    evaluate.close = lambda: [j.close() for j in built.values()]  # type: ignore[attr-defined]
-    evaluate.paired_gain = paired_gain  # type: ignore[attr-defined]
-    return evaluate
+    def close(self) -> None:
+        for judge in self.judges.values():
+            judge.close()
 
 
 def paired_difference(a: Any, b: Any, *, rounds: int, seed: int,
@@ -279,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         raise InputError("expected an object with the keys helpfulness and red_team",
                          field="--judges")
     with tempfile.TemporaryDirectory(prefix="target-search-") as tmp:
-        evaluate = evaluator(
+        evaluate = MergeEvaluator(
             Path(args.a), Path(args.b),
             prompts={"helpfulness": Path(args.prompts[0]), "red_team": Path(args.prompts[1])},
             baseline={"helpfulness": Path(args.baseline[0]),
