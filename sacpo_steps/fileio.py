@@ -102,6 +102,17 @@ def read_json(path: str | Path) -> Any:
         raise InputError(f"not valid JSON ({exc})", path=path) from None
 
 
+def json_object_arg(text: str, field: str) -> dict[str, Any]:
+    """A command-line argument that must hold a JSON object; InputError names the flag."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"not valid JSON ({exc.msg})", field=field) from None
+    if not isinstance(value, dict):
+        raise InputError("expected a JSON object", field=field)
+    return value
+
+
 def setup_logging(log_file: str | Path | None, *, level: int = logging.INFO) -> None:
     """Log to stderr and, when given, to `log_file` (the rule's log)."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]

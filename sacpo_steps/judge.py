@@ -23,7 +23,7 @@ from typing import Any
 from tqdm import tqdm
 
 from sacpo_steps.errors import InputError
-from sacpo_steps.fileio import atomic_output, read_jsonl, setup_logging
+from sacpo_steps.fileio import atomic_output, json_object_arg, read_jsonl, setup_logging
 from sacpo_steps.judges import CRITERIA, Judge, JudgeReply, JudgeRequest, make_judge
 
 log = logging.getLogger("sacpo.judge")
@@ -305,16 +305,6 @@ def error_rate_limit(config: dict[str, Any]) -> float:
     return float(value)
 
 
-def _parse_judge_config(text: str) -> dict[str, Any]:
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"not valid JSON ({exc.msg})", field="--judge-config") from None
-    if not isinstance(config, dict):
-        raise InputError("expected a JSON object", field="--judge-config")
-    return config
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sacpo_steps judge", description=__doc__.splitlines()[0])
     p.add_argument("--candidate", required=True, help="generations JSONL of the judged model")
@@ -338,7 +328,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     setup_logging(args.log)
-    config = _parse_judge_config(args.judge_config)
+    config = json_object_arg(args.judge_config, "--judge-config")
     if args.judge_cache is not None:
         config["cache"] = args.judge_cache
     max_error_rate = error_rate_limit(config)

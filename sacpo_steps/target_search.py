@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from sacpo_steps.errors import InputError
-from sacpo_steps.fileio import atomic_output, setup_logging
+from sacpo_steps.fileio import atomic_output, json_object_arg, setup_logging
 
 log = logging.getLogger("sacpo.target_search")
 
@@ -112,6 +112,7 @@ def search(evaluate: Callable[[float], Measurement], target: float, *,
 
 
 MEASURES = ("harmlessness_winrate", "safe_rate")
+GENERATION_KEYS = ("prompt_template", "stop_markers", "max_new_tokens", "batch_size")
 
 
 def safe_rate(judge: Any, generations: Path, prompts: Path, *, rounds: int, seed: int,
@@ -120,27 +121,37 @@ def safe_rate(judge: Any, generations: Path, prompts: Path, *, rounds: int, seed
     over prompts (the paper's cost-model safe rate; on the demo, harm = 0)."""
     import numpy as np
 
-    from sacpo_steps.fileio import read_jsonl
+    from sacpo_steps.judge import read_generations, read_prompt_set
     from sacpo_steps.judges.base import JudgeRequest
 
-    context = {str(r["prompt_id"]): r for r in read_jsonl(prompts)}
-    rows = list(read_jsonl(generations))
-    requests = [JudgeRequest("harmlessness", str(r["prompt_id"]), r["prompt"], r["answer"],
-                             r["answer"],
-                             context={k: v for k, v in context.get(str(r["prompt_id"]), {}).items()
-                                      if k == "task_id"})
-                for r in rows]
+    prompt_rows = read_prompt_set(prompts)
+    _, rows = read_generations(generations)
+    requests = []
+    for pid, row in rows.items():
+        task_id = prompt_rows.get(pid, {}).get("task_id")
+        requests.append(JudgeRequest("harmlessness", pid, row["prompt"], row["answer"],
+                                     row["answer"],
+                                     context={"task_id": task_id} if task_id else {}))
     verdicts = judge.safe_many(requests)
     missing = [r.prompt_id for r, v in zip(requests, verdicts, strict=True) if v is None]
     if missing:
         raise InputError(f"{len(missing)} answer(s) could not be rated (first: prompt "
                          f"{missing[0]!r})", path=generations)
-    safe = np.array(verdicts, dtype=float)
-    rng = np.random.default_rng(seed)
-    rates = safe[rng.integers(0, len(safe), size=(rounds, len(safe)))].mean(axis=1)
-    alpha = 1.0 - confidence
-    low, high = np.quantile(rates, [alpha / 2, 1 - alpha / 2])
-    return float(safe.mean()), float(low), float(high)
+    return mean_interval(np.array(verdicts, dtype=float), rounds=rounds, seed=seed,
+                         confidence=confidence)
+
+
+def mean_interval(values: Any, *, rounds: int, seed: int,
+                  confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean of per-prompt values with the percentile interval from resampling prompts."""
+    import numpy as np
+
+    from sacpo_steps.stats import bootstrap_interval
+
+    values = np.asarray(values, dtype=float)
+    low, high = bootstrap_interval(values, np.ones(len(values)), np.random.default_rng(seed),
+                                   rounds, confidence)
+    return float(values.mean()), low, high
 
 
 class MergeEvaluator:
@@ -221,17 +232,11 @@ def paired_difference(a: Any, b: Any, *, rounds: int, seed: int,
                       confidence: float = 0.95) -> tuple[float, float, float]:
     """Mean of a - b over the prompts both scored, with a bootstrap interval that
     resamples prompts (the two models answered the same prompts: a paired design)."""
-    import numpy as np
-
     common = a.index.intersection(b.index)
     if len(common) == 0:
         raise InputError("no prompt was scored for both models", field="helpfulness")
-    diff = (a.loc[common] - b.loc[common]).to_numpy(dtype=float)
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), size=(rounds, len(diff)))].mean(axis=1)
-    alpha = 1.0 - confidence
-    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return float(diff.mean()), float(low), float(high)
+    return mean_interval((a.loc[common] - b.loc[common]).to_numpy(dtype=float),
+                         rounds=rounds, seed=seed, confidence=confidence)
 
 
 LABELS = {"harmlessness_winrate": "harmlessness win rate vs the baseline",
@@ -279,14 +284,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--log")
     args = p.parse_args(argv)
     setup_logging(args.log)
-    gen = json.loads(args.generation)
-    gen = {k: gen[k] for k in ("prompt_template", "stop_markers", "max_new_tokens",
-                               "batch_size")}
-    try:
-        judges = json.loads(args.judges)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"not valid JSON ({exc.msg})", field="--judges") from None
-    if not isinstance(judges, dict) or set(judges) != {"helpfulness", "red_team"}:
+    gen = json_object_arg(args.generation, "--generation")
+    missing = [k for k in GENERATION_KEYS if k not in gen]
+    if missing:
+        raise InputError(f"missing keys {missing}", field="--generation")
+    gen = {k: gen[k] for k in GENERATION_KEYS}
+    judges = json_object_arg(args.judges, "--judges")
+    if set(judges) != {"helpfulness", "red_team"}:
         raise InputError("expected an object with the keys helpfulness and red_team",
                          field="--judges")
     with tempfile.TemporaryDirectory(prefix="target-search-") as tmp:

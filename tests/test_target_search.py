@@ -104,7 +104,7 @@ def _answers(tmp_path, rows):
     prompts, gens = tmp_path / "prompts.jsonl", tmp_path / "gens.jsonl"
     write_jsonl(prompts, [{"prompt_id": f"p{i}", "prompt": "q", "task_id": t}
                           for i, (t, _) in enumerate(rows)])
-    write_jsonl(gens, [{"prompt_id": f"p{i}", "prompt": "q", "answer": a}
+    write_jsonl(gens, [{"prompt_id": f"p{i}", "prompt": "q", "answer": a, "model": "m"}
                        for i, (_, a) in enumerate(rows)])
     return prompts, gens
 
@@ -155,3 +155,25 @@ def test_paired_difference_uses_the_prompts_both_scored():
     assert same == (0.0, 0.0, 0.0)
     with pytest.raises(InputError, match="no prompt"):
         paired_difference(a, pd.Series([1.0], index=["zz"]), rounds=10, seed=0)
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--generation", "{not json", "not valid JSON"),
+    ("--generation", json.dumps({"prompt_template": "{prompt}"}), "missing keys"),
+    ("--judges", "[1, 2]", "expected a JSON object"),
+    ("--judges", json.dumps({"helpfulness": {"backend": "rule"}}), "helpfulness and red_team"),
+])
+def test_bad_cli_json_is_an_input_error_naming_the_flag(tmp_path, flag, value, message):
+    args = {"--generation": json.dumps({"prompt_template": "{prompt}", "stop_markers": [],
+                                        "max_new_tokens": 4, "batch_size": 8}),
+            "--judges": json.dumps(RULE_JUDGES), flag: value}
+    out_json = tmp_path / "search.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sacpo_steps", "target_search", "--a", "a", "--b", "b",
+         "--target", "0.5", "--prompts", "h.jsonl", "r.jsonl", "--baseline", "h.jsonl",
+         "r.jsonl", "--out-json", str(out_json), "--out-md", str(tmp_path / "search.md"),
+         *[x for kv in args.items() for x in kv]],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and flag in proc.stderr
+    assert "Traceback" not in proc.stderr and not out_json.exists()
