@@ -33,6 +33,7 @@ from sacpo_steps.modelio import (
     startup_callback,
     write_model_card,
 )
+from sacpo_steps.tokens import PromptCap, render_completion, render_prompt
 
 log = logging.getLogger("sacpo.align")
 
@@ -48,6 +49,8 @@ class TrainingConfig:
     per_device_batch_size: int = 16
     gradient_accumulation_steps: int = 2
     max_length: int = 512
+    # prompt ids (special tokens included) kept before the answer; the start is cut
+    max_prompt_length: int | None = None
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.03
     precompute_ref_log_probs: bool = True
@@ -74,12 +77,15 @@ class TrainingConfig:
 
 
 def load_examples(path: str | Path, loss: str, prompt_template: str, seed: int,
-                  max_examples: int | None = None) -> list[dict[str, Any]]:
-    """Read pairs (DPO) or labelled rows (KTO) and apply the prompt template.
+                  max_examples: int | None = None, *, tokenizer: Any = None,
+                  prompt_cap: PromptCap | None = None) -> list[dict[str, Any]]:
+    """Read pairs (DPO) or labelled rows (KTO), rendered by the tokenization contract.
 
-    Completions start with a space so that prompt tokens are a prefix of
-    prompt+completion tokens, exactly as at generation time. Rows are shuffled
-    with the seed: KTO's trainer samples sequentially and shuffles nothing itself.
+    `tokens.render_prompt`/`render_completion` shape each row as TRL will tokenize
+    it, so training sees the same prompt ids as generation. With a `prompt_cap`
+    (and the parent's tokenizer) long prompts keep their end, and a prompt that
+    cannot fit is dropped and counted. Rows are shuffled with the seed: KTO's
+    trainer samples sequentially and shuffles nothing itself.
     """
     rows = read_jsonl(path)
     if not rows:
@@ -90,16 +96,24 @@ def load_examples(path: str | Path, loss: str, prompt_template: str, seed: int,
         for field in text_fields:
             if not isinstance(row.get(field), str) or not row[field].strip():
                 raise InputError("missing or empty text", path=path, row=i, field=field)
-        example = {"prompt": prompt_template.format(prompt=row["prompt"])}
+        if loss != "dpo" and not isinstance(row.get("label"), bool):
+            raise InputError("label must be true or false", path=path, row=i, field="label")
+        prompt = row["prompt"]
+        if prompt_cap is not None and tokenizer is not None:
+            prompt = prompt_cap.apply(tokenizer, prompt_template, prompt)
+            if prompt is None:
+                continue
+        example: dict[str, Any] = {"prompt": render_prompt(prompt_template, prompt)}
         if loss == "dpo":
-            example["chosen"] = " " + row["chosen"].strip()
-            example["rejected"] = " " + row["rejected"].strip()
+            example["chosen"] = render_completion(prompt_template, row["chosen"])
+            example["rejected"] = render_completion(prompt_template, row["rejected"])
         else:
-            if not isinstance(row.get("label"), bool):
-                raise InputError("label must be true or false", path=path, row=i, field="label")
-            example["completion"] = " " + row["completion"].strip()
+            example["completion"] = render_completion(prompt_template, row["completion"])
             example["label"] = row["label"]
         examples.append(example)
+    if not examples:
+        raise InputError("no example fits training.max_prompt_length", path=path,
+                         field="training.max_prompt_length")
     random.Random(seed).shuffle(examples)
     if max_examples:
         examples = examples[:max_examples]
@@ -316,7 +330,14 @@ def align(
                          "(the trainer's state and the dataset cache live there)",
                          field="checkpoint_dir")
     parent_dir = check_model_dir(parent_dir, role=f"parent model '{parent}'")
-    examples = load_examples(data_path, loss, prompt_template, seed, training.max_examples)
+    from transformers import AutoTokenizer
+
+    cap = PromptCap(training.max_prompt_length)
+    examples = load_examples(data_path, loss, prompt_template, seed, training.max_examples,
+                             tokenizer=AutoTokenizer.from_pretrained(parent_dir),
+                             prompt_cap=cap)
+    log.info("prompt cap %s: %d of %d prompts truncated (start cut), %d dropped",
+             cap.max_prompt_length, cap.truncated, cap.seen, cap.dropped)
     set_threads(threads)
     out_dir = Path(out_dir)
     # Every process trains and takes part in the save calls (FSDP gathers the weights
@@ -354,6 +375,7 @@ def align(
             "reference": parent if reference_dir is None else str(reference_dir),
             "training": {
                 **asdict(training), "seed": seed, "examples": len(examples),
+                "prompt_cap": cap.counts(),
                 "global_batch_size": training.per_device_batch_size
                 * training.gradient_accumulation_steps * trainer.accelerator.num_processes,
                 "steps": trainer.state.global_step,

@@ -1,8 +1,11 @@
 """Batched greedy generation on a prompt set, with the paper's answer truncation.
 
-The answer is cut at the first blank line or at a new user turn (the stop
-markers, from config), as in the paper's evaluation. Output rows follow the
-generations format: prompt_id, prompt, answer, model.
+Prompt ids come from the one tokenization contract (`tokens.encode_prompt`), so
+a model is sampled on the ids it was trained on (BOS included where the
+tokenizer adds it), under the same prompt cap as training. The answer is
+stripped, then cut at the first blank line or stop marker (a new user turn), as
+in the paper's evaluation. Output rows follow the generations format:
+prompt_id, prompt, answer, model. Empty answers are counted in the log.
 """
 
 from __future__ import annotations
@@ -22,9 +25,15 @@ log = logging.getLogger("sacpo.generate")
 
 
 def truncate_answer(text: str, stop_markers: list[str]) -> str:
-    """Cut at the first blank line or the first stop marker; strip surrounding space."""
+    """Strip, then cut at the first blank line or stop marker; strip again.
+
+    Stripping first matters: real Llama answers often start with a blank line
+    before "Sure, ...", which would otherwise cut the whole answer away.
+    Markers match exactly (list every casing in the config).
+    """
+    text = text.strip()
     cut = len(text)
-    blank = re.search(r"\n\s*\n", text)
+    blank = re.search(r"\n[^\S\n]*\n", text)
     if blank:
         cut = blank.start()
     for marker in stop_markers:
@@ -62,9 +71,11 @@ def generate(
     batch_size: int,
     seed: int = 0,
     threads: int | None = None,
-) -> int:
-    """Generate greedy answers for every prompt; return the number written."""
+    max_prompt_length: int | None = None,
+) -> dict[str, Any]:
+    """Generate greedy answers for every prompt; return counts (answers, empty, truncated)."""
     from sacpo_steps.modelio import check_model_dir, set_threads
+    from sacpo_steps.tokens import PromptCap, encode_prompt
 
     check_model_dir(model_dir)
     prompts = load_prompts(prompts_path)
@@ -75,27 +86,38 @@ def generate(
     set_threads(threads)
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+        else tokenizer.eos_token_id
+    cap = PromptCap(max_prompt_length)
+    encoded: list[list[int]] = []
+    for i, p in enumerate(prompts, start=1):
+        text = cap.apply(tokenizer, prompt_template, p["prompt"])
+        if text is None:
+            raise InputError(f"the prompt template alone exceeds max_prompt_length "
+                             f"{max_prompt_length}", path=prompts_path, row=i,
+                             field="training.max_prompt_length")
+        encoded.append(encode_prompt(tokenizer, prompt_template, text))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(device)
     model.eval()
     # Longest prompts first: batches of similar length waste less padding.
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]["prompt"]))
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     answers: dict[int, str] = {}
     first_token_logged = False
     from tqdm import tqdm
 
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc=f"generate {model_name}", unit="batch"):
-        texts = [prompt_template.format(prompt=prompts[i]["prompt"]) for i in batch]
-        enc = tokenizer(texts, return_tensors="pt", padding=True,
-                        add_special_tokens=False).to(device)
+        # left padding, so every prompt ends where generation starts
+        width = max(len(encoded[i]) for i in batch)
+        ids = [[pad_id] * (width - len(encoded[i])) + encoded[i] for i in batch]
+        mask = [[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in batch]
+        input_ids = torch.tensor(ids, device=device)
         with torch.inference_mode():
             out = model.generate(
-                **enc, do_sample=False, max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                input_ids=input_ids, attention_mask=torch.tensor(mask, device=device),
+                do_sample=False, max_new_tokens=max_new_tokens,
+                pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
             )
         if not first_token_logged:
             from sacpo_steps import seconds_since_start
@@ -103,16 +125,22 @@ def generate(
             log.info("startup: first batch generated %.2f s after process start",
                      seconds_since_start())
             first_token_logged = True
-        new_tokens = out[:, enc["input_ids"].shape[1]:]
+        new_tokens = out[:, width:]
         for i, tokens in zip(batch, new_tokens, strict=True):
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             answers[i] = truncate_answer(text, stop_markers)
     rows = [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "answer": answers[i],
              "model": model_name} for i, p in enumerate(prompts)]
     n = write_jsonl(out_path, rows)
-    log.info("%d answers by %s written to %s (%.1f s)", n, model_name, out_path,
-             time.monotonic() - started)
-    return n
+    empty = [r["prompt_id"] for r in rows if not r["answer"]]
+    counts = {"answers": n, "empty": len(empty), **cap.counts()}
+    if empty:
+        log.warning("%d of %d answers are empty after truncation (e.g. %s)", len(empty), n,
+                    ", ".join(empty[:5]))
+    log.info("%d answers by %s written to %s (%.1f s); empty answers: %d; prompts truncated "
+             "to %s tokens: %d", n, model_name, out_path, time.monotonic() - started,
+             len(empty), max_prompt_length, cap.truncated)
+    return counts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--spec", required=True,
                         help="JSON: prompt_template, stop_markers, max_new_tokens, "
-                        "batch_size, seed")
+                        "batch_size, seed, max_prompt_length")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--log")
     args = parser.parse_args(argv)
@@ -132,4 +160,5 @@ def main(argv: list[str] | None = None) -> None:
     generate(args.model_dir, args.prompts, args.out, model_name=args.model_name,
              prompt_template=spec["prompt_template"], stop_markers=spec["stop_markers"],
              max_new_tokens=spec["max_new_tokens"], batch_size=spec["batch_size"],
-             seed=spec.get("seed", 0), threads=args.threads)
+             seed=spec.get("seed", 0), threads=args.threads,
+             max_prompt_length=spec.get("max_prompt_length"))

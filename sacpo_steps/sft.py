@@ -26,33 +26,52 @@ from sacpo_steps.modelio import (
     startup_callback,
     write_model_card,
 )
+from sacpo_steps.tokens import is_chat, render_completion, render_prompt
 
 log = logging.getLogger("sacpo.sft")
 
-SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
+#: Llama's special tokens (ids 0-2), plus a pad token Llama lacks
+SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>",
+                  "pad_token": "<pad>"}
+#: Llama's byte-fallback pieces: any character outside the vocabulary still round-trips
+BYTE_PIECES = [f"<0x{i:02X}>" for i in range(256)]
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.md"]
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE tokenizer: lossless, so decoded answers match the judge's phrases."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A Llama-style tokenizer trained on the demo corpus, so the demo runs a 7B run's path.
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    Like Llama-2's SentencePiece tokenizer as transformers loads it: BPE over
+    words that carry their leading space as "\u2581", a "\u2581" prepended to the
+    text, byte fallback, no normaliser, BOS added to every encoding. It is
+    trained with `tokenizers` on whitespace-split words (so no piece spans two
+    words, as in SentencePiece) and loaded as transformers' `LlamaTokenizer`.
+    """
+    import json as _json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"], byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first",
+                                                 split=True)
+    chars = {ch for text in texts for ch in text if ch.isprintable() or ch == "\n"}
+    alphabet = sorted((chars | {"\u2581"}) - {" "})
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS.values()),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=list(SPECIAL_TOKENS.values()) + BYTE_PIECES,
+        initial_alphabet=alphabet,
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+    model = _json.loads(tok.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    return LlamaTokenizer(vocab=model["vocab"], merges=merges, add_bos_token=True,
+                          add_eos_token=False, legacy=False, **SPECIAL_TOKENS)
 
 
 def load_sft_corpus(path: str | Path, template: str) -> list[dict[str, str]]:
-    """Prompt-completion rows; the completion starts with a space, as at generation time."""
+    """Prompt-completion rows rendered by the one tokenization contract (`tokens.py`)."""
     rows = read_jsonl(path)
     if not rows:
         raise InputError("SFT corpus is empty", path=path)
@@ -61,8 +80,8 @@ def load_sft_corpus(path: str | Path, template: str) -> list[dict[str, str]]:
         for field in ("prompt", "response"):
             if not isinstance(row.get(field), str) or not row[field].strip():
                 raise InputError("missing or empty text", path=path, row=i, field=field)
-        out.append({"prompt": template.format(prompt=row["prompt"]),
-                    "completion": " " + row["response"].strip()})
+        out.append({"prompt": render_prompt(template, row["prompt"]),
+                    "completion": render_completion(template, row["response"])})
     return out
 
 
@@ -78,6 +97,9 @@ def build(spec: dict[str, Any], corpus: str | Path, out: Path, threads: int | No
     build_cfg = spec["build"]
     train_cfg = build_cfg["train"]
     seed = int(spec.get("seed", 0))
+    if is_chat(spec["prompt_template"]):
+        raise InputError("a built SFT model has no chat template: give `prompt_template` a "
+                         "format string with {prompt}", field="prompt_template")
     rows = load_sft_corpus(corpus, spec["prompt_template"])
     tokenizer = train_tokenizer([r["prompt"] + r["completion"] for r in rows],
                                 build_cfg["tokenizer"]["vocab_size"])

@@ -113,6 +113,8 @@ def search(evaluate: Callable[[float], Measurement], target: float, *,
 
 MEASURES = ("harmlessness_winrate", "safe_rate")
 GENERATION_KEYS = ("prompt_template", "stop_markers", "max_new_tokens", "batch_size")
+#: the training prompt cap, applied at generation too (absent: no cap)
+OPTIONAL_GENERATION_KEYS = ("max_prompt_length",)
 
 
 def safe_rate(judge: Any, generations: Path, prompts: Path, *, rounds: int, seed: int,
@@ -288,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     missing = [k for k in GENERATION_KEYS if k not in gen]
     if missing:
         raise InputError(f"missing keys {missing}", field="--generation")
-    gen = {k: gen[k] for k in GENERATION_KEYS}
+    gen = {k: gen[k] for k in GENERATION_KEYS + OPTIONAL_GENERATION_KEYS if k in gen}
     judges = json_object_arg(args.judges, "--judges")
     if set(judges) != {"helpfulness", "red_team"}:
         raise InputError("expected an object with the keys helpfulness and red_team",

@@ -179,23 +179,22 @@ def answer_logprobs(model_dir: str | Path, world: BanditWorld,
                     prompt_template: str = PROMPT_TEMPLATE) -> np.ndarray:
     """(P, K) log-probability of each full answer (its tokens and eos) after the prompt.
 
-    Tokenised as TRL's DPO trainer does (and as tests/test_align.py checks): the
-    templated prompt, then " " + answer + eos, each without special tokens, summed
-    log-probs of the completion tokens only.
+    Tokenised by the project's contract (`tokens.encode_pair`), i.e. exactly as
+    TRL's DPO trainer splits a row (tests/test_tokens.py checks it): summed
+    log-probs of the completion tokens (answer and eos) only.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sacpo_steps.tokens import encode_pair
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     out = np.zeros(world.shape)
     with torch.no_grad():
         for p, prompt in enumerate(world.prompts):
-            prompt_ids = tok(prompt_template.format(prompt=prompt),
-                             add_special_tokens=False)["input_ids"]
             for a, answer in enumerate(world.answers):
-                completion = tok(" " + answer + tok.eos_token,
-                                 add_special_tokens=False)["input_ids"]
+                prompt_ids, completion = encode_pair(tok, prompt_template, prompt, answer)
                 ids = torch.tensor([prompt_ids + completion])
                 logp = model(ids).logits[0].double().log_softmax(-1)
                 positions = torch.arange(len(prompt_ids) - 1, ids.shape[1] - 1)
@@ -209,10 +208,14 @@ def answer_policy(model_dir: str | Path, world: BanditWorld,
     return softmax(answer_logprobs(model_dir, world, prompt_template))
 
 
-def answer_token_counts(tokenizer, world: BanditWorld) -> dict[str, int]:
+def answer_token_counts(tokenizer, world: BanditWorld,
+                        prompt_template: str = PROMPT_TEMPLATE) -> dict[str, int]:
     """How many tokens each completion takes (answer tokens plus eos), for the report."""
-    return {a: len(tokenizer(" " + a + tokenizer.eos_token, add_special_tokens=False)
-                   ["input_ids"]) for a in world.answers}
+    from sacpo_steps.tokens import encode_pair
+
+    prompt = world.prompts[0]
+    return {a: len(encode_pair(tokenizer, prompt_template, prompt, a)[1])
+            for a in world.answers}
 
 
 def estimation_tv(world: BanditWorld, log_ref: np.ndarray, stages: Sequence[Stage],

@@ -46,16 +46,51 @@ def markdown_table(table: pd.DataFrame, confidence: float = 0.95,
     """
     header = ["model", "criterion", "wins", "ties", "losses", "errors", "win rate",
               f"{confidence * 100:g}% interval", "n"]
+    has_empty = "empty_answers" in table.columns
+    if has_empty:
+        header.append("empty answers")
     if extra_columns:
         header += ["position consistency", "mean ± std (reps)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in table.itertuples(index=False):
         cells = [_cell(r.model), _cell(r.criterion), r.wins, r.ties, r.losses, r.errors,
                  _fmt(r.win_rate), f"[{_fmt(r.ci_low)}, {_fmt(r.ci_high)}]", r.n]
+        if has_empty:
+            cells.append(f"{r.empty_answers}/{r.answers}")
         if extra_columns:
             cells += [_fmt(r.position_consistency), _mean_std(r.rep_mean, r.rep_std)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def empty_answer_counts(generation_paths: Sequence[str | Path]
+                        ) -> dict[tuple[str, str], tuple[int, int]]:
+    """(model, prompt set) -> (empty answers, answers), from generation files named
+    `<model>/<prompt_set>.jsonl`. An empty answer is judged like any other; this makes
+    sure it is never scored silently."""
+    from sacpo_steps.judge import read_generations
+
+    counts = {}
+    for path in generation_paths:
+        model, rows = read_generations(path)
+        empty = sum(1 for r in rows.values() if not str(r["answer"]).strip())
+        counts[(model, Path(path).stem)] = (empty, len(rows))
+    return counts
+
+
+def add_empty_answers(table: pd.DataFrame, battles: pd.DataFrame,
+                      counts: dict[tuple[str, str], tuple[int, int]]) -> pd.DataFrame:
+    """Columns `empty_answers` and `answers`: summed over the prompt sets of each row's
+    criterion (the sets its battles came from)."""
+    sets = battles.groupby("criterion")["prompt_set"].unique().to_dict() \
+        if "prompt_set" in battles.columns else {}
+    empty, total = [], []
+    for r in table.itertuples(index=False):
+        pairs = [counts.get((r.model, s)) for s in sets.get(r.criterion, [])]
+        pairs = [p for p in pairs if p is not None]
+        empty.append(sum(p[0] for p in pairs) if pairs else pd.NA)
+        total.append(sum(p[1] for p in pairs) if pairs else pd.NA)
+    return table.assign(empty_answers=empty, answers=total)
 
 
 def winrate_table(
@@ -69,14 +104,18 @@ def winrate_table(
     seed: int = 0,
     extra_columns: bool = False,
     out_battles: str | Path | None = None,
+    generations: Sequence[str | Path] = (),
 ) -> pd.DataFrame:
     """Compute win rates from battle files; write CSV and Markdown (both or neither).
 
     `out_battles` also writes every judgment in long form (one CSV, the single table
-    all statistics derive from), with an `error` flag column.
+    all statistics derive from), with an `error` flag column. With `generations`,
+    each row also counts its model's empty answers.
     """
     battles = load_battles(battle_paths)
     table = win_rates(battles, baseline, rounds=rounds, confidence=confidence, seed=seed)
+    if generations:
+        table = add_empty_answers(table, battles, empty_answer_counts(generations))
     text = markdown_table(table, confidence, extra_columns=extra_columns)
     with contextlib.ExitStack() as stack:
         tmp_csv = stack.enter_context(atomic_output(out_csv))
@@ -105,6 +144,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--extra-columns", action="store_true",
                    help="add position consistency and mean ± std over repetitions to the "
                         "Markdown table")
+    p.add_argument("--generations", nargs="*", default=[],
+                   help="generation files <model>/<prompt_set>.jsonl: count empty answers")
     p.add_argument("--out-battles", default=None,
                    help="also write all judgments in long form (CSV)")
     p.add_argument("--log", default=None)
@@ -116,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(args.log)
     winrate_table(args.battles, args.baseline, args.out_csv, args.out_md,
                   rounds=args.rounds, confidence=args.confidence, seed=args.seed,
-                  extra_columns=args.extra_columns, out_battles=args.out_battles)
+                  extra_columns=args.extra_columns, out_battles=args.out_battles,
+                  generations=args.generations)
 
 
 if __name__ == "__main__":

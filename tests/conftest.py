@@ -28,7 +28,7 @@ def make_tiny_model(out: Path, *, seed: int = 0, noise: float = 0.0, hidden: int
     from sacpo_steps.sft import train_tokenizer
 
     corpus = [PROMPT_TEMPLATE.format(prompt=p) + " " + r for p, r in TEXTS] * 4
-    tokenizer = train_tokenizer(corpus, vocab_size=300)
+    tokenizer = train_tokenizer(corpus, vocab_size=400)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden,
                          intermediate_size=2 * hidden,

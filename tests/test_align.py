@@ -25,10 +25,14 @@ def sequence_logps(model_dir, examples):
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     out = []
     for ex in examples:
-        prompt = tok(ex["prompt"], add_special_tokens=False)["input_ids"]
+        # as TRL tokenizes a text row: the tokenizer's own special tokens (BOS here)
+        prompt = tok(ex["prompt"])["input_ids"]
+        assert prompt[0] == tok.bos_token_id
         pair = []
         for key in ("chosen", "rejected"):
-            completion = tok(ex[key] + tok.eos_token, add_special_tokens=False)["input_ids"]
+            full = tok(ex["prompt"] + ex[key] + tok.eos_token)["input_ids"]
+            assert full[:len(prompt)] == prompt
+            completion = full[len(prompt):]
             ids = torch.tensor([prompt + completion])
             with torch.no_grad():
                 logp = model(ids).logits.log_softmax(-1)[0]

@@ -20,6 +20,12 @@ from tests.conftest import PROMPT_TEMPLATE
         (" first, a. USER: how do i", "first, a."),
         (" first, a.\n  \nthen, b.", "first, a."),
         (" line one\nline two", "line one\nline two"),
+        # real Llama answers often open with a blank line: strip first, then cut
+        (" \n\nSure, here is a poem:\nRoses", "Sure, here is a poem:\nRoses"),
+        ("\n\n\nfirst, a.\n\nthen, b.", "first, a."),
+        ("\n \n", ""),
+        ("", ""),
+        ("first, a.\nUSER: next turn", "first, a."),
     ],
 )
 def test_truncate_answer(text, expected):
@@ -33,7 +39,8 @@ def test_generate_writes_generation_format(tiny_models, tmp_path):
     out = tmp_path / "gen.jsonl"
     kwargs = dict(model_name="tiny", prompt_template=PROMPT_TEMPLATE, stop_markers=["USER:"],
                   max_new_tokens=8, batch_size=2)
-    assert generate(tiny_models["sft"], prompts, out, **kwargs) == 3
+    counts = generate(tiny_models["sft"], prompts, out, **kwargs)
+    assert counts["answers"] == 3 and 0 <= counts["empty"] <= 3
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt_id"] for r in rows] == ["p0", "p1", "p2"]
     assert all(set(r) == {"prompt_id", "prompt", "answer", "model"} for r in rows)
@@ -76,3 +83,61 @@ def test_local_sft_source_refuses_incomplete_folder(tiny_models, tmp_path, missi
         link_local({"local": {"path": str(broken)}}, out)
     assert str(broken) in str(err.value)
     assert not out.exists()
+
+
+PAPER_MARKERS = ["USER:", "USER", "User:", "User"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Sure.\nUser: and now?", "Sure."),
+        ("Sure. User asks again", "Sure."),
+        ("first, a.\nUSER next", "first, a."),
+        ("\n\nUser: hi", ""),  # nothing before the new turn: empty, as it should be
+    ],
+)
+def test_truncate_answer_with_the_papers_markers(text, expected):
+    assert truncate_answer(text, PAPER_MARKERS) == expected
+
+
+def test_answers_that_open_with_a_blank_line_are_kept(tiny_models, tmp_path):
+    """A model whose answers start with "\\n\\n" (as real Llama answers often do): no answer
+    with text before its first stop marker comes out empty."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sacpo_steps.tokens import encode_prompt
+
+    folder = tmp_path / "blank-first"
+    tok = AutoTokenizer.from_pretrained(tiny_models["sft"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["sft"])
+    answer = " \n\nfirst, mix flour and water.\n\nUSER: more"
+    prompt_ids = encode_prompt(tok, PROMPT_TEMPLATE, "hi")
+    full = tok(PROMPT_TEMPLATE.format(prompt="hi") + answer + tok.eos_token)["input_ids"]
+    assert full[:len(prompt_ids)] == prompt_ids
+    completion = full[len(prompt_ids):]
+    ids = torch.tensor([prompt_ids + completion])
+    labels = ids.clone()
+    labels[0, :len(prompt_ids)] = -100
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+    for _ in range(150):  # overfit one answer
+        opt.zero_grad()
+        model(input_ids=ids, labels=labels).loss.backward()
+        opt.step()
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt_id": "p0", "prompt": "hi"}) + "\n")
+    out = tmp_path / "gen.jsonl"
+    counts = generate(folder, prompts, out, model_name="m", prompt_template=PROMPT_TEMPLATE,
+                      stop_markers=PAPER_MARKERS, max_new_tokens=len(completion),
+                      batch_size=1)
+    raw = tok.decode(model.generate(torch.tensor([prompt_ids]), do_sample=False,
+                                    max_new_tokens=len(completion))[0, len(prompt_ids):],
+                     skip_special_tokens=True)
+    assert raw.lstrip(" ").startswith("\n\n")  # the model really opens with a blank line
+    row = json.loads(out.read_text())
+    assert row["answer"] == "first, mix flour and water."
+    assert counts["empty"] == 0

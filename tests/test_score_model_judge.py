@@ -51,7 +51,7 @@ def _tokenizer():
     from sacpo_steps.sft import train_tokenizer
 
     corpus = [render(DEFAULT_TEMPLATE, q, a) for q in QUESTIONS for a in ANSWERS] * 2
-    return train_tokenizer(corpus, vocab_size=300)
+    return train_tokenizer(corpus, vocab_size=400)
 
 
 def write_score_model(out: Path, tokenizer: Any, *, score_type: str, seed: int = 0,
@@ -217,6 +217,10 @@ def test_encode_appends_eos_once_and_can_leave_it_out(models):
     eos = with_eos.tokenizer.eos_token_id
     assert with_eos.encode(text) == without.encode(text) + [eos]
     assert with_eos.encode(text + with_eos.tokenizer.eos_token).count(eos) == 1
+    # Safe RLHF's own format: BOS + prompt + answer + EOS (the Llama-style tokenizer adds BOS)
+    ids = with_eos.encode(text)
+    assert ids[0] == with_eos.tokenizer.bos_token_id and ids.count(ids[0]) == 1
+    assert ids[1:-1] == with_eos.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def test_normalizer_from_the_checkpoint_buffers(models):

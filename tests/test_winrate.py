@@ -202,3 +202,23 @@ def test_cli_failure_writes_nothing(tmp_path: Path):
         winrate.main(["--battles", str(path), "--baseline", "nobody", "--out-csv", str(out_csv),
                       "--out-md", str(out_md)])
     assert not out_csv.exists() and not out_md.exists()
+
+
+def test_table_counts_each_models_empty_answers_per_prompt_set(tmp_path):
+    battles = tmp_path / "battles.jsonl"
+    battles.write_text("".join(json.dumps(battle(f"p{i}", "a_wins")) + "\n" for i in range(3)))
+    gens = []
+    for model, answers in (("dpo", ["first, a.", "", "  "]), ("sft", ["x", "y", "z"])):
+        path = tmp_path / model / "help.jsonl"
+        path.parent.mkdir()
+        path.write_text("".join(json.dumps({"prompt_id": f"p{i}", "prompt": "q",
+                                            "answer": a, "model": model}) + "\n"
+                                for i, a in enumerate(answers)))
+        gens.append(path)
+    out_csv, out_md = tmp_path / "w.csv", tmp_path / "w.md"
+    result = winrate.winrate_table([battles], "sft", out_csv, out_md, rounds=20,
+                                   generations=gens)
+    r = only_row(result)
+    assert (r.empty_answers, r.answers) == (2, 3)
+    assert "empty answers" in out_md.read_text() and "| 2/3 |" in out_md.read_text()
+    assert pd.read_csv(out_csv)["empty_answers"].tolist() == [2]

@@ -1,0 +1,124 @@
+"""Text to token ids in ONE place, exactly as TRL 1.16 tokenizes training rows.
+
+TRL tokenizes a plain-text row with `tokenizer(text=prompt)`, i.e. with the
+tokenizer's own special-token defaults: a Llama tokenizer adds BOS, a GPT-2 one
+adds nothing. A conversational row goes through `apply_chat_template(...,
+add_generation_prompt=True)`. The completion starts where the ids of the prompt
+and of prompt+completion diverge. Training (SFT build, align, the reference
+pass), generation, target search and the theory check all build their prompt
+ids here, so a model is sampled on exactly the ids it was trained on.
+
+`prompt_template: chat` selects the tokenizer's chat template (the prompt is one
+user turn, the answer one assistant turn); any other template is a format string
+with `{prompt}`, and the completion is the answer with one leading space.
+
+The score-model judge is the exception: Safe RLHF's reward and cost models read
+their own format (BOS + prompt + answer + EOS), built in `judges/score_model.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+#: the `prompt_template` value that selects the tokenizer's chat template
+CHAT = "chat"
+
+
+def is_chat(template: str) -> bool:
+    return template.strip() == CHAT
+
+
+def render_prompt(template: str, prompt: str) -> str | list[dict[str, str]]:
+    """The prompt as TRL receives it: templated text, or a one-turn conversation."""
+    if is_chat(template):
+        return [{"role": "user", "content": prompt}]
+    return template.format(prompt=prompt)
+
+
+def render_completion(template: str, answer: str) -> str | list[dict[str, str]]:
+    """The answer as TRL receives it; plain text starts with one space, as sampled."""
+    if is_chat(template):
+        return [{"role": "assistant", "content": answer.strip()}]
+    return " " + answer.strip()
+
+
+def _ids(tokenizer: Any, rendered: str | list[dict[str, str]], *,
+         generation_prompt: bool) -> list[int]:
+    if isinstance(rendered, list):
+        out = tokenizer.apply_chat_template(rendered, tokenize=True, return_dict=True,
+                                            add_generation_prompt=generation_prompt)
+        return list(out["input_ids"])
+    return list(tokenizer(text=rendered)["input_ids"])
+
+
+def encode_prompt(tokenizer: Any, template: str, prompt: str) -> list[int]:
+    """The prompt ids a model is trained on and sampled from (special tokens included)."""
+    return _ids(tokenizer, render_prompt(template, prompt), generation_prompt=True)
+
+
+def encode_pair(tokenizer: Any, template: str, prompt: str,
+                answer: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) split exactly as TRL's DPO/KTO trainers split a row.
+
+    TRL appends the EOS token to a plain-text completion (a chat template ends
+    the turn itself), tokenizes prompt and prompt+completion, and lets the
+    completion start where the two diverge.
+    """
+    prompt_ids = encode_prompt(tokenizer, template, prompt)
+    rendered = render_prompt(template, prompt)
+    completion = render_completion(template, answer)
+    if isinstance(completion, str) and not completion.endswith(tokenizer.eos_token):
+        completion += tokenizer.eos_token
+    full = _ids(tokenizer, rendered + completion, generation_prompt=False)
+    n = 0
+    for a, b in zip(prompt_ids, full, strict=False):
+        if a != b:
+            break
+        n += 1
+    return prompt_ids[:n], full[n:]
+
+
+@dataclass
+class PromptCap:
+    """`training.max_prompt_length`: prompts longer than this many ids keep their end.
+
+    TRL 1.16 takes text rows and truncates only from the end of the whole
+    sequence, so the cap is applied to the prompt TEXT before TRL sees it: the
+    start of the user's prompt is cut at a token boundary until the templated
+    prompt (special tokens included) fits. A prompt whose template alone does not
+    fit is dropped. The same cap is applied at generation.
+    """
+
+    max_prompt_length: int | None
+    truncated: int = 0
+    dropped: int = 0
+    seen: int = 0
+
+    def apply(self, tokenizer: Any, template: str, prompt: str) -> str | None:
+        """The prompt text to use (maybe shortened), or None if it cannot fit."""
+        self.seen += 1
+        cap = self.max_prompt_length
+        if not cap or len(encode_prompt(tokenizer, template, prompt)) <= cap:
+            return prompt
+        offsets = tokenizer(prompt, add_special_tokens=False,
+                            return_offsets_mapping=True)["offset_mapping"]
+        starts = [start for start, _ in offsets]
+        # the fewest leading tokens of the user's prompt to drop so that it fits
+        lo, hi = 1, len(starts)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(encode_prompt(tokenizer, template, prompt[starts[mid]:].lstrip())) <= cap:
+                hi = mid
+            else:
+                lo = mid + 1
+        kept = prompt[starts[lo]:].lstrip() if lo < len(starts) else ""
+        if not kept or len(encode_prompt(tokenizer, template, kept)) > cap:
+            self.dropped += 1
+            return None
+        self.truncated += 1
+        return kept
+
+    def counts(self) -> dict[str, Any]:
+        return {"max_prompt_length": self.max_prompt_length, "prompts": self.seen,
+                "truncated": self.truncated, "dropped": self.dropped}
