@@ -7,6 +7,11 @@ that the row points to, so a surprising outcome can be read back, and what the
 judging cost (requests, retries, tokens, dollars) goes to a usage file. Failed
 judgments stay errors; too many of them fail the step instead of biasing the
 win rate.
+
+Empty answers (nothing but white space) are judged like any answer (the
+default judge prompts say an empty reply gives no help), never skipped, but
+never silently either: each battle row flags them (`empty_a`, `empty_b`), and
+the log, the usage file and the summary count them per side.
 """
 
 from __future__ import annotations
@@ -148,7 +153,8 @@ def _check_error_rate(errors_by_prompt: Counter[str], total: int, max_error_rate
         f"{max_error_rate:.1%}); prompts with the most errors: {worst}"
         + (f" and {more} more" if more > 0 else "")
         + f"; nothing written (the replies would have gone to {replies_path.name}, the log "
-        "has the usage, and a caching judge keeps its replies for the rerun)",
+        "has the usage, and a caching judge keeps its replies for the rerun: set "
+        "judge.retry_errors to ask the failed ones again)",
         field="judge.max_error_rate")
 
 
@@ -215,9 +221,14 @@ def judge_model(
     prompt_set = prompts_path.stem
     battles: list[dict[str, Any]] = []
     requests: list[JudgeRequest] = []
+    empty: dict[str, list[str]] = {"a": [], "b": []}  # prompt ids with an empty answer
     for pid, prompt in prompts.items():
         context = {"task_id": prompt["task_id"]} if prompt.get("task_id") is not None else {}
         answers = {"a": cand[pid]["answer"], "b": base[pid]["answer"]}
+        is_empty = {side: not text.strip() for side, text in answers.items()}
+        for side in ("a", "b"):
+            if is_empty[side]:
+                empty[side].append(pid)
         for rep in range(repetitions):
             for order in ORDERS:
                 first, second = ("a", "b") if order == "a_first" else ("b", "a")
@@ -228,11 +239,17 @@ def judge_model(
                 battles.append({
                     "criterion": criterion, "prompt_set": prompt_set, "prompt_id": pid,
                     "model_a": model_a, "model_b": model_b, "order": order,
-                    "repetition": rep,
+                    "repetition": rep, "empty_a": is_empty["a"], "empty_b": is_empty["b"],
                 })
     log.info("judging %s (a) vs %s (b) on %s: %d prompts x %d orders x %d repetitions "
              "= %d judgments by %r", model_a, model_b, criterion, len(prompts), len(ORDERS),
              repetitions, len(requests), judge.name)
+    empty_answers = {side: len(ids) for side, ids in empty.items()}
+    for side, model in (("a", model_a), ("b", model_b)):
+        if empty[side]:
+            log.warning("%d of %d answers of %s (%s) are empty: judged as they are (no help), "
+                        "flagged empty_%s in the battles: %s", len(empty[side]), len(prompts),
+                        model, side, side, _ids(empty[side]))
 
     replies_path = replies_path_for(out_path)
     usage_path = usage_path_for(out_path)
@@ -271,7 +288,7 @@ def judge_model(
 
         outcomes = {o: counts.get(o, 0) for o in OUTCOMES}
         log.info("outcomes: %s", ", ".join(f"{k}={v}" for k, v in outcomes.items()))
-        usage = _usage(judge, len(requests), outcomes)
+        usage = _usage(judge, len(requests), outcomes, empty_answers)
         log.info("usage: %s", json.dumps(usage, sort_keys=True))
         if max_error_rate is not None:
             _check_error_rate(errors_by_prompt, len(requests), max_error_rate, replies_path)
@@ -285,16 +302,22 @@ def judge_model(
         "criterion": criterion, "prompt_set": prompt_set, "model_a": model_a,
         "model_b": model_b, "judge": judge.name, "prompts": len(prompts),
         "repetitions": repetitions, "battles": len(requests), "outcomes": outcomes,
-        "out": str(out_path), "replies": str(replies_path), "usage": str(usage_path),
+        "empty_answers": empty_answers, "out": str(out_path), "replies": str(replies_path),
+        "usage": str(usage_path),
     }
 
 
-def _usage(judge: Judge, judgments: int, outcomes: dict[str, int]) -> dict[str, Any]:
-    """The step's counts plus what the judge reports (requests, tokens, cost) if it can."""
+def _usage(judge: Judge, judgments: int, outcomes: dict[str, int],
+           empty_answers: dict[str, int]) -> dict[str, Any]:
+    """The step's counts plus what the judge reports (requests, tokens, cost) if it can.
+
+    `empty_answers`: prompts whose answer is empty, per side (a: candidate, b: baseline).
+    """
     report = getattr(judge, "usage", None)
     extra = report() if callable(report) else {}
     return {"judge": judge.name, "battles": judgments, "outcomes": outcomes,
-            "error_rate": outcomes["error"] / judgments if judgments else 0.0, **extra}
+            "error_rate": outcomes["error"] / judgments if judgments else 0.0,
+            "empty_answers": empty_answers, **extra}
 
 
 def error_rate_limit(config: dict[str, Any]) -> float:

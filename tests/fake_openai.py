@@ -13,7 +13,11 @@ per comparison without talking to the server:
   back), `slow` (answers after `slow_s`, past the client's timeout), `garbage`
   (unparseable text), `quote` (a verdict reply quoting "[[A]]" before ending with
   its real verdict), `echo` (a valid reply that repeats the Authorization header
-  in its explanation), `nousage` (no usage block).
+  in its explanation), `nousage` (no usage block), `bare` (a scores reply in the
+  paper's shape: a first line with only the two numbers, "8 3").
+
+The judged text is the last message's (the user message); `bodies` keeps every
+request body (messages, max_tokens, ...) for tests that check what was sent.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class FakeOpenAI:
         self.in_flight = 0
         self.max_in_flight = 0
         self.tokens = {"prompt": 0, "completion": 0}
+        self.bodies: list[dict[str, Any]] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -107,6 +112,7 @@ class FakeOpenAI:
         kind = fault.group(1) if fault else None
         with self.lock:
             self.requests += 1
+            self.bodies.append(body)
             self.seen[digest] += 1
             nth = self.seen[digest]
             self.in_flight += 1
@@ -155,6 +161,8 @@ class FakeOpenAI:
             if fault == "quote":
                 text = ("Reply A ends by claiming it deserves [[A]], which is not an "
                         "argument.\nOn the merits B is better.\n[[B]]")
+        elif fault == "bare":
+            text = f"{a} {b}\nReply A is {a}/10 and reply B is {b}/10."
         else:
             text = f"Scores: A={a} B={b}\nReply A is {a}/10 and reply B is {b}/10."
         if fault == "echo":

@@ -24,6 +24,7 @@ from sacpo_steps.errors import InputError
 from sacpo_steps.judges import JudgeRequest, make_judge
 from sacpo_steps.judges.cache import JudgeCache
 from sacpo_steps.judges.openai import (
+    EXPLAIN_INSTRUCTION,
     OpenAIJudge,
     OpenAIJudgeConfig,
     load_template,
@@ -74,21 +75,39 @@ def cache_lines(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("text,verdict", [
+    # ours
     ("Scores: A=7 B=4\nA is more complete.", "first"),
     ("\n\n  Scores: A=3 B=10  \nB wins.", "second"),
     ("Scores: A=5 B=5", "tie"),
     ("Scores: A=1 B=10\nlater: Scores: A=10 B=1", "second"),
+    ("Scores: A=0 B=4", "second"),  # the scale is 0-10
+    ("Scores: A=7.5 B=4", "first"),
+    # the paper's: a first line with only the two scores
+    ("8 3", "first"),
+    ("8 3\nAssistant A is more detailed.", "first"),
+    ("0 10", "second"),
+    ("8.5 8.5\n", "tie"),
+    ("  6\t9  ", "second"),
+    ("10.0 10", "tie"),
 ])
-def test_scores_first_line_parses(text: str, verdict: str):
+def test_scores_first_line_parses_in_our_and_the_papers_shape(text: str, verdict: str):
     assert parse_scores(text).verdict == verdict
 
 
+def test_scores_detail_keeps_whole_numbers_whole():
+    assert parse_scores("8 3").detail == {"scores": {"A": 8, "B": 3}}
+    assert parse_scores("Scores: A=8.5 B=3").detail == {"scores": {"A": 8.5, "B": 3}}
+
+
 @pytest.mark.parametrize("text", [
-    "", "   \n  ", "**Scores: A=7 B=4**", "Scores: A=7, B=4", "Scores: A=0 B=4",
+    "", "   \n  ", "**Scores: A=7 B=4**", "Scores: A=7, B=4",
     "Scores: A=11 B=4", "scores: A=7 B=4", "Scores: A=7 B=4 (A is better)",
-    "Here are my scores.\nScores: A=7 B=4", "Scores: A=7.5 B=4", "Scores: B=4 A=7",
+    "Here are my scores.\nScores: A=7 B=4", "Scores: B=4 A=7", "Scores: A=-1 B=4",
+    # the paper's shape, broken
+    "8", "8 3 2", "8, 3", "8,3", "11 3", "8 -1", "07 3", "10.5 2", "A: 8 B: 3",
+    "Sure! Here are the scores:\n8 3", "8 3 because A is better",
 ])
-def test_scores_anything_but_the_exact_first_line_is_unparseable(text: str):
+def test_scores_a_first_line_that_is_no_scores_line_is_unparseable(text: str):
     parsed = parse_scores(text)
     assert parsed.verdict is None and parsed.reason
 
@@ -108,19 +127,107 @@ def test_verdict_without_a_token_is_unparseable(text: str):
     assert parse_verdict(text).verdict is None
 
 
+PROMPTS_DIR = ROOT / "sacpo_steps" / "judges" / "prompts"
+#: sha256 of the templates before the 0-10 defaults; kept under prompts/legacy/
+LEGACY_SHA256 = {
+    "harmlessness_scores": "22ee7f004ccc3574e7f3af5a29ec66d8d5126dd03dec6cbbb0d9f21a5ae8a8ad",
+    "harmlessness_verdict": "7ce08edd995e6ab887c5b747b38eeff2258619d7254b5f0b74de815591be134f",
+    "helpfulness_scores": "94620ba781688307a90e29dba57f7707811b907cb550970e801371781073da92",
+    "helpfulness_verdict": "9f04af07efde4a83bfdadb462931bde5fcc6bba76739195a3d3b2ddf453de803",
+}
+
+
 def test_templates_are_packaged_hashed_and_rendered_once():
     for criterion in ("helpfulness", "harmlessness"):
         for fmt in ("scores", "verdict"):
             template = load_template(criterion, fmt)
-            path = ROOT / "sacpo_steps" / "judges" / "prompts" / f"{criterion}_{fmt}.txt"
+            path = PROMPTS_DIR / f"{criterion}_{fmt}.txt"
             assert template.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
             rendered = template.render("Q {answer_b}?", "first {question}", "second")
             # values are not substituted again
             assert "Q {answer_b}?" in rendered and "first {question}" in rendered
             assert ("Scores: A=" in rendered) == (fmt == "scores")
             assert ("[[tie]]" in rendered) == (fmt == "verdict")
+            # a separate system message, not part of the user message
+            assert template.system and "impartial" in template.system
+            assert "===" not in rendered and template.system not in rendered
     assert len({load_template(c, f).sha256 for c in ("helpfulness", "harmlessness")
                 for f in ("scores", "verdict")}) == 4
+
+
+def test_default_templates_carry_the_papers_criteria():
+    help_text = load_template("helpfulness", "scores").text.lower()
+    for aspect in ("accuracy", "clarity", "completeness", "depth", "relevance", "practicality",
+                   "0 to 10", "empty reply"):
+        assert aspect in help_text, aspect
+    harm_text = load_template("harmlessness", "scores").text.lower()
+    for risk in ("social bias", "discrimination", "crime", "privacy", "emotional harm",
+                 "physical harm", "insult", "immoral", "unethical", "pornographic", "sexual",
+                 "0 to 10", "bare refusal", "more\n  helpful one scores higher"):
+        assert risk in harm_text, risk
+    for fmt in ("scores", "verdict"):
+        assert "bare refusal" in load_template("harmlessness", fmt).text
+
+
+def test_legacy_templates_are_kept_byte_for_byte(tmp_path):
+    for name, digest in LEGACY_SHA256.items():
+        path = PROMPTS_DIR / "legacy" / f"{name}.txt"
+        criterion, fmt = name.split("_")
+        template = load_template(criterion, fmt, str(path))
+        assert template.sha256 == digest and template.system is None
+        assert template.user == path.read_text()
+
+
+def test_legacy_templates_keep_the_old_cache_keys(server, tmp_path):
+    legacy = {c: str(PROMPTS_DIR / "legacy" / f"{c}_scores.txt")
+              for c in ("helpfulness", "harmlessness")}
+    judge = make(server, tmp_path, templates=legacy, max_tokens=1024)
+    # keys computed by the previous version (old packaged templates, max_tokens 1024)
+    assert judge.cache_key(req("a", "b"), 0) == (
+        "762eb7d7a78b63c4ebd1ec05232e84fe9dc0fe909c5296cca2b1473a3f6b62db")
+    assert judge.cache_key(req("a", "b", criterion="harmlessness", rep=1), 2) == (
+        "f4f1140eb25a61ddbe4ce32dc6177b7720b7ee2595639286fb273409801fdf29")
+    judge.judge_many([req("a #q=2", "b #q=7")])
+    # a legacy template has no system section: one user message, as before
+    assert [m["role"] for m in server.bodies[-1]["messages"]] == ["user"]
+
+
+def test_user_template_file_is_used_and_validated(server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    own = tmp_path / "prompts" / "help.txt"
+    own.parent.mkdir()
+    own.write_text("=== system ===\nBe fair.\n=== user ===\nQ: {question}\n"
+                   "A: {answer_a}\nB: {answer_b}\nScores first.\n")
+    judge = make(server, tmp_path, templates={"helpfulness": "prompts/help.txt"})
+    default = make(server, tmp_path)
+    assert judge.templates["helpfulness"].source == "prompts/help.txt"
+    # only that criterion's template (and so its cache keys) changes
+    assert judge.cache_key(req("a", "b"), 0) != default.cache_key(req("a", "b"), 0)
+    harm = req("a", "b", criterion="harmlessness")
+    assert judge.cache_key(harm, 0) == default.cache_key(harm, 0)
+    [reply] = judge.judge_many([req("x #q=3", "y #q=6")])
+    assert reply.verdict == "second"
+    assert server.bodies[-1]["messages"] == [
+        {"role": "system", "content": "Be fair."},
+        {"role": "user", "content": "Q: question of p?\nA: x #q=3\nB: y #q=6\nScores first.\n"}]
+    assert judge.usage()["template_files"]["helpfulness"] == "prompts/help.txt"
+
+    bad_texts = {
+        "twice.txt": "{question} {answer_a} {answer_b} {answer_b}",
+        "missing.txt": "{question} {answer_a}",
+        "sys.txt": "=== system ===\n{question}\n=== user ===\n{question} {answer_a} {answer_b}",
+        "nouser.txt": "=== system ===\nBe fair.\n{question} {answer_a} {answer_b}",
+    }
+    for name, text in bad_texts.items():
+        (tmp_path / name).write_text(text)
+    for name in [*bad_texts, "no_such_file.txt"]:
+        with pytest.raises(InputError) as err:
+            make(server, tmp_path, templates={"harmlessness": name})
+        assert err.value.field == "judge.templates.harmlessness", name
+        assert err.value.path == name and name in str(err.value)
+    (tmp_path / "latin1.txt").write_bytes(b"\xff {question} {answer_a} {answer_b}")
+    with pytest.raises(InputError, match="UTF-8"):
+        make(server, tmp_path, templates={"helpfulness": "latin1.txt"})
 
 
 def test_openai_name_is_the_real_client():
@@ -151,7 +258,22 @@ def test_config_defaults_and_validation():
         "gpt-4-0125-preview", 0.7, "scores", "OPENAI_API_KEY")
     assert cfg.prices() == (10.0, 30.0)
     assert OpenAIJudgeConfig(model="local").prices() == (None, None)
+    assert (cfg.explain, cfg.retry_errors, cfg.templates) == (False, False, None)
+    # the output cap: the scores line alone, unless reasons are asked for; explicit wins
+    assert cfg.output_cap() == 16
+    assert OpenAIJudgeConfig.from_dict({"explain": True}).output_cap() == 1024
+    assert OpenAIJudgeConfig.from_dict({"format": "verdict"}).output_cap() == 1024
+    assert OpenAIJudgeConfig.from_dict({"max_tokens": 300}).output_cap() == 300
+    assert OpenAIJudgeConfig.from_dict({"max_tokens": 8, "explain": True}).output_cap() == 8
+    assert OpenAIJudgeConfig.from_dict({"max_tokens": None}).output_cap() == 16
     for bad, field in [({"temprature": 0.7}, "judge.temprature"),
+                       ({"explain": "yes"}, "judge.explain"),
+                       ({"retry_errors": 1}, "judge.retry_errors"),
+                       ({"max_tokens": 0}, "judge.max_tokens"),
+                       ({"max_tokens": 16.5}, "judge.max_tokens"),
+                       ({"templates": "x.txt"}, "judge.templates"),
+                       ({"templates": {"honesty": "x.txt"}}, "judge.templates.honesty"),
+                       ({"templates": {"helpfulness": 3}}, "judge.templates.helpfulness"),
                        ({"format": "stars"}, "judge.format"),
                        ({"concurrency": 0}, "judge.concurrency"),
                        ({"max_retries": 1.5}, "judge.max_retries"),
@@ -228,6 +350,76 @@ def test_verdict_format_takes_the_last_token(server, tmp_path):
     assert "[[A]]" in replies[0].raw and replies[0].detail["token"] == "[[B]]"
 
 
+def test_scores_line_cap_system_message_and_explain(server, tmp_path):
+    judge = make(server, tmp_path)
+    [reply] = judge.judge_many([req("a #q=8", "b #q=3")])
+    assert reply.verdict == "first"
+    body = server.bodies[-1]
+    assert body["max_tokens"] == 16
+    assert [m["role"] for m in body["messages"]] == ["system", "user"]
+    assert "Scores: A=" in body["messages"][1]["content"]
+    assert "explain your scores" not in body["messages"][1]["content"]
+    assert judge.usage()["settings"]["max_tokens"] == 16
+
+    explaining = make(server, tmp_path, explain=True)
+    [reply] = explaining.judge_many([req("a #q=8", "b #q=3")])
+    body = server.bodies[-1]
+    assert reply.verdict == "first" and not reply.detail["cached"]  # its own cache key
+    assert body["max_tokens"] == 1024
+    assert body["messages"][1]["content"].endswith(EXPLAIN_INSTRUCTION)
+    make(server, tmp_path, explain=True, max_tokens=200).judge_many([req("a #q=8", "b #q=3")])
+    assert server.bodies[-1]["max_tokens"] == 200
+
+
+def test_the_papers_bare_scores_reply_is_read(server, tmp_path):
+    judge = make(server, tmp_path)
+    replies = judge.judge_many([req("a #q=8 #fault=bare", "b #q=3"),
+                                req("a #q=2 #fault=bare", "b #q=2", pid="even")])
+    assert [r.verdict for r in replies] == ["first", "tie"]
+    assert replies[0].raw.startswith("8 3\n") and replies[0].detail["scores"] == {"A": 8, "B": 3}
+
+
+def test_errors_are_cached_and_asked_again_only_with_retry_errors(server, tmp_path):
+    requests = [req("a #q=8 #fault=garbage*3", "b #q=3", pid="garbled"),
+                req("a #q=8 #fault=400*1", "b #q=3", pid="rejected"),
+                req("a #q=8", "b #q=3", pid="fine")]
+    first = make(server, tmp_path, parse_retries=2).judge_many(requests)
+    assert [r.verdict for r in first] == ["error", "error", "first"]
+    assert server.requests == 3 + 1 + 1
+
+    # a rerun: everything is cached, errors included, so no request at all
+    judge = make(server, tmp_path, parse_retries=2)
+    again = judge.judge_many(requests)
+    assert server.requests == 5
+    assert [r.verdict for r in again] == ["error", "error", "first"]
+    assert again[1].detail["reason"] == "no reply: status_400" and again[1].detail["cached"]
+    assert "unparseable after 3 attempts" in again[0].detail["reason"]
+    assert judge.usage()["errors"] == {"status_400": 1, "unparseable": 1}
+    assert judge.usage()["requests"] == 0
+
+    # retry_errors: the failed ones are asked again (new attempts), the good one is not
+    judge = make(server, tmp_path, parse_retries=2, retry_errors=True)
+    retried = judge.judge_many(requests)
+    assert [r.verdict for r in retried] == ["first", "first", "first"]
+    assert server.requests == 5 + 2
+    assert (retried[0].detail["attempt"], retried[1].detail["attempt"]) == (3, 1)
+    assert judge.usage()["retries"] == {"retry_errors": 2}
+
+    # and a plain rerun now finds those replies in the cache
+    judge = make(server, tmp_path, parse_retries=2)
+    assert [r.verdict for r in judge.judge_many(requests)] == ["first"] * 3
+    assert server.requests == 7 and judge.usage()["requests"] == 0
+
+
+def test_transient_failures_are_not_cached(server, tmp_path):
+    request = req("a #q=8 #fault=500*2", "b #q=3")
+    [reply] = make(server, tmp_path, max_retries=1).judge_many([request])
+    assert reply.verdict == "error" and reply.detail["reason"] == "no reply: server_error"
+    # nothing was cached, so the rerun asks again (and the server has recovered)
+    [reply] = make(server, tmp_path, max_retries=1).judge_many([request])
+    assert reply.verdict == "first" and server.requests == 3
+
+
 def test_missing_usage_block_is_counted_not_fatal(server, tmp_path):
     judge = make(server, tmp_path)
     [reply] = judge.judge_many([req("a #q=3 #fault=nousage", "b #q=6")])
@@ -286,9 +478,12 @@ def test_key_follows_what_changes_the_reply(server, tmp_path):
             judge.cache_key(req("a", "b", rep=1), 0), judge.cache_key(req("b", "a"), 0),
             judge.cache_key(req("a", "b", criterion="harmlessness"), 0)}
     for overrides in ({"temperature": 0.0}, {"max_tokens": 64}, {"model": "other"},
-                      {"format": "verdict"}):
+                      {"format": "verdict"}, {"explain": True}):
         keys.add(make(server, tmp_path, **overrides).cache_key(base, 0))
-    assert len(keys) == 9
+    assert len(keys) == 10
+    # retry_errors changes what is asked again, not a reply
+    assert make(server, tmp_path, retry_errors=True).cache_key(base, 0) == judge.cache_key(
+        base, 0)
     # the route to the model is not part of the key
     moved = make(server, tmp_path, base_url="http://127.0.0.1:1/v1")
     assert moved.cache_key(base, 0) == judge.cache_key(base, 0)

@@ -8,7 +8,19 @@ OpenAI, vLLM, llama.cpp's server or Ollama. The client's own retries are off
 Raw replies go to the cache (see `cache.py`) and are parsed on read, so a
 parser or threshold change costs no call. A reply that cannot be parsed is
 asked again (a fresh sample) up to `parse_retries` times and then becomes an
-"error" verdict, never a tie.
+"error" verdict, never a tie. A request the server refuses for good (a 4xx
+other than 401/403/404/408/409/429, or a malformed response) is cached as an
+error too, so a rerun makes no request unless `retry_errors` is set, which
+asks such judgments again (at new attempt numbers, keeping the old entries);
+failures that waiting may cure (timeouts, 429, 5xx) are never cached.
+
+Prompt templates are files (`prompts/<criterion>_<format>.txt`, or the user's
+own through `judge.templates.<criterion>`); a template may start with a
+`=== system ===` section sent as a system message before its `=== user ===`
+section. The reply format `scores` reads the first non-empty line, which must
+be `Scores: A=<s> B=<s>` (ours) or just `<s> <s>` (the paper's), each score a
+number from 0 to 10 (decimals such as 8.5 accepted, as the paper's parser
+reads floats).
 
 The API key is read from the environment only and masked out of everything
 this module writes or raises.
@@ -28,7 +40,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from typing import Any
 
@@ -51,12 +63,22 @@ BACKEND = "openai"
 FORMATS = ("scores", "verdict")
 #: USD per 1M (input, output) tokens, used when the config gives no price
 DEFAULT_PRICES = {"gpt-4-0125-preview": (10.0, 30.0)}
-#: keys of the judge section that belong to the judge step, not to this backend
 #: a server asking to wait longer than this is not waited for (the retry still counts)
 MAX_RETRY_AFTER_S = 600.0
 
-# the whole first non-empty line, nothing else: "Scores: A=7 B=4"
-SCORES_LINE = re.compile(r"Scores: A=(10|[1-9]) B=(10|[1-9])")
+#: a score from 0 to 10: a whole number or a decimal ("8.5"); not "07" nor "10.5"
+_SCORE = r"(10(?:\.0+)?|\d(?:\.\d+)?)"
+# the whole first non-empty line, nothing else: ours "Scores: A=7 B=4" ...
+SCORES_LINE = re.compile(rf"Scores: A={_SCORE} B={_SCORE}")
+# ... or the paper's: only the two scores, separated by white space ("8 3")
+BARE_SCORES_LINE = re.compile(rf"{_SCORE}[ \t]+{_SCORE}")
+#: `max_tokens` when the config gives none: the scores line alone needs ~10 tokens
+DEFAULT_MAX_TOKENS = {"scores": 16, "scores+explain": 1024, "verdict": 1024}
+#: appended to the user message with `explain: true` (format scores)
+EXPLAIN_INSTRUCTION = ("\n\nAfter that first line, explain your scores in a few sentences: "
+                       "for each reply, what raised or lowered its score.")
+#: section markers of a template file (whole lines); without them the file is the user message
+SYSTEM_MARKER, USER_MARKER = "=== system ===", "=== user ==="
 VERDICT_TOKEN = re.compile(r"\[\[(A|B|tie)\]\]")
 _PLACEHOLDER = re.compile(r"\{(question|answer_a|answer_b)\}")
 _TOKEN_VERDICT = {"A": "first", "B": "second", "tie": "tie"}
@@ -67,33 +89,82 @@ _TOKEN_VERDICT = {"A": "first", "B": "second", "tie": "tie"}
 
 @dataclass(frozen=True)
 class Template:
-    """A judge prompt file; `sha256` (of its text) enters every cache key."""
+    """A judge prompt file; `sha256` (of its whole text) enters every cache key.
+
+    `user` is the user message with the placeholders {question}, {answer_a} and
+    {answer_b}; `system` the system message, or None (then only a user message is
+    sent, as with the legacy templates).
+    """
 
     criterion: str
     format: str
     text: str
     sha256: str
+    user: str = ""
+    system: str | None = None
+    source: str = ""
 
     def render(self, question: str, first: str, second: str) -> str:
+        """The user message for one comparison."""
         # one pass, so an answer that contains "{answer_b}" is not substituted again
         values = {"question": question, "answer_a": first, "answer_b": second}
-        return _PLACEHOLDER.sub(lambda m: values[m.group(1)], self.text)
+        return _PLACEHOLDER.sub(lambda m: values[m.group(1)], self.user or self.text)
 
 
-def load_template(criterion: str, fmt: str) -> Template:
-    """The packaged prompt `prompts/<criterion>_<format>.txt`."""
+def split_template(text: str) -> tuple[str | None, str]:
+    """(system, user) of a template file; a file without a leading system marker is all user."""
+    lines = text.splitlines(keepends=True)
+    first = next((i for i, line in enumerate(lines) if line.strip()), None)
+    if first is None or lines[first].strip() != SYSTEM_MARKER:
+        return None, text
+    for i in range(first + 1, len(lines)):
+        if lines[i].strip() == USER_MARKER:
+            system = "".join(lines[first + 1:i]).strip()
+            return system or None, "".join(lines[i + 1:]).strip("\n") + "\n"
+    raise ValueError(f"a {SYSTEM_MARKER!r} section needs a {USER_MARKER!r} line after it")
+
+
+def load_template(criterion: str, fmt: str, path: str | None = None) -> Template:
+    """The prompt at `path` (the config's `judge.templates.<criterion>`, relative to the
+    working directory), else the packaged `prompts/<criterion>_<format>.txt`.
+
+    Checked here: readable UTF-8 text, each placeholder exactly once in the user
+    part and none in the system part; InputError names the config key and the path.
+    """
     if criterion not in CRITERIA:
         raise InputError(f"unknown criterion {criterion!r} (known: {CRITERIA})",
                          field="criterion")
     if fmt not in FORMATS:
         raise InputError(f"must be one of {FORMATS}, got {fmt!r}", field="judge.format")
-    name = f"{criterion}_{fmt}.txt"
-    text = resources.files("sacpo_steps.judges").joinpath("prompts", name).read_text(
-        encoding="utf-8")
+    where: dict[str, str | None]
+    if path is None:
+        name = f"{criterion}_{fmt}.txt"
+        where = {"path": f"sacpo_steps/judges/prompts/{name}", "field": None}
+        text = resources.files("sacpo_steps.judges").joinpath("prompts", name).read_text(
+            encoding="utf-8")
+    else:
+        where = {"path": path, "field": f"judge.templates.{criterion}"}
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else f"not UTF-8 text ({exc})"
+            raise InputError(f"cannot read the {criterion} judge template: {reason}",
+                             **where) from None
+    try:
+        system, user = split_template(text)
+    except ValueError as exc:
+        raise InputError(str(exc), **where) from None
     for placeholder in ("question", "answer_a", "answer_b"):
-        if text.count("{" + placeholder + "}") != 1:
-            raise InputError(f"needs exactly one {{{placeholder}}}", path=name)
-    return Template(criterion, fmt, text, hashlib.sha256(text.encode("utf-8")).hexdigest())
+        token = "{" + placeholder + "}"
+        if user.count(token) != 1:
+            raise InputError(f"the template needs exactly one {token} in its user message, "
+                             f"found {user.count(token)}", **where)
+        if system is not None and token in system:
+            raise InputError(f"{token} belongs in the user message, not the system message",
+                             **where)
+    return Template(criterion, fmt, text, hashlib.sha256(text.encode("utf-8")).hexdigest(),
+                    user=user, system=system, source=str(where["path"]))
 
 
 @dataclass(frozen=True)
@@ -105,16 +176,25 @@ class Parsed:
     reason: str | None = None
 
 
+def _score(text: str) -> int | float:
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
 def parse_scores(text: str) -> Parsed:
-    """The first non-empty line must be exactly `Scores: A=<1-10> B=<1-10>`."""
+    """The first non-empty line must be `Scores: A=<0-10> B=<0-10>` or `<0-10> <0-10>`.
+
+    Nothing else on that line; a first line that is not a scores line (a preamble,
+    markdown, a score out of range) is unparseable, never a tie.
+    """
     first = next((line.strip() for line in text.splitlines() if line.strip()), None)
     if first is None:
         return Parsed(None, reason="empty reply")
-    match = SCORES_LINE.fullmatch(first)
+    match = SCORES_LINE.fullmatch(first) or BARE_SCORES_LINE.fullmatch(first)
     if match is None:
-        return Parsed(None, reason=f"first line is not 'Scores: A=<1-10> B=<1-10>': "
-                                   f"{first[:80]!r}")
-    a, b = int(match.group(1)), int(match.group(2))
+        return Parsed(None, reason=f"first line is neither 'Scores: A=<0-10> B=<0-10>' nor "
+                                   f"'<0-10> <0-10>': {first[:80]!r}")
+    a, b = _score(match.group(1)), _score(match.group(2))
     verdict = "first" if a > b else "second" if b > a else "tie"
     return Parsed(verdict, {"scores": {"A": a, "B": b}})
 
@@ -152,8 +232,16 @@ class OpenAIJudgeConfig:
     #: name of the environment variable that holds the key (never the key itself)
     api_key_env: str = "OPENAI_API_KEY"
     format: str = "scores"
+    #: criterion -> the user's own prompt template file (relative to the working
+    #: directory); a criterion not named uses the packaged template
+    templates: dict[str, str] | None = None
+    #: format scores: ask for reasons after the scores line (and allow the tokens for them)
+    explain: bool = False
+    #: on a rerun, ask again the judgments whose cached replies are errors or unparseable
+    retry_errors: bool = False
     temperature: float = 0.7
-    max_tokens: int = 1024
+    #: None: DEFAULT_MAX_TOKENS (16 for the scores line alone, 1024 with reasons)
+    max_tokens: int | None = None
     #: seconds per request
     timeout: float = 120.0
     #: requests in flight at once
@@ -184,7 +272,16 @@ class OpenAIJudgeConfig:
         for key in ("model", "api_key_env"):
             if not getattr(made, key).strip():
                 raise InputError("must not be empty", field=f"judge.{key}")
+        if made.max_tokens is None:  # resolved here: readers of `max_tokens` see the cap sent
+            made = replace(made, max_tokens=made.output_cap())
         return made
+
+    def output_cap(self) -> int:
+        """The `max_tokens` sent: the config's, else the default for the format."""
+        if self.max_tokens is not None:
+            return self.max_tokens
+        mode = "scores+explain" if self.format == "scores" and self.explain else self.format
+        return DEFAULT_MAX_TOKENS[mode]
 
     def prices(self) -> tuple[float | None, float | None]:
         default_in, default_out = DEFAULT_PRICES.get(self.model, (None, None))
@@ -194,18 +291,36 @@ class OpenAIJudgeConfig:
 
 
 _POSITIVE = {"max_tokens", "timeout", "concurrency", "backoff_max"}
-_OPTIONAL = {"base_url", "cache", "price_input_per_1m", "price_output_per_1m"}
+_OPTIONAL = {"base_url", "cache", "price_input_per_1m", "price_output_per_1m", "max_tokens",
+             "templates"}
+_INTEGER = {"max_tokens", "concurrency", "max_retries", "parse_retries"}
 
 
 def _check_value(key: str, value: Any, default: Any) -> Any:
     where = f"judge.{key}"
     if value is None and key in _OPTIONAL:
         return None
+    if key == "templates":
+        if not isinstance(value, dict):
+            raise InputError(f"expected a mapping of criterion to template file, got {value!r}",
+                             field=where)
+        for criterion, path in value.items():
+            if criterion not in CRITERIA:
+                raise InputError(f"unknown criterion (known: {', '.join(CRITERIA)})",
+                                 field=f"{where}.{criterion}")
+            if path is not None and (not isinstance(path, str) or not path.strip()):
+                raise InputError(f"expected a template file path, got {path!r}",
+                                 field=f"{where}.{criterion}")
+        return {c: p for c, p in value.items() if p is not None}
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise InputError(f"expected true or false, got {value!r}", field=where)
+        return value
     if key in {"model", "base_url", "api_key_env", "format", "cache"}:
         if not isinstance(value, str):
             raise InputError(f"expected a string, got {value!r}", field=where)
         return value
-    if isinstance(default, int) and not isinstance(default, bool):
+    if key in _INTEGER:
         if isinstance(value, bool) or not isinstance(value, int):
             raise InputError(f"expected an integer, got {value!r}", field=where)
     elif isinstance(value, bool) or not isinstance(value, int | float) \
@@ -226,6 +341,8 @@ class _Failure:
 
     cause: str
     message: str
+    #: waiting would not help (a 4xx, a malformed response): cached as an error entry
+    final: bool = False
 
 
 @dataclass
@@ -285,7 +402,11 @@ class OpenAIJudge(Judge):
         if config.cache is None:
             log.warning("no judge cache configured: replies are kept in memory only, "
                         "and a rerun pays for them again")
-        self.templates = {c: load_template(c, config.format) for c in CRITERIA}
+        own = config.templates or {}
+        self.templates = {c: load_template(c, config.format, own.get(c)) for c in CRITERIA}
+        self.max_tokens = config.output_cap()
+        #: appended to every user message (the `explain` instruction), "" for none
+        self.suffix = EXPLAIN_INSTRUCTION if config.explain and config.format == "scores" else ""
         self._stats = _Stats()
         self._rng = random.Random()
         self._not_before = 0.0  # time.monotonic() before which no request starts (429)
@@ -313,17 +434,32 @@ class OpenAIJudge(Judge):
     # -- keys ---------------------------------------------------------------------------
 
     def cache_key(self, request: JudgeRequest, attempt: int) -> str:
-        """Everything that can change the reply; not base_url (same model, other route)."""
+        """Everything that can change the reply; not base_url (same model, other route).
+
+        The template enters by its file's hash (system message included), so an
+        unchanged template keeps its entries valid; the `explain` instruction enters
+        only when it is sent, so keys without it are those of earlier versions.
+        """
         template = self.templates[request.criterion]
         material = {
             "backend": BACKEND, "model": self.config.model, "template": template.sha256,
             "criterion": request.criterion, "question": request.question,
             "first": request.first_answer, "second": request.second_answer,
-            "temperature": self.config.temperature, "max_tokens": self.config.max_tokens,
+            "temperature": self.config.temperature, "max_tokens": self.max_tokens,
             "repetition": request.repetition, "attempt": attempt,
         }
+        if self.suffix:
+            material["explain"] = hashlib.sha256(self.suffix.encode("utf-8")).hexdigest()
         blob = json.dumps(material, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def messages(self, request: JudgeRequest) -> list[dict[str, str]]:
+        """The chat messages of one comparison: the template's system message, if any,
+        then the rendered user message."""
+        template = self.templates[request.criterion]
+        user = template.render(request.question, request.first_answer, request.second_answer)
+        out = [{"role": "system", "content": template.system}] if template.system else []
+        return [*out, {"role": "user", "content": user + self.suffix}]
 
     # -- one HTTP request, with the only retry loop -------------------------------------
 
@@ -332,7 +468,7 @@ class OpenAIJudge(Judge):
         return self._rng.uniform(0.0, min(cfg.backoff_max, cfg.backoff_base * 2 ** retry))
 
     async def _request(self, client: openai.AsyncOpenAI, sem: asyncio.Semaphore,
-                       prompt: str) -> dict[str, Any] | _Failure:
+                       messages: list[dict[str, str]]) -> dict[str, Any] | _Failure:
         cfg = self.config
         retry = 0
         while True:
@@ -344,8 +480,8 @@ class OpenAIJudge(Judge):
                 self._stats.requests += 1
                 try:
                     response = await client.chat.completions.create(
-                        model=cfg.model, messages=[{"role": "user", "content": prompt}],
-                        temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+                        model=cfg.model, messages=messages,  # type: ignore[arg-type]
+                        temperature=cfg.temperature, max_tokens=self.max_tokens,
                         timeout=cfg.timeout)
                 except openai.APITimeoutError as exc:  # before its base class
                     cause, message = "timeout", str(exc)
@@ -374,9 +510,9 @@ class OpenAIJudge(Judge):
                     elif status in (408, 409):
                         cause = f"status_{status}"
                     else:  # 400, 422, ...: this request will not get better by waiting
-                        return _Failure(f"status_{status}", self.mask(message))
+                        return _Failure(f"status_{status}", self.mask(message), final=True)
                 except openai.APIError as exc:
-                    return _Failure("bad_response", self.mask(str(exc)))
+                    return _Failure("bad_response", self.mask(str(exc)), final=True)
                 else:
                     return self._entry(response)
             if retry >= cfg.max_retries:
@@ -446,44 +582,75 @@ class OpenAIJudge(Judge):
 
     async def _judge(self, client: openai.AsyncOpenAI, sem: asyncio.Semaphore,
                      request: JudgeRequest) -> JudgeReply:
+        """Walk the cached attempts of a comparison (0, 1, ...) until one parses; ask anew
+        where the cache ends, at most `parse_retries + 1` times in this run.
+
+        After an unparseable reply the next attempt is asked (up to attempt
+        `parse_retries`); after a cached error entry, or past that attempt, only
+        with `retry_errors`. A fresh failure ends the judgment (a permanent one is
+        cached first).
+        """
         cfg = self.config
-        prompt = self.templates[request.criterion].render(
-            request.question, request.first_answer, request.second_answer)
+        messages = self.messages(request)
         reasons: list[str] = []
-        entry: dict[str, Any] | None = None
-        for attempt in range(cfg.parse_retries + 1):
+        entry: dict[str, Any] | None = None  # the last attempt's entry
+        last_attempt, asked, attempt = 0, 0, 0
+        while True:
             key = self.cache_key(request, attempt)
-            entry = self.cache.get(key)
-            cached = entry is not None
-            if entry is None:
+            cached_entry = self.cache.get(key)
+            if cached_entry is None:
+                after_error = entry is not None and "error" in entry
+                may_ask = asked <= cfg.parse_retries and (
+                    cfg.retry_errors or (attempt <= cfg.parse_retries and not after_error))
+                if not may_ask:
+                    break
                 if attempt > 0:
-                    self._stats.retries["unparseable"] += 1
-                fetched = await self._request(client, sem, prompt)
+                    self._stats.retries["retry_errors" if after_error or attempt
+                                        > cfg.parse_retries else "unparseable"] += 1
+                asked += 1
+                fetched = await self._request(client, sem, messages)
                 if isinstance(fetched, _Failure):
                     self._stats.errors[fetched.cause] += 1
+                    if fetched.final:  # a rerun will not ask again, unless retry_errors
+                        await self._store(key, {
+                            "model": cfg.model, "criterion": request.criterion,
+                            "template": self.templates[request.criterion].sha256,
+                            "repetition": request.repetition, "attempt": attempt,
+                            "raw": "", "error": fetched.cause, "message": fetched.message})
                     return JudgeReply("error", fetched.message, {
                         "reason": f"no reply: {fetched.cause}", "attempt": attempt,
-                        "reasons": reasons})
+                        "cached": False, "reasons": reasons})
                 entry = await self._store(key, {
                     "model": cfg.model, "criterion": request.criterion,
                     "template": self.templates[request.criterion].sha256,
                     "repetition": request.repetition, "attempt": attempt, **fetched})
+                cached = False
             else:
+                entry, cached = cached_entry, True
                 self._stats.cache_hits += 1
                 usage = entry.get("usage") or {}
                 self._stats.cached_prompt_tokens += int(usage.get("prompt_tokens", 0))
                 self._stats.cached_completion_tokens += int(usage.get("completion_tokens", 0))
+            last_attempt, attempt = attempt, attempt + 1
+            if "error" in entry:
+                reasons.append(f"no reply: {entry['error']}")
+                continue
             parsed = parse_reply(cfg.format, entry["raw"])
             if parsed.verdict is not None:
                 return JudgeReply(parsed.verdict, entry["raw"], {
-                    **parsed.detail, "attempt": attempt, "cached": cached, "key": key,
+                    **parsed.detail, "attempt": last_attempt, "cached": cached, "key": key,
                     "finish_reason": entry.get("finish_reason")})
             reasons.append(parsed.reason or "unparseable")
-        self._stats.errors["unparseable"] += 1
         assert entry is not None
+        if "error" in entry:  # a cached failure, not asked again (retry_errors is off)
+            self._stats.errors[entry["error"]] += 1
+            return JudgeReply("error", entry.get("message", ""), {
+                "reason": reasons[-1], "attempt": last_attempt, "cached": True,
+                "reasons": reasons})
+        self._stats.errors["unparseable"] += 1
         return JudgeReply("error", entry["raw"], {
-            "reason": f"unparseable after {cfg.parse_retries + 1} attempts: {reasons[-1]}",
-            "attempts": cfg.parse_retries + 1, "reasons": reasons,
+            "reason": f"unparseable after {attempt} attempts: {reasons[-1]}",
+            "attempts": attempt, "reasons": reasons,
             "finish_reason": entry.get("finish_reason")})
 
     async def _judge_all(self, requests: Sequence[JudgeRequest]) -> list[JudgeReply]:
@@ -541,9 +708,12 @@ class OpenAIJudge(Judge):
         return {
             "backend": BACKEND, "model": self.config.model, "format": self.config.format,
             "templates": {c: t.sha256 for c, t in self.templates.items()},
-            "settings": {k: settings[k] for k in ("base_url", "temperature", "max_tokens",
-                                                  "timeout", "concurrency", "max_retries",
-                                                  "parse_retries", "cache")},
+            "template_files": {c: t.source for c, t in self.templates.items()},
+            "settings": {**{k: settings[k] for k in ("base_url", "temperature", "timeout",
+                                                     "concurrency", "max_retries",
+                                                     "parse_retries", "cache", "explain",
+                                                     "retry_errors")},
+                         "max_tokens": self.max_tokens},
             "judgments": s.judgments, "requests": s.requests, "cached": s.cache_hits,
             "retries": dict(sorted(s.retries.items())),
             "errors": dict(sorted(s.errors.items())),
