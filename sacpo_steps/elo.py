@@ -9,7 +9,11 @@ Two estimates, both labelled in every output by the `mode` column:
 - `paper` (compatibility only): the reference code's online Elo, start 1200, K=32,
   50 trials of 10 shuffled passes, each trial rescaled multiplicatively so the
   anchor is 1000, then averaged. It depends on the order of battles and on the
-  arbitrary start value; keep it only to compare with the paper's figures.
+  arbitrary start value; keep it only to compare with the paper's figures. Its rows
+  are marked invalid (`valid` False, `invalid_reason` says why, no rating) when the
+  anchor's raw online rating is <= 0 in a trial (the rescale would flip signs, e.g.
+  when models beat the anchor on every prompt), or when the rescale changes the order
+  of two models relative to their mean raw ratings.
 
 With battles against SFT only, BT Elo is a function of the win rate w:
 Elo = 1000 + 400 log10(w / (1 - w)); it adds information only when models meet
@@ -50,7 +54,7 @@ from sacpo_steps.stats import (
 log = logging.getLogger("sacpo.elo")
 
 ELO_COLUMNS = ("criterion", "mode", "model", "rating", "ci_low", "ci_high", "rank", "rank_low",
-               "rank_high", "n", "errors", "status", "trial_std")
+               "rank_high", "n", "errors", "status", "trial_std", "valid", "invalid_reason")
 MODES = ("bt", "paper")
 _TOL = 1e-10
 _MAX_NEWTON = 100
@@ -251,7 +255,7 @@ def _point_rows(crit: _Criterion, theta: np.ndarray, status: np.ndarray,
     return pd.DataFrame({
         "criterion": crit.name, "mode": "bt", "model": crit.models, "rating": rating,
         "rank": _ranks(rating), "n": crit.n, "errors": crit.errors,
-        "status": [_STATUS[int(s)] for s in status],
+        "status": [_STATUS[int(s)] for s in status], "valid": True, "invalid_reason": "",
     })
 
 
@@ -383,16 +387,55 @@ def paper_elo(
     crits = _criteria(battles, anchor)
     final = _online_elo(crits, trials, passes, float(k), float(start), seed)
     frames = []
-    for crit, ratings in zip(crits, final, strict=True):
-        ratings = ratings * (1000.0 / ratings[:, [crit.anchor]])
+    for crit, raw in zip(crits, final, strict=True):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratings = raw * (1000.0 / raw[:, [crit.anchor]])
         ratings[:, crit.anchor] = 1000.0
-        mean = ratings.mean(axis=0)
+        mean, std = ratings.mean(axis=0), ratings.std(axis=0)
+        reasons = _paper_invalid_reasons(crit, raw, mean)
+        invalid = np.array([bool(r) for r in reasons])
+        for i in np.flatnonzero(invalid):
+            log.warning("%s / %s: paper-mode Elo not reported: %s", crit.name,
+                        crit.models[i], reasons[i])
+        mean = np.where(invalid, np.nan, mean)
         frames.append(pd.DataFrame({
             "criterion": crit.name, "mode": "paper", "model": crit.models, "rating": mean,
-            "rank": _ranks(mean), "n": crit.n, "errors": crit.errors, "status": "finite",
-            "trial_std": ratings.std(axis=0),
+            "rank": _ranks(mean), "n": crit.n, "errors": crit.errors,
+            "status": np.where(invalid, "invalid", "finite"),
+            "trial_std": np.where(invalid, np.nan, std), "valid": ~invalid,
+            "invalid_reason": reasons,
         }))
     return pd.concat(frames, ignore_index=True)
+
+
+def _paper_invalid_reasons(crit: _Criterion, raw: np.ndarray, rescaled: np.ndarray
+                           ) -> list[str]:
+    """Per model, why its paper-mode rating cannot be reported ("" when it can).
+
+    The multiplicative rescale (x 1000 / anchor) is meaningful only for a positive
+    anchor: with the anchor's raw online rating <= 0 in any trial, it flips signs and
+    order (every row of the criterion is invalid). With a positive anchor each trial
+    keeps its order, but the mean over trials of differently scaled trials may not:
+    a model whose order against another differs between the mean raw ratings and the
+    reported ones is invalid.
+    """
+    m = len(crit.models)
+    anchor_raw = raw[:, crit.anchor]
+    bad = anchor_raw <= 0
+    if bad.any():
+        reason = (f"baseline {crit.models[crit.anchor]!r} has a raw online rating <= 0 "
+                  f"(min {anchor_raw.min():.1f}) in {int(bad.sum())} of {len(anchor_raw)} "
+                  f"trials, so the multiplicative rescale to 1000 flips signs and order")
+        return [reason] * m
+    raw_mean = raw.mean(axis=0)
+    flipped = ((raw_mean[:, None] - raw_mean[None, :])
+               * (rescaled[:, None] - rescaled[None, :])) < 0
+    reasons = []
+    for i in range(m):
+        others = [crit.models[j] for j in np.flatnonzero(flipped[i])]
+        reasons.append(f"the multiplicative rescale reverses its order against {others}"
+                       if others and i != crit.anchor else "")
+    return reasons
 
 
 def _online_elo(crits: list[_Criterion], trials: int, passes: int, k: float, start: float,
@@ -489,21 +532,32 @@ def _rank(r: pd.Series) -> str:
     return text
 
 
+def _is_valid(row: pd.Series) -> bool:
+    """A row without the `valid` column (older tables) counts as valid."""
+    value = row.get("valid", True)
+    return True if pd.isna(value) else bool(value)
+
+
 def markdown_table(table: pd.DataFrame, confidence: float = 0.95) -> str:
     """Render elo.csv as Markdown; `paper` rows show the spread over trials instead of a CI."""
     header = ["criterion", "mode", "model", "rating", f"{confidence * 100:g}% interval",
               "rank [interval]", "n", "errors", "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, r in table.iterrows():
-        if r["mode"] == "paper":
+        value = _fmt(r["rating"])
+        if not _is_valid(r):
+            value, interval = f"invalid: {r['invalid_reason']}", "n/a"
+        elif r["mode"] == "paper":
             interval = f"± {_fmt(r['trial_std'])} (trial std)"
         else:
             interval = f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
-        cells = [r["criterion"], r["mode"], r["model"], _fmt(r["rating"]), interval, _rank(r),
+        cells = [r["criterion"], r["mode"], r["model"], value, interval, _rank(r),
                  int(r["n"]), int(r["errors"]), r["status"]]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     note = ("\nmode `bt`: Bradley-Terry maximum likelihood (recommended), bootstrap over "
-            "prompts. mode `paper`: the paper's online Elo, kept for comparison only.\n")
+            "prompts. mode `paper`: the paper's online Elo, kept for comparison only; its "
+            "rows are invalid (no number) when the baseline's raw online rating is <= 0 or "
+            "the multiplicative rescale to 1000 would change the order of the models.\n")
     return "\n".join(lines) + "\n" + note
 
 
@@ -529,6 +583,10 @@ def elo_step(
         table.to_csv(tmp_csv, index=False)
         tmp_md.write_text(text, encoding="utf-8")
     for _, r in table.iterrows():
+        if not _is_valid(r):
+            log.info("%s / %s / %s: invalid: %s", r["criterion"], r["mode"], r["model"],
+                     r["invalid_reason"])
+            continue
         log.info("%s / %s / %s: Elo %s [%s, %s] (%s)", r["criterion"], r["mode"], r["model"],
                  _fmt(r["rating"]), _fmt(r["ci_low"]), _fmt(r["ci_high"]), r["status"])
     return table

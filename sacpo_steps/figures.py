@@ -245,16 +245,39 @@ def _elo_rows(elo: pd.DataFrame, mode: str, source: str) -> pd.DataFrame:
     return rows
 
 
+def _invalid(rows: pd.DataFrame) -> np.ndarray:
+    """Rows the elo step marked invalid (`valid` False: paper mode with a bad rescale)."""
+    if "valid" not in rows.columns:
+        return np.zeros(len(rows), dtype=bool)
+    # read back from CSV the column may be bool, or text when some cells are empty
+    valid = rows["valid"].map(lambda v: pd.isna(v) or str(v).strip().lower() in ("true", "1"))
+    return ~valid.to_numpy(dtype=bool)
+
+
+def _plottable(rows: pd.DataFrame) -> pd.DataFrame:
+    """Valid rows with a finite rating."""
+    return rows[~_invalid(rows) & np.isfinite(rows["rating"].to_numpy(dtype=float))]
+
+
 def _not_finite_note(fig: Figure, rows: pd.DataFrame) -> None:
-    """Say under the figure which models have an infinite or undetermined rating."""
-    bad = rows[~np.isfinite(rows["rating"].to_numpy(dtype=float))]
-    if bad.empty:
+    """Say under the figure which models are not shown: rating not finite, or invalid."""
+    invalid = _invalid(rows)
+    bad = rows[~invalid & ~np.isfinite(rows["rating"].to_numpy(dtype=float))]
+    parts = []
+    if not bad.empty:
+        text = ", ".join(f"{r.model} ({r.criterion}: {r.rating:+})" for r in bad.itertuples())
+        log.warning("not plotted, rating not finite: %s", text)
+        parts.append(f"not shown (rating not finite): {text}")
+    if invalid.any():
+        reasons = rows[invalid].groupby(["criterion", "invalid_reason"], sort=True)["model"]
+        text = "; ".join(f"{', '.join(models)} ({criterion}: {reason})"
+                         for (criterion, reason), models in reasons)
+        log.warning("not plotted, rating invalid: %s", text)
+        parts.append(f"not shown (invalid): {text}")
+    if not parts:
         return
-    text = ", ".join(f"{r.model} ({r.criterion}: {r.rating:+})" for r in bad.itertuples())
-    log.warning("not plotted, rating not finite: %s", text)
     width = int(fig.get_figwidth() * 16)
-    fig.supxlabel(textwrap.fill(f"not shown (rating not finite): {text}", width), fontsize=6,
-                  gid=NOT_FINITE_GID)
+    fig.supxlabel(textwrap.fill(". ".join(parts), width), fontsize=6, gid=NOT_FINITE_GID)
 
 
 def elo_figure(
@@ -270,8 +293,19 @@ def elo_figure(
 ) -> Figure:
     """Figure 3: helpfulness vs harmlessness Elo (one `mode`), reference lines at the anchor."""
     rows = _elo_rows(elo, mode, source)
-    finite = rows[np.isfinite(rows["rating"].to_numpy(dtype=float))]
-    points = _with_info(_two_criteria(finite, "rating", x_criterion, y_criterion, source), info)
+    both = rows[rows["criterion"].isin([x_criterion, y_criterion])]
+    anchor_invalid = _invalid(both[both["model"] == anchor]).any()
+    if anchor_invalid and set(both["criterion"]) == {x_criterion, y_criterion}:
+        # the anchor's rating is invalid (paper mode), so is its whole criterion: an
+        # empty figure that says why
+        fig = _new_figure(6.5, 5.0)
+        ax = fig.add_subplot()
+        ax.set_axis_off()
+        ax.set_title("paper-mode online Elo (compatibility): invalid, not plotted", fontsize=9)
+        _not_finite_note(fig, both)
+        return fig
+    points = _with_info(_two_criteria(_plottable(rows), "rating", x_criterion, y_criterion,
+                                      source), info)
     anchor_rows = points[points["model"] == anchor]
     if anchor_rows.empty:
         raise InputError(f"anchor {anchor!r} missing in criteria {x_criterion!r}, "
@@ -299,10 +333,9 @@ def elo_chart(elo: pd.DataFrame, *, anchor: str = "sft", mode: str = "bt",
     n_models = rows.groupby("criterion")["model"].nunique().max()
     fig = _new_figure(4.2 * len(criteria), 1.2 + 0.35 * n_models)
     axes = fig.subplots(1, len(criteria), squeeze=False)[0]
-    other = elo[(elo["mode"] != mode) & elo["mode"].isin(["bt", "paper"])]
+    other = _plottable(elo[(elo["mode"] != mode) & elo["mode"].isin(["bt", "paper"])])
     for ax, criterion in zip(axes, criteria, strict=True):
-        part = rows[rows["criterion"] == criterion]
-        part = part[np.isfinite(part["rating"].to_numpy(dtype=float))]
+        part = _plottable(rows[rows["criterion"] == criterion])
         part = part.sort_values(["rating", "model"], ascending=[True, False])
         x = part["rating"].to_numpy(dtype=float)
         y = np.arange(len(part), dtype=float)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -139,11 +140,44 @@ class Plan:
     merges: dict[str, MergeNode] = field(default_factory=dict)
     baselines: dict[str, dict[str, Any]] = field(default_factory=dict)  # external models
     order: list[str] = field(default_factory=list)  # align and merge nodes, parents first
+    pairs: str = "vs_baseline"  # evaluation.pairs
+    families: dict[str, list[str]] = field(default_factory=dict)  # evaluation.families
 
     @property
     def models(self) -> list[str]:
-        """Every model that is generated and judged, the SFT first."""
+        """Every model of the plan, the SFT first (those in no judged pair are not generated)."""
         return [self.sft, *self.order, *self.baselines]
+
+    def judged_pairs(self) -> list[tuple[str, str]]:
+        """The distinct unordered pairs to judge, as (model, opponent) in plan order.
+
+        vs_baseline: each model against the baseline; all_pairs: every pair of models;
+        families: every pair within each family of `evaluation.families`, plus each
+        family member against the baseline. The baseline is always the opponent side;
+        otherwise the model listed first in the plan is the candidate.
+        """
+        models = self.models
+        if self.pairs == "vs_baseline":
+            return [(m, self.baseline) for m in models if m != self.baseline]
+        wanted: set[frozenset[str]] | None = None
+        if self.pairs == "families":
+            wanted = set()
+            for members in self.families.values():
+                for i, a in enumerate(members):
+                    wanted.update(frozenset((a, b)) for b in members[i + 1:] if b != a)
+                wanted.update(frozenset((m, self.baseline)) for m in members
+                              if m != self.baseline)
+        pairs = []
+        for i, a in enumerate(models):
+            for b in models[i + 1:]:
+                if wanted is None or frozenset((a, b)) in wanted:
+                    pairs.append((b, a) if a == self.baseline else (a, b))
+        return pairs
+
+    def unjudged(self) -> list[str]:
+        """Models of the plan that no judged pair includes (families mode only)."""
+        judged = {m for pair in self.judged_pairs() for m in pair}
+        return [m for m in self.models if m not in judged]
 
     def merge_groups(self) -> dict[str, list[MergeNode]]:
         groups: dict[str, list[MergeNode]] = {}
@@ -249,6 +283,7 @@ def build_plan(config: dict[str, Any]) -> Plan:
     baseline = evaluation.get("baseline", sft)
     if baseline != sft and baseline not in every and baseline not in baselines:
         raise PlanError(f"evaluation.baseline: unknown model {baseline!r}")
+    pairs_mode, families = _check_families(evaluation, [sft, *ordered, *baselines])
     judge_schema = load_schema()["properties"]["evaluation"]["properties"]["judge"]
     for name, ps in evaluation["prompt_sets"].items():
         if "judge" in ps:
@@ -276,7 +311,139 @@ def build_plan(config: dict[str, Any]) -> Plan:
                                 f"or measure: harmlessness_winrate")
     return Plan(sft=sft, nodes={n: nodes[n] for n in ordered if n in nodes}, datasets=datasets,
                 baseline=baseline, merges={n: merges[n] for n in ordered if n in merges},
-                baselines=baselines, order=ordered)
+                baselines=baselines, order=ordered, pairs=pairs_mode, families=families)
+
+
+def _check_families(evaluation: dict[str, Any], models: list[str]
+                    ) -> tuple[str, dict[str, list[str]]]:
+    """`evaluation.pairs` and `evaluation.families` must come together, with known models."""
+    pairs_mode = evaluation.get("pairs", "vs_baseline")
+    if pairs_mode == "families" and not evaluation.get("families"):
+        raise PlanError("evaluation.families: `evaluation.pairs: families` needs "
+                        "`evaluation.families: {name: [model, ...]}`")
+    if "families" in evaluation and pairs_mode != "families":
+        raise PlanError(f"evaluation.families: only used with `evaluation.pairs: families` "
+                        f"(pairs is {pairs_mode!r}); set it or remove `families`")
+    families = {name: list(members) for name, members in evaluation.get("families", {}).items()}
+    for name, members in families.items():
+        unknown = [m for m in members if m not in models]
+        if unknown:
+            raise PlanError(f"evaluation.families.{name}: unknown model(s) {unknown} "
+                            f"(plan models: {models})")
+    return pairs_mode, families
+
+
+#: characters per token assumed for the judge template and prompts: conservative for
+#: English text (GPT-4's tokenizers average about 4), so token counts are overestimated
+CHARS_PER_TOKEN = 3.0
+ORDERS = 2  # every pair is judged with each answer first
+
+
+def judgment_count(n_pairs: int, n_prompts: int, repetitions: int) -> int:
+    """Judgments of one prompt set: pairs x prompts x 2 orders x repetitions."""
+    return n_pairs * n_prompts * ORDERS * repetitions
+
+
+def estimated_input_tokens(template_chars: int, max_new_tokens: int, prompt_chars: int = 0
+                           ) -> int:
+    """Upper-bound input tokens of one judgment: the template and the question at
+    CHARS_PER_TOKEN, plus both answers at the generation cap (`max_new_tokens`)."""
+    return math.ceil((template_chars + prompt_chars) / CHARS_PER_TOKEN) + 2 * max_new_tokens
+
+
+def estimated_cost(judgments: int, input_tokens: int, max_tokens: int,
+                   price_input_per_1m: float, price_output_per_1m: float) -> float:
+    """USD for `judgments` requests of `input_tokens` in and at most `max_tokens` out."""
+    return judgments * (input_tokens * price_input_per_1m
+                        + max_tokens * price_output_per_1m) / 1e6
+
+
+def _openai_estimate(judge: dict[str, Any], criterion: str, max_new_tokens: int,
+                     prompt_chars: int) -> tuple[int, int, float | None, float | None, str]:
+    """(input tokens, max output tokens, USD in, USD out per 1M, model) of one judgment,
+    read from the judge's own config class so its defaults are the ones applied."""
+    from sacpo_steps.judges.openai import EXPLAIN_INSTRUCTION, OpenAIJudgeConfig, load_template
+
+    cfg = OpenAIJudgeConfig.from_dict(judge)
+    template = load_template(criterion, cfg.format, (cfg.templates or {}).get(criterion))
+    # the judge appends the `explain` instruction to each message (format scores)
+    suffix = EXPLAIN_INSTRUCTION if cfg.explain and cfg.format == "scores" else ""
+    price_in, price_out = cfg.prices()
+    tokens_in = estimated_input_tokens(len(template.text) + len(suffix), max_new_tokens,
+                                       prompt_chars)
+    return tokens_in, int(cfg.output_cap()), price_in, price_out, cfg.model
+
+
+def judgment_report(plan: Plan, evaluation: dict[str, Any],
+                    prompts: dict[str, tuple[int | None, str, int]]) -> list[str]:
+    """Lines saying how many judgments the run makes and, for openai judges, an upper
+    bound on their cost. `prompts[name]` = (prompt count or None, where it comes from,
+    longest prompt in characters, 0 if unknown)."""
+    pairs = plan.judged_pairs()
+    n_pairs = len(pairs)
+    vs_base = sum(1 for _, opponent in pairs if opponent == plan.baseline)
+    max_new = evaluation["generation"]["max_new_tokens"]
+    lines = [f"judge requests (evaluation.pairs: {plan.pairs}): {n_pairs} distinct pairs, "
+             f"{vs_base} of them against the baseline {plan.baseline!r}"]
+    unjudged = plan.unjudged()
+    if unjudged:
+        lines.append(f"  not in any pair, so neither generated nor judged: {unjudged}")
+    total, per_prompt, cost, priced, unpriced = 0, [], 0.0, False, False
+    for name, ps in evaluation["prompt_sets"].items():
+        judge = judge_for(evaluation, name)
+        reps = judge.get("repetitions", 1)
+        count, source, prompt_chars = prompts[name]
+        head = f"  {name}: {n_pairs} pairs x "
+        tail = f"{ORDERS} orders x {reps} repetition(s)"
+        if count is None:
+            n = judgment_count(n_pairs, 1, reps)
+            per_prompt.append(f"{n:,} per {name} prompt")
+            text = f"{head}{tail} = {n:,} judgments per prompt (prompt count {source})"
+        else:
+            n = judgment_count(n_pairs, count, reps)
+            total += n
+            text = f"{head}{count} prompts ({source}) x {tail} = {n:,} judgments"
+        if judge["backend"] != "openai":
+            lines.append(f"{text}; {judge['backend']} judge, no API cost")
+            continue
+        tokens_in, tokens_out, price_in, price_out, model = _openai_estimate(
+            judge, ps["criterion"], max_new, prompt_chars)
+        if price_in is None or price_out is None:
+            unpriced = True
+            text += (f"; {model}: no price known (set price_input_per_1m and "
+                     f"price_output_per_1m), no cost estimate")
+        else:
+            usd = estimated_cost(n, tokens_in, tokens_out, price_in, price_out)
+            if count is not None:
+                cost, priced = cost + usd, True
+            text += (f"; {model}: <= {tokens_in:,} input tokens x ${price_in:g}/1M + "
+                     f"<= {tokens_out:,} output tokens x ${price_out:g}/1M per judgment "
+                     f"-> <= ${usd:,.2f}{' per prompt' if count is None else ''}")
+        lines.append(text)
+    if not per_prompt:
+        summary = f"  total: {total:,} judgments"
+    elif total:
+        summary = (f"  total: {total:,} judgments for the prompt sets of known size, plus "
+                   f"{', '.join(per_prompt)} (count unknown until the set exists)")
+    else:
+        summary = (f"  total: {', '.join(per_prompt)} (prompt counts unknown until the sets "
+                   f"exist)")
+    if priced:
+        summary += f"; estimated cost <= ${cost:,.2f}"
+        if per_prompt:
+            summary += " for those sets"
+        if unpriced:
+            summary += ", without the judges of unknown price"
+        bound = (f"an upper bound: both answers at the max_new_tokens cap ({max_new}), every "
+                 f"reply at max_tokens, the template")
+        if all(p[2] for p in prompts.values()):
+            bound += f" and the longest question at {CHARS_PER_TOKEN:g} characters per token"
+        else:
+            bound += (f" at {CHARS_PER_TOKEN:g} characters per token; the question text is "
+                      f"not counted until the prompts are fetched")
+        summary += f" ({bound})"
+    lines.append(summary)
+    return lines
 
 
 def judge_for(evaluation: dict[str, Any], prompt_set: str) -> dict[str, Any]:

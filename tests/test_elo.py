@@ -343,6 +343,71 @@ def test_paper_mode_orders_models_like_bt_on_a_clear_cut_table():
     assert paper == bt == ["weak", "sft", "good", "best"]
 
 
+def sweep_battles(n_models: int = 8, n_prompts: int = 120) -> pd.DataFrame:
+    """Every model beats the anchor on every prompt, in both orders (like the demo's
+    helpfulness): the anchor's raw online rating ends below 0."""
+    return frame([battle(f"p{p}", "a_wins", f"m{i}", "sft", order)
+                  for p in range(n_prompts) for i in range(n_models)
+                  for order in ("a_first", "b_first")])
+
+
+def test_paper_mode_is_invalid_when_the_anchor_raw_rating_is_not_positive():
+    battles = sweep_battles()
+    crit = elo._criteria(battles, "sft")[0]
+    raw = elo._online_elo([crit], 3, 10, 32.0, 1200.0, 0)[0]
+    assert (raw[:, crit.anchor] <= 0).all()  # the degenerate case this guards against
+    table = elo.paper_elo(battles, trials=3, passes=10)
+    assert not table["valid"].any() and set(table["status"]) == {"invalid"}
+    assert table[["rating", "rank", "trial_std"]].isna().all().all()
+    assert all("raw online rating <= 0" in r for r in table["invalid_reason"])
+    # BT is unaffected: every model is +inf, the anchor 1000, all valid
+    both = elo.elo_table(battles, rounds=20, paper_trials=3)
+    bt = both[both["mode"] == "bt"]
+    assert bt["valid"].all() and (bt["invalid_reason"] == "").all()
+    md = elo.markdown_table(both)
+    paper_lines = [line for line in md.splitlines() if "| paper |" in line]
+    assert len(paper_lines) == 9
+    for line in paper_lines:  # the rating cell says why, and no (sign-flipped) number
+        rating_cell, interval, rank = line.split(" | ")[3:6]
+        assert rating_cell.startswith("invalid: baseline 'sft' has a raw online rating <= 0")
+        assert interval == rank == "n/a"
+
+
+def test_paper_mode_stays_valid_on_normal_data():
+    for seed in range(3):
+        table = elo.paper_elo(random_battles(seed, n_prompts=20), trials=10, passes=3)
+        assert table["valid"].all() and (table["invalid_reason"] == "").all()
+        assert np.isfinite(table["rating"]).all() and set(table["status"]) == {"finite"}
+
+
+def test_paper_mode_marks_models_whose_order_the_rescale_reverses():
+    crit = elo._criteria(frame([battle("p1", "a_wins", "a", "sft"),
+                                battle("p1", "b_wins", "b", "sft"),
+                                battle("p1", "tie", "a", "b")]), "sft")[0]
+    assert crit.models == ["a", "b", "sft"]
+    # trial 1: anchor 100, a 200, b 180; trial 2: anchor 1000, a 1100, b 1200
+    raw = np.array([[200.0, 180.0, 100.0], [1100.0, 1200.0, 1000.0]])
+    rescaled = (raw * (1000.0 / raw[:, [2]])).mean(axis=0)  # a 1550 > b 1500
+    assert raw.mean(axis=0)[1] > raw.mean(axis=0)[0]  # but raw b 690 > a 650
+    reasons = elo._paper_invalid_reasons(crit, raw, rescaled)
+    assert reasons[0] == "the multiplicative rescale reverses its order against ['b']"
+    assert reasons[1] == "the multiplicative rescale reverses its order against ['a']"
+    assert reasons[2] == ""
+    ok = np.array([[200.0, 180.0, 100.0], [1200.0, 1100.0, 1000.0]])
+    assert elo._paper_invalid_reasons(crit, ok, (ok * 1000 / ok[:, [2]]).mean(axis=0)) == [""] * 3
+
+
+def test_cli_writes_invalid_paper_rows_without_numbers(tmp_path: Path):
+    path = write_battles(tmp_path / "b.jsonl", sweep_battles().to_dict(orient="records"))
+    out_csv, out_md = tmp_path / "elo.csv", tmp_path / "elo.md"
+    elo.main(["--battles", str(path), "--mode", "paper", "--paper-trials", "2",
+              "--out-csv", str(out_csv), "--out-md", str(out_md)])
+    csv = pd.read_csv(out_csv)
+    assert csv["rating"].isna().all() and not csv["valid"].any()
+    assert csv["invalid_reason"].str.contains("<= 0").all()
+    assert out_md.read_text().count("invalid: baseline 'sft'") == 9
+
+
 # --- the table, the Markdown and the CLI --------------------------------------------------------
 
 

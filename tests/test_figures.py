@@ -156,6 +156,58 @@ def test_infinite_ratings_are_not_plotted_and_infinite_ci_ends_reach_the_edge():
     assert xs[0, 1] == pytest.approx(ax.get_xlim()[1])
 
 
+def invalid_paper_rows(table: pd.DataFrame, criterion: str, reason: str,
+                       models: list[str] | None = None) -> pd.DataFrame:
+    """Mark paper rows invalid as the elo step writes them (no rating, a reason)."""
+    table = table.assign(valid=True, invalid_reason="")
+    rows = (table["mode"] == "paper") & (table["criterion"] == criterion)
+    if models is not None:
+        rows &= table["model"].isin(models)
+    table.loc[rows, ["rating", "trial_std"]] = np.nan
+    table.loc[rows, "valid"] = False
+    table.loc[rows, "status"] = "invalid"
+    table.loc[rows, "invalid_reason"] = reason
+    return table
+
+
+def note_text(fig) -> str:
+    notes = [t for t in fig.findobj() if getattr(t, "get_gid", lambda: None)()
+             == figures.NOT_FINITE_GID]
+    return notes[0].get_text() if notes else ""
+
+
+def test_invalid_paper_rows_are_not_plotted(tmp_path: Path):
+    reason = "baseline 'sft' has a raw online rating <= 0"
+    table = invalid_paper_rows(elo_rows(), "helpfulness", reason)
+    # read back from CSV, as the figures step does
+    table.to_csv(tmp_path / "elo.csv", index=False)
+    table = pd.read_csv(tmp_path / "elo.csv")
+    fig = figures.elo_figure(table, INFO, mode="paper")
+    ax = fig.axes[0]
+    assert not ax.containers and "invalid" in ax.get_title()
+    assert "not shown (invalid)" in note_text(fig) and "<= 0" in note_text(fig)
+    # the bt figure is untouched; the chart overlays no invalid paper rating
+    assert figures.elo_figure(table, INFO, mode="bt").axes[0].containers
+    chart = figures.elo_chart(table, mode="bt")
+    by_title = {ax.get_title(): ax for ax in chart.axes}
+    assert not [line for line in by_title["helpfulness"].lines
+                if line.get_gid() == "mode:paper"]
+    assert [line for line in by_title["harmlessness"].lines if line.get_gid() == "mode:paper"]
+    paper_chart = figures.elo_chart(table, mode="paper")
+    helpful = {ax.get_title(): ax for ax in paper_chart.axes}["helpfulness"]
+    assert not [t.get_text() for t in helpful.get_yticklabels()]
+    assert "not shown (invalid)" in note_text(paper_chart)
+
+
+def test_models_with_an_invalid_paper_rating_are_left_out_the_others_plotted():
+    reason = "the multiplicative rescale reverses its order against ['dpo_h.dpo_s-0.1']"
+    table = invalid_paper_rows(elo_rows(), "helpfulness", reason, ["p_sacpo-0.5"])
+    fig = figures.elo_figure(table, INFO, mode="paper")
+    labels = [c.get_label() for c in fig.axes[0].containers]
+    assert "P-SACPO" not in labels and "DPO(H)->DPO(S)" in labels and "SFT" in labels
+    assert "p_sacpo-0.5 (helpfulness: the multiplicative rescale" in note_text(fig)
+
+
 def test_elo_chart_one_panel_per_criterion_sorted_with_intervals():
     table = elo_rows()
     fig = figures.elo_chart(table, mode="bt")

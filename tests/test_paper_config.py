@@ -53,6 +53,39 @@ def test_paper_plan_holds_table3(paper):
     assert cfg["prompt_template"] == "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 
 
+def paper_pairs() -> list[tuple[str, str]]:
+    cfg = yaml.safe_load((ROOT / "config/paper.yaml").read_text())
+    return load_plan(cfg, source="config/paper.yaml").judged_pairs()
+
+
+def test_paper_judges_the_pairs_within_the_figures_families(paper):
+    cfg, plan = paper
+    families = cfg["evaluation"]["families"]
+    assert cfg["evaluation"]["pairs"] == "families" and len(families) == 5
+    chains: dict[tuple, set[str]] = {}
+    for node in plan.nodes.values():
+        if node.parent != "sft":
+            chains.setdefault((node.parent, node.data, node.loss), set()).add(node.name)
+    assert len(chains) == 4
+    for (parent, _, _), members in chains.items():  # Figures 3 and 4: one family per chain
+        assert sum(set(f) == {"sft", "beaver-7b-v1.0", parent, *members}
+                   for f in families.values()) == 1
+    merges = next(f for f in families.values() if "p-sacpo-0.5" in f)
+    assert set(merges) == {"sft", "beaver-7b-v1.0", "dpo_h", "dpo_s", "dpo_h.dpo_s-0.01",
+                           *plan.merges}
+    pairs = plan.judged_pairs()
+    unordered = {frozenset(p) for p in pairs}
+    expected = set()
+    for members in families.values():
+        expected |= {frozenset((a, b)) for i, a in enumerate(members) for b in members[i + 1:]}
+    assert unordered == expected  # sft is in every family: the baseline pairs are in there
+    assert len(pairs) == len(unordered) == 126  # not all 27 * 26 / 2 = 351 pairs
+    assert all(b == "sft" for a, b in pairs if "sft" in (a, b))
+    assert plan.unjudged() == []
+    # two models of different figures are never judged against each other
+    assert frozenset(("dpo_h.kto_s-0.1", "kto_h.dpo_s-0.1")) not in unordered
+
+
 @pytest.mark.parametrize("config_file", sorted(p.name for p in (ROOT / "config").glob("*.yaml")))
 def test_every_recipe_loads_against_trl(config_file):
     """Every node's training section becomes a real TRL config (recipes must not rot)."""
@@ -85,7 +118,17 @@ def test_paper_dry_run_plans_every_model(tmp_path, monkeypatch):
     assert sum(v for k, v in counts.items() if k.startswith("merge_")) == 2  # one job per pair
     models = 1 + 19 + 6 + 1  # SFT, aligned, merged, beaver
     assert counts["generate"] == 2 * models
-    assert counts["judge"] == 2 * (models - 1)
+    pairs = paper_pairs()
+    assert counts["judge"] == 2 * len(pairs)
+    judged = {(j.wildcards["prompt_set"], j.wildcards["model"], j.wildcards["opponent"])
+              for j in jobs if j.rule == "judge"}
+    assert judged == {(ps, a, b) for ps in ("helpfulness", "red_team") for a, b in pairs}
+    # the count and the cost bound are printed before any judge request
+    assert "judge requests (evaluation.pairs: families): 126 distinct pairs" in output
+    assert ("helpfulness: 126 pairs x 129 prompts (expected_prompts in the config, not "
+            "fetched yet) x 2 orders x 3 repetition(s) = 97,524 judgments") in output
+    assert "red_team: 126 pairs x 83 prompts" in output and "= 62,748 judgments" in output
+    assert "total: 160,272 judgments; estimated cost <= $" in output
     assert counts["download_model"] == 1 and counts["sft_checkpoint"] == 1
     generated = {j.wildcards["model"] for j in jobs if j.rule == "generate"}
     assert {"sft", "beaver-7b-v1.0", "p-sacpo-0.5", "naive-merge-0.25",

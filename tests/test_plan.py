@@ -65,6 +65,13 @@ def _add_models(**models: dict) -> Callable[[dict], None]:
     return mutate
 
 
+def _families(**families: list[str]) -> Callable[[dict], None]:
+    def mutate(cfg: dict) -> None:
+        cfg["evaluation"].update(pairs="families", families=copy.deepcopy(families))
+
+    return mutate
+
+
 # (id, mutation, field path the message must name, further substrings of the message)
 BAD_CASES = [
     ("unknown-top-level-key", _set("optimiser", {"lr": 1}), "(top level)", ["optimiser"]),
@@ -138,6 +145,18 @@ BAD_CASES = [
      _add_models(m={"parent": "sft", "data": "safety", "loss": "dpo", "beta": 0.1,
                     "training": {"global_batch_size": 64}, "resources": {"gpu": 8}}),
      "models.m.training.global_batch_size", ["64", "gpu 8"]),
+    # evaluation.pairs: families
+    ("families-unknown-model", _families(fig3=["dpo_h", "dpo_h.dpo_s-0.02"]),
+     "evaluation.families.fig3", ["dpo_h.dpo_s-0.02", "unknown"]),
+    ("families-without-pairs-families",
+     lambda c: (c["evaluation"].update(pairs="all_pairs", families={"fig3": ["dpo_h"]})),
+     "evaluation.families", ["pairs: families", "all_pairs"]),
+    ("pairs-families-without-families", _set("evaluation/pairs", "families"),
+     "evaluation.families", ["pairs: families"]),
+    ("families-empty-family", _families(fig3=[]),
+     "evaluation.families.fig3", []),
+    ("families-model-twice", _families(fig3=["dpo_h", "dpo_h"]),
+     "evaluation.families.fig3", ["non-unique"]),
     ("baseline-as-parent",
      lambda cfg: (cfg.__setitem__("baselines", {"beaver": {"source": "local", "path": "x"}}),
                   cfg["models"].update(m={"parent": "beaver", "data": "safety",
@@ -333,3 +352,102 @@ def test_each_prompt_set_can_have_its_own_judge():
     helpful = judge_for(cfg["evaluation"], "helpfulness")
     assert helpful["backend"] == "openai" and helpful["temperature"] == 0.0
     assert helpful["model"] == "gpt-4-0125-preview"
+
+
+# ---- judged pairs and the judgment count -----------------------------------------
+
+
+def test_all_pairs_and_vs_baseline_keep_the_baseline_on_the_opponent_side():
+    cfg = demo()
+    cfg["evaluation"]["baseline"] = "dpo_h.dpo_s-0.1"
+    plan = load_plan(cfg, source="x.yaml")
+    models = plan.models
+    pairs = plan.judged_pairs()
+    assert len(pairs) == len({frozenset(p) for p in pairs}) == len(models) * (len(models) - 1) // 2
+    assert all(a != plan.baseline for a, _ in pairs)
+    assert ("sft", "dpo_h") in pairs  # otherwise the model listed first is the candidate
+    plan.pairs = "vs_baseline"
+    assert plan.judged_pairs() == [(m, "dpo_h.dpo_s-0.1") for m in models
+                                   if m != "dpo_h.dpo_s-0.1"]
+
+
+def test_families_judge_each_family_and_every_member_against_the_baseline():
+    cfg = demo()
+    _families(chain=["sft", "dpo_h", "dpo_h.dpo_s-0.01", "dpo_h.dpo_s-0.1"],
+              merges=["dpo_h", "dpo_h.dpo_s-0.01", "p-sacpo-0.5"])(cfg)
+    plan = load_plan(cfg, source="x.yaml")
+    pairs = plan.judged_pairs()
+    expected = {frozenset(p) for p in [
+        # chain: 4 models, 6 pairs (3 of them against sft)
+        ("sft", "dpo_h"), ("sft", "dpo_h.dpo_s-0.01"), ("sft", "dpo_h.dpo_s-0.1"),
+        ("dpo_h", "dpo_h.dpo_s-0.01"), ("dpo_h", "dpo_h.dpo_s-0.1"),
+        ("dpo_h.dpo_s-0.01", "dpo_h.dpo_s-0.1"),
+        # merges: 3 pairs, 1 new, plus p-sacpo-0.5 against the baseline
+        ("dpo_h", "p-sacpo-0.5"), ("dpo_h.dpo_s-0.01", "p-sacpo-0.5"), ("p-sacpo-0.5", "sft")]}
+    assert len(pairs) == len(expected) == 9
+    assert {frozenset(p) for p in pairs} == expected
+    assert all(b == "sft" for a, b in pairs if "sft" in (a, b))
+    # in plan order: the same orientation as all_pairs
+    plan_all = load_plan(demo(), source="x.yaml")
+    assert set(pairs) <= set(plan_all.judged_pairs())
+    assert plan.unjudged() == ["dpo_h.dpo_s-0.3", "dpo_h.dpo_s-1.0", "p-sacpo-0.25",
+                               "p-sacpo-0.75"]
+
+
+def test_judgment_count_and_upper_bound_cost():
+    from sacpo_steps.judges.openai import OpenAIJudgeConfig, load_template
+    from sacpo_steps.plan import (
+        CHARS_PER_TOKEN,
+        estimated_cost,
+        estimated_input_tokens,
+        judgment_count,
+        judgment_report,
+    )
+
+    assert judgment_count(126, 129, 3) == 126 * 129 * 2 * 3
+    assert estimated_input_tokens(300, 512, 0) == 100 + 1024
+    assert estimated_cost(1000, 2000, 100, 10.0, 30.0) == pytest.approx(1000 * 0.023)
+    cfg = demo()
+    _families(chain=["sft", "dpo_h", "dpo_h.dpo_s-0.01"])(cfg)
+    cfg["evaluation"]["judge"] = {"backend": "openai", "model": "gpt-4-0125-preview",
+                                  "repetitions": 3}
+    cfg["evaluation"]["prompt_sets"]["red_team"]["judge"] = {"backend": "rule"}
+    plan = load_plan(cfg, source="x.yaml")
+    lines = judgment_report(plan, cfg["evaluation"], {
+        "helpfulness": (10, "counted", 90), "red_team": (None, "unknown", 0)})
+    text = "\n".join(lines)
+    assert "3 distinct pairs, 2 of them against the baseline 'sft'" in lines[0]
+    assert "helpfulness: 3 pairs x 10 prompts (counted) x 2 orders x 3 repetition(s) = 180" in text
+    assert "red_team: 3 pairs x 2 orders x 3 repetition(s) = 18 judgments per prompt" in text
+    assert "rule judge, no API cost" in text
+    judge = OpenAIJudgeConfig.from_dict(cfg["evaluation"]["judge"])
+    template = load_template("helpfulness", judge.format)
+    tokens_in = -(-(len(template.text) + 90) // CHARS_PER_TOKEN) + 2 * 64
+    usd = estimated_cost(180, int(tokens_in), judge.output_cap(), *judge.prices())
+    assert f"<= {int(tokens_in):,} input tokens" in text
+    assert f"<= {judge.output_cap():,} output tokens" in text  # the judge's own cap
+    assert "total: 180 judgments for the prompt sets of known size, plus 18 per red_team" in text
+    assert f"estimated cost <= ${usd:,.2f} for those sets (an upper bound" in text
+
+
+def test_judgment_cost_follows_the_judge_settings():
+    """The reply cap and the prompt come from the judge's config (format, explain)."""
+    from sacpo_steps.judges.openai import EXPLAIN_INSTRUCTION, OpenAIJudgeConfig
+    from sacpo_steps.plan import judgment_report
+
+    cfg = demo()
+    _families(chain=["sft", "dpo_h"])(cfg)
+    texts = {}
+    for explain in (False, True):
+        cfg["evaluation"]["judge"] = {"backend": "openai", "model": "gpt-4-0125-preview",
+                                      "explain": explain}
+        plan = load_plan(copy.deepcopy(cfg), source="x.yaml")
+        lines = judgment_report(plan, cfg["evaluation"], {
+            "helpfulness": (5, "counted", 50), "red_team": (5, "counted", 50)})
+        cap = OpenAIJudgeConfig.from_dict(cfg["evaluation"]["judge"]).output_cap()
+        (line,) = [x for x in lines if x.startswith("  helpfulness:")]
+        assert f"<= {cap:,} output tokens" in line
+        texts[explain] = line
+    tokens = {k: int(v.split("<= ")[1].split(" input")[0].replace(",", ""))
+              for k, v in texts.items()}
+    assert tokens[True] - tokens[False] == pytest.approx(len(EXPLAIN_INSTRUCTION) / 3, abs=1)

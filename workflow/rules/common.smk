@@ -8,7 +8,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir)))
 
-from sacpo_steps.plan import PlanError, judge_for, load_plan, to_json  # noqa: E402
+from sacpo_steps.errors import InputError  # noqa: E402
+from sacpo_steps.plan import PlanError, judge_for, judgment_report, load_plan, to_json  # noqa: E402
 from sacpo_steps.provenance import source_hash  # noqa: E402
 
 _config_source = ", ".join(map(str, workflow.overwrite_configfiles)) or "config/config.yaml"
@@ -190,6 +191,8 @@ def generation_spec_for(model):
             "max_new_tokens": gen["max_new_tokens"],
             "batch_size": gen["batch_size"],
             "seed": SEED,
+            # the cap the models were trained under (tokens.PromptCap)
+            "max_prompt_length": config.get("training", {}).get("max_prompt_length"),
         }
     )
 
@@ -201,8 +204,34 @@ def merge_spec(nodes):
 JUDGES = {name: judge_for(config["evaluation"], name) for name in PROMPT_SETS}
 
 
+def judge_template(prompt_set):
+    """The user's own judge template (`judge.templates.<criterion>`) for this prompt set's
+    criterion, or None (the packaged one, which counts as the judge's code)."""
+    templates = JUDGES[prompt_set].get("templates") or {}
+    return templates.get(PROMPT_SETS[prompt_set]["criterion"])
+
+
+def judge_for_job(prompt_set):
+    """The set's judge section with only its own criterion's template: changing the
+    other criterion's template must not rerun this set's judge jobs (params trigger)."""
+    judge = dict(JUDGES[prompt_set])
+    judge.pop("templates", None)
+    if judge_template(prompt_set):
+        judge["templates"] = {PROMPT_SETS[prompt_set]["criterion"]: judge_template(prompt_set)}
+    return judge
+
+
+def judge_template_inputs(prompt_sets):
+    """The sets' own template files, as inputs: an edited template reruns its jobs."""
+    return {
+        f"template_{PROMPT_SETS[s]['criterion']}": judge_template(s)
+        for s in prompt_sets
+        if judge_template(s)
+    }
+
+
 def judge_config(wildcards):
-    return to_json(JUDGES[wildcards.prompt_set])
+    return to_json(judge_for_job(wildcards.prompt_set))
 
 
 def judge_cache_path(judge):
@@ -261,19 +290,19 @@ def judge_inputs(wildcards):
         "baseline": f"results/generations/{wildcards.opponent}/{wildcards.prompt_set}.jsonl",
         "prompts": prompt_set_file(wildcards.prompt_set),
         **judge_model_inputs([JUDGES[wildcards.prompt_set]]),
+        **judge_template_inputs([wildcards.prompt_set]),
     }
 
 
 def judged_pairs():
     """(model, opponent) pairs to judge; the baseline is always the opponent side."""
-    models = PLAN.models
-    if config["evaluation"]["pairs"] == "vs_baseline":
-        return [(m, PLAN.baseline) for m in models if m != PLAN.baseline]
-    pairs = []
-    for i, a in enumerate(models):
-        for b in models[i + 1 :]:
-            pairs.append((b, a) if a == PLAN.baseline else (a, b))
-    return pairs
+    return PLAN.judged_pairs()
+
+
+def generation_files():
+    """Every judged model's answers per prompt set (the win-rate table counts empty ones)."""
+    models = sorted({m for pair in judged_pairs() for m in pair})
+    return [f"results/generations/{m}/{s}.jsonl" for s in PROMPT_SETS for m in models]
 
 
 def battle_files():
@@ -285,19 +314,25 @@ def battle_files():
 
 
 def report_request_count():
-    """All-pairs judging grows quadratically: say how many judgments it will make."""
-    if config["evaluation"]["pairs"] != "all_pairs":
-        return
-    pairs = len(judged_pairs())
-    parts, total = [], 0
-    for name in PROMPT_SETS:
-        reps = JUDGES[name]["repetitions"]
-        parts.append(f"{name}: {pairs} pairs x 2 orders x {reps} repetition(s) per prompt")
+    """Before any judge request: how many judgments the run makes, and an upper-bound cost."""
+    prompts = {}
+    for name, ps in PROMPT_SETS.items():
         path = Path(prompt_set_file(name))
         if path.is_file():
-            total += pairs * 2 * reps * sum(1 for line in path.open() if line.strip())
-    known = f"; {total} judgments in all for the prompt sets present" if total else ""
-    print(f"all_pairs judging: {'; '.join(parts)}{known}", file=sys.stderr)
+            lengths = [len(line) for line in path.open(encoding="utf-8") if line.strip()]
+            expected = ps.get("expected_prompts")
+            note = "" if expected in (None, len(lengths)) else f"; the config expects {expected}"
+            prompts[name] = (len(lengths), f"counted in {path}{note}", max(lengths, default=0))
+        elif "expected_prompts" in ps:
+            prompts[name] = (ps["expected_prompts"], "expected_prompts in the config, "
+                             "not fetched yet", 0)
+        else:
+            prompts[name] = (None, "unknown until the set is fetched or built", 0)
+    try:
+        lines = judgment_report(PLAN, config["evaluation"], prompts)
+    except InputError as exc:
+        raise WorkflowError(str(exc)) from None
+    print("\n".join(lines), file=sys.stderr)
 
 report_request_count()
 
@@ -327,6 +362,7 @@ def target_inputs(wildcards):
         "prompts": [prompt_set_file(s) for s in sets],
         "baseline": [f"results/generations/{PLAN.baseline}/{s}.jsonl" for s in sets],
         **judge_model_inputs([JUDGES[s] for s in sets]),
+        **judge_template_inputs(sets),
     }
 
 
@@ -334,7 +370,7 @@ def target_judges(wildcards):
     """Each searched prompt set's judge settings, with its cache, as the judge step's."""
     judges = {}
     for role, prompt_set in zip(("helpfulness", "red_team"), target_sets()):
-        judge = dict(JUDGES[prompt_set])
+        judge = judge_for_job(prompt_set)
         if judge_cache_path(judge):
             judge["cache"] = judge_cache_path(judge)
         judges[role] = judge

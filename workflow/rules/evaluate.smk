@@ -56,6 +56,7 @@ rule judge:
 rule winrate:
     input:
         battles=battle_files(),
+        generations=generation_files(),
     output:
         csv=report(
             "results/tables/winrate.csv",
@@ -78,7 +79,7 @@ rule winrate:
         "python -m sacpo_steps winrate --battles {input.battles} --baseline {params.baseline}"
         " --rounds {params.stats[bootstrap_rounds]} --confidence {params.stats[confidence]}"
         " --seed {params.seed} --extra-columns --out-csv {output.csv} --out-md {output.md}"
-        " --out-battles {output.battles}"
+        " --out-battles {output.battles} --generations {input.generations}"
         " > {log} 2>&1"
 
 
