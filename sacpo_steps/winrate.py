@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from sacpo_steps.fileio import atomic_output, setup_logging
+from sacpo_steps.errors import InputError
+from sacpo_steps.fileio import atomic_output, read_jsonl, setup_logging
 from sacpo_steps.stats import load_battles, win_rates
 
 log = logging.getLogger("sacpo.winrate")
@@ -68,13 +69,17 @@ def empty_answer_counts(generation_paths: Sequence[str | Path]
     """(model, prompt set) -> (empty answers, answers), from generation files named
     `<model>/<prompt_set>.jsonl`. An empty answer is judged like any other; this makes
     sure it is never scored silently."""
-    from sacpo_steps.judge import read_generations
-
     counts = {}
     for path in generation_paths:
-        model, rows = read_generations(path)
-        empty = sum(1 for r in rows.values() if not str(r["answer"]).strip())
-        counts[(model, Path(path).stem)] = (empty, len(rows))
+        rows = read_jsonl(path)
+        for i, row in enumerate(rows, start=1):
+            for key in ("model", "answer"):
+                if not isinstance(row.get(key), str):
+                    raise InputError("missing or non-text field", path=path, row=i, field=key)
+        if not rows:
+            raise InputError("no answers", path=path)
+        empty = sum(1 for r in rows if not r["answer"].strip())
+        counts[(rows[0]["model"], Path(path).stem)] = (empty, len(rows))
     return counts
 
 

@@ -120,3 +120,43 @@ def test_dual_use_requests_are_off_by_default_and_create_the_trade_off():
     assert helpful_kinds == {"benign", "sensitive"}
     assert {spec["tasks"][r["task_id"]]["kind"] for r in world["prompt_sets"]["red_team"]} == {
         "harmful"}
+
+
+@pytest.mark.parametrize("sensitive", [False, True])
+def test_every_phrase_round_trips_through_the_llama_style_tokenizer(sensitive):
+    """The demo's tokenizer (BOS, SentencePiece-like spaces) decodes every phrase of the
+    world back to text the rule judge reads exactly as it reads the original."""
+    from transformers import AutoTokenizer
+
+    from sacpo_steps.demo_world import REDIRECTS, REFUSALS
+    from sacpo_steps.sft import train_tokenizer
+    from sacpo_steps.tokens import encode_pair, render_prompt
+
+    cfg = WorldConfig(seed=0, n_sft_examples=2000, n_preference_pairs=10,
+                      sensitive_tasks=sensitive)
+    world = build_world(cfg)
+    template = "USER: {prompt} ASSISTANT:"
+    rows = [{"prompt": render_prompt(template, r["prompt"]), "completion": " " + r["response"]}
+            for r in world["sft_corpus"]]
+    tok = train_tokenizer([r["prompt"] + r["completion"] for r in rows], vocab_size=1024)
+    assert tok("x")["input_ids"][0] == tok.bos_token_id  # BOS added, as Llama's
+    spec = world["spec"]
+    answers = [render_steps(t["steps"]) for t in spec["tasks"].values()]
+    answers += [f"{REFUSALS[0]} {r}" for r in REDIRECTS]
+    answers += [f"{render_steps(t['steps'][:2])} {p}." for t in spec["tasks"].values()
+                for p in spec["insult_phrases"]][:40]
+    prompt = world["prompt_sets"]["helpfulness"][0]
+    for answer in answers:
+        _, completion = encode_pair(tok, template, prompt["prompt"], answer)
+        decoded = tok.decode(completion, skip_special_tokens=True)
+        assert decoded.strip() == answer.strip()
+        for task_id in spec["tasks"]:
+            assert demo_spec.score_answer(spec, task_id, decoded) == \
+                demo_spec.score_answer(spec, task_id, answer)
+    # a saved and reloaded tokenizer behaves the same (what the pipeline's steps load)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        again = AutoTokenizer.from_pretrained(tmp)
+    assert again(answers[0])["input_ids"] == tok(answers[0])["input_ids"]

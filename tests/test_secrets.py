@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tests.fake_openai import FakeOpenAI
-from tests.test_workflow import REDUCED, ROOT, copy_workflow
+from tests.test_workflow import REDUCED, ROOT, copy_workflow, parse_jobs
 
 SECRET = "sk-test-WORKFLOW-SECRET-0451"
 
@@ -33,6 +33,35 @@ def test_api_key_is_in_no_output_log_metadata_or_report(tmp_path):
             assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
             assert SECRET not in proc.stdout + proc.stderr
         assert server.requests >= 2 * 120 * 2  # both prompt sets, both orders were asked
+
+        # unchanged templates: judge jobs forced to rerun make zero requests (all cached)
+        before = server.requests
+        proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2",
+                               "--configfile", "secret.yaml", "--forcerun", "judge"],
+                              cwd=work, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        assert server.requests == before
+
+        # the user's own helpfulness template reruns only that criterion's judge jobs
+        text = (ROOT / "sacpo_steps/judges/prompts/helpfulness_scores.txt").read_text()
+        (work / "my_help.txt").write_text(text.replace("0 to 10", "0 to 10 (own wording)")
+                                          + "\nBe brief.\n")
+        cfg["evaluation"]["judge"]["templates"] = {"helpfulness": "my_help.txt"}
+        (work / "own.yaml").write_text(yaml.safe_dump(cfg))
+        dry = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "2",
+                              "--configfile", "own.yaml"], cwd=work, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert dry.returncode == 0, dry.stdout + dry.stderr
+        jobs = parse_jobs(dry.stdout + dry.stderr)
+        assert sorted(j.key for j in jobs) == [
+            ("all", None, None), ("elo", None, None), ("figures", None, None),
+            ("judge", "dpo_h", "helpfulness"), ("winrate", None, None)]
+        before = server.requests
+        proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2",
+                               "--configfile", "own.yaml"], cwd=work, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        assert server.requests - before == 120 * 2  # helpfulness prompts, both orders
     assert (work / "results/battles/red_team/dpo_h__vs__sft.usage.json").is_file()
     assert (work / "resources/judge_cache/fake-judge.jsonl").is_file()
     checked = 0
