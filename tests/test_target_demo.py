@@ -61,7 +61,7 @@ def test_target_between_the_two_models_is_met_with_more_help_than_the_over_safe(
 
 def test_target_above_the_over_safe_model_names_the_model_to_retrain(demo, tmp_path):
     over = yaml.safe_load((ROOT / CONFIG).read_text())
-    over["target"]["value"] = 0.95
+    over["target"]["value"] = 0.99
     config = write_config(demo / "over_target.yaml", over)
     _, jobs = dry_run(demo, *SEARCH, "--configfile", str(config))
     assert [j.rule for j in jobs] == ["target_search"]  # no training, no other evaluation
@@ -70,7 +70,7 @@ def test_target_above_the_over_safe_model_names_the_model_to_retrain(demo, tmp_p
     result = load(demo)
     assert result["met"] is False and result["q"] is None
     assert [m["q"] for m in result["trace"]] == [1.0]  # q = 1 misses: nothing else to try
-    assert result["trace"][0]["constraint_low"] < 0.95
+    assert result["trace"][0]["constraint_low"] < 0.99
     for text in (result["message"], (demo / SEARCH[1]).read_text(),
                  (demo / "logs/target_search.log").read_text()):
         assert "dpo_h.dpo_s-0.01" in text and "smaller beta/lambda" in text
