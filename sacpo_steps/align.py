@@ -99,7 +99,7 @@ def load_examples(path: str | Path, loss: str, prompt_template: str, seed: int,
         if loss != "dpo" and not isinstance(row.get("label"), bool):
             raise InputError("label must be true or false", path=path, row=i, field="label")
         prompt = row["prompt"]
-        if prompt_cap is not None and tokenizer is not None:
+        if prompt_cap is not None:
             prompt = prompt_cap.apply(tokenizer, prompt_template, prompt)
             if prompt is None:
                 continue
@@ -330,12 +330,14 @@ def align(
                          "(the trainer's state and the dataset cache live there)",
                          field="checkpoint_dir")
     parent_dir = check_model_dir(parent_dir, role=f"parent model '{parent}'")
-    from transformers import AutoTokenizer
-
     cap = PromptCap(training.max_prompt_length)
+    tokenizer = None
+    if cap.max_prompt_length:  # only a cap needs the tokenizer before the trainer loads it
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(parent_dir)
     examples = load_examples(data_path, loss, prompt_template, seed, training.max_examples,
-                             tokenizer=AutoTokenizer.from_pretrained(parent_dir),
-                             prompt_cap=cap)
+                             tokenizer=tokenizer, prompt_cap=cap)
     log.info("prompt cap %s: %d of %d prompts truncated (start cut), %d dropped",
              cap.max_prompt_length, cap.truncated, cap.seen, cap.dropped)
     set_threads(threads)

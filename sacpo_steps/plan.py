@@ -362,12 +362,11 @@ def _openai_estimate(judge: dict[str, Any], criterion: str, max_new_tokens: int,
                      prompt_chars: int) -> tuple[int, int, float | None, float | None, str]:
     """(input tokens, max output tokens, USD in, USD out per 1M, model) of one judgment,
     read from the judge's own config class so its defaults are the ones applied."""
-    from sacpo_steps.judges.openai import EXPLAIN_INSTRUCTION, OpenAIJudgeConfig, load_template
+    from sacpo_steps.judges.openai import OpenAIJudgeConfig, load_template
 
     cfg = OpenAIJudgeConfig.from_dict(judge)
     template = load_template(criterion, cfg.format, (cfg.templates or {}).get(criterion))
-    # the judge appends the `explain` instruction to each message (format scores)
-    suffix = EXPLAIN_INSTRUCTION if cfg.explain and cfg.format == "scores" else ""
+    suffix = cfg.user_suffix()  # what the judge appends to each user message
     price_in, price_out = cfg.prices()
     tokens_in = estimated_input_tokens(len(template.text) + len(suffix), max_new_tokens,
                                        prompt_chars)

@@ -30,7 +30,8 @@ ORDERS = ("a_first", "b_first")
 OUTCOMES = ("a_wins", "b_wins", "tie", "error")
 STR_COLUMNS = ("criterion", "prompt_id", "model_a", "model_b", "order", "outcome")
 REQUIRED_COLUMNS = (*STR_COLUMNS, "repetition")
-OPTIONAL_COLUMNS = ("prompt_set", "judge", "raw")
+# empty_a/empty_b: the judge step's flags for an empty answer (None in older battle files)
+OPTIONAL_COLUMNS = ("prompt_set", "judge", "raw", "empty_a", "empty_b")
 # identifies one judgment; the judge is left out so that two judges' battles are not pooled
 BATTLE_KEY = ("criterion", "prompt_set", "prompt_id", "model_a", "model_b", "order", "repetition")
 WIN_RATE_COLUMNS = ("model", "criterion", "wins", "ties", "losses", "errors", "n", "win_rate",

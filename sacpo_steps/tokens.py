@@ -99,7 +99,11 @@ class PromptCap:
         """The prompt text to use (maybe shortened), or None if it cannot fit."""
         self.seen += 1
         cap = self.max_prompt_length
-        if not cap or len(encode_prompt(tokenizer, template, prompt)) <= cap:
+        if not cap:
+            return prompt
+        if tokenizer is None:
+            raise ValueError("a prompt cap needs the model's tokenizer")
+        if len(encode_prompt(tokenizer, template, prompt)) <= cap:
             return prompt
         offsets = tokenizer(prompt, add_special_tokens=False,
                             return_offsets_mapping=True)["offset_mapping"]

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sacpo_steps.errors import InputError
-from sacpo_steps.fileio import atomic_output, read_jsonl, setup_logging
+from sacpo_steps.fileio import atomic_output, setup_logging
 from sacpo_steps.stats import load_battles, win_rates
 
 log = logging.getLogger("sacpo.winrate")
@@ -47,7 +46,8 @@ def markdown_table(table: pd.DataFrame, confidence: float = 0.95,
     """
     header = ["model", "criterion", "wins", "ties", "losses", "errors", "win rate",
               f"{confidence * 100:g}% interval", "n"]
-    has_empty = "empty_answers" in table.columns
+    # battles written before the judge step flagged empty answers have no counts
+    has_empty = "answers" in table.columns and bool(table["answers"].notna().any())
     if has_empty:
         header.append("empty answers")
     if extra_columns:
@@ -57,44 +57,28 @@ def markdown_table(table: pd.DataFrame, confidence: float = 0.95,
         cells = [_cell(r.model), _cell(r.criterion), r.wins, r.ties, r.losses, r.errors,
                  _fmt(r.win_rate), f"[{_fmt(r.ci_low)}, {_fmt(r.ci_high)}]", r.n]
         if has_empty:
-            cells.append(f"{r.empty_answers}/{r.answers}")
+            cells.append("n/a" if pd.isna(r.answers) else f"{r.empty_answers}/{r.answers}")
         if extra_columns:
             cells += [_fmt(r.position_consistency), _mean_std(r.rep_mean, r.rep_std)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def empty_answer_counts(generation_paths: Sequence[str | Path]
-                        ) -> dict[tuple[str, str], tuple[int, int]]:
-    """(model, prompt set) -> (empty answers, answers), from generation files named
-    `<model>/<prompt_set>.jsonl`. An empty answer is judged like any other; this makes
-    sure it is never scored silently."""
-    counts = {}
-    for path in generation_paths:
-        rows = read_jsonl(path)
-        for i, row in enumerate(rows, start=1):
-            for key in ("model", "answer"):
-                if not isinstance(row.get(key), str):
-                    raise InputError("missing or non-text field", path=path, row=i, field=key)
-        if not rows:
-            raise InputError("no answers", path=path)
-        empty = sum(1 for r in rows if not r["answer"].strip())
-        counts[(rows[0]["model"], Path(path).stem)] = (empty, len(rows))
-    return counts
-
-
-def add_empty_answers(table: pd.DataFrame, battles: pd.DataFrame,
-                      counts: dict[tuple[str, str], tuple[int, int]]) -> pd.DataFrame:
-    """Columns `empty_answers` and `answers`: summed over the prompt sets of each row's
-    criterion (the sets its battles came from)."""
-    sets = battles.groupby("criterion")["prompt_set"].unique().to_dict() \
-        if "prompt_set" in battles.columns else {}
+def add_empty_answers(table: pd.DataFrame, battles: pd.DataFrame) -> pd.DataFrame:
+    """Columns `empty_answers` and `answers`: each row's model's empty answers over the
+    prompts of its criterion, read from the judge step's `empty_a`/`empty_b` flags
+    (NA where the battles carry no flags)."""
+    sides = [battles[["criterion", "prompt_set", "prompt_id", f"model_{s}", f"empty_{s}"]]
+             .set_axis(["criterion", "prompt_set", "prompt_id", "model", "empty"], axis=1)
+             for s in ("a", "b")]
+    answers = pd.concat(sides).dropna(subset=["empty"]).drop_duplicates(
+        ["criterion", "prompt_set", "prompt_id", "model"])
+    counts = answers.groupby(["model", "criterion"])["empty"].agg(["sum", "size"])
     empty, total = [], []
     for r in table.itertuples(index=False):
-        pairs = [counts.get((r.model, s)) for s in sets.get(r.criterion, [])]
-        pairs = [p for p in pairs if p is not None]
-        empty.append(sum(p[0] for p in pairs) if pairs else pd.NA)
-        total.append(sum(p[1] for p in pairs) if pairs else pd.NA)
+        found = (r.model, r.criterion) in counts.index
+        empty.append(int(counts.loc[(r.model, r.criterion), "sum"]) if found else pd.NA)
+        total.append(int(counts.loc[(r.model, r.criterion), "size"]) if found else pd.NA)
     return table.assign(empty_answers=empty, answers=total)
 
 
@@ -109,18 +93,16 @@ def winrate_table(
     seed: int = 0,
     extra_columns: bool = False,
     out_battles: str | Path | None = None,
-    generations: Sequence[str | Path] = (),
 ) -> pd.DataFrame:
     """Compute win rates from battle files; write CSV and Markdown (both or neither).
 
     `out_battles` also writes every judgment in long form (one CSV, the single table
-    all statistics derive from), with an `error` flag column. With `generations`,
-    each row also counts its model's empty answers.
+    all statistics derive from), with an `error` flag column. Each row also counts
+    its model's empty answers (from the battles' empty flags).
     """
     battles = load_battles(battle_paths)
     table = win_rates(battles, baseline, rounds=rounds, confidence=confidence, seed=seed)
-    if generations:
-        table = add_empty_answers(table, battles, empty_answer_counts(generations))
+    table = add_empty_answers(table, battles)
     text = markdown_table(table, confidence, extra_columns=extra_columns)
     with contextlib.ExitStack() as stack:
         tmp_csv = stack.enter_context(atomic_output(out_csv))
@@ -149,8 +131,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--extra-columns", action="store_true",
                    help="add position consistency and mean ± std over repetitions to the "
                         "Markdown table")
-    p.add_argument("--generations", nargs="*", default=[],
-                   help="generation files <model>/<prompt_set>.jsonl: count empty answers")
     p.add_argument("--out-battles", default=None,
                    help="also write all judgments in long form (CSV)")
     p.add_argument("--log", default=None)
@@ -162,8 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(args.log)
     winrate_table(args.battles, args.baseline, args.out_csv, args.out_md,
                   rounds=args.rounds, confidence=args.confidence, seed=args.seed,
-                  extra_columns=args.extra_columns, out_battles=args.out_battles,
-                  generations=args.generations)
+                  extra_columns=args.extra_columns, out_battles=args.out_battles)
 
 
 if __name__ == "__main__":

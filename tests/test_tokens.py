@@ -224,3 +224,25 @@ def test_prompt_cap_keeps_the_end_and_trl_stays_within_it(tokenizer_models, tmp_
                             output_dir=tmp_path / "t")
     assert max(len(ids) for ids in trainer.train_dataset["prompt_ids"]) <= 24
     assert cap.truncated == 1 and cap.dropped == 0
+
+
+def test_a_cap_below_the_template_is_a_clear_input_error(tokenizer_models, tmp_path):
+    from sacpo_steps.errors import InputError
+    from sacpo_steps.generate import generate
+
+    model_dir, template = tokenizer_models["llama_sentencepiece"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt_id": "p0", "prompt": "how do i bake bread?"}) + "\n")
+    out = tmp_path / "gen.jsonl"
+    with pytest.raises(InputError) as err:
+        generate(model_dir, prompts, out, model_name="m", prompt_template=template,
+                 stop_markers=[], max_new_tokens=2, batch_size=1, max_prompt_length=3)
+    assert "row 1" in str(err.value) and "max_prompt_length" in str(err.value)
+    assert not out.exists()
+
+    from transformers import AutoTokenizer
+
+    with pytest.raises(InputError, match="max_prompt_length"):
+        load_examples(_pairs_file(tmp_path), "dpo", template, seed=0,
+                      tokenizer=AutoTokenizer.from_pretrained(model_dir),
+                      prompt_cap=PromptCap(3))

@@ -204,21 +204,24 @@ def test_cli_failure_writes_nothing(tmp_path: Path):
     assert not out_csv.exists() and not out_md.exists()
 
 
-def test_table_counts_each_models_empty_answers_per_prompt_set(tmp_path):
+def test_table_counts_each_models_empty_answers_from_the_battle_flags(tmp_path):
+    # the judge step flags empty answers per side; every order and repetition repeats them
+    empty_dpo = {"p0": False, "p1": True, "p2": True}
+    rows = [{**battle(pid, "a_wins", order=order, rep=rep), "empty_a": flag, "empty_b": False}
+            for pid, flag in empty_dpo.items() for order in ("a_first", "b_first")
+            for rep in (0, 1)]
     battles = tmp_path / "battles.jsonl"
-    battles.write_text("".join(json.dumps(battle(f"p{i}", "a_wins")) + "\n" for i in range(3)))
-    gens = []
-    for model, answers in (("dpo", ["first, a.", "", "  "]), ("sft", ["x", "y", "z"])):
-        path = tmp_path / model / "help.jsonl"
-        path.parent.mkdir()
-        path.write_text("".join(json.dumps({"prompt_id": f"p{i}", "prompt": "q",
-                                            "answer": a, "model": model}) + "\n"
-                                for i, a in enumerate(answers)))
-        gens.append(path)
+    battles.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out_csv, out_md = tmp_path / "w.csv", tmp_path / "w.md"
-    result = winrate.winrate_table([battles], "sft", out_csv, out_md, rounds=20,
-                                   generations=gens)
-    r = only_row(result)
+    r = only_row(winrate.winrate_table([battles], "sft", out_csv, out_md, rounds=20))
     assert (r.empty_answers, r.answers) == (2, 3)
     assert "empty answers" in out_md.read_text() and "| 2/3 |" in out_md.read_text()
     assert pd.read_csv(out_csv)["empty_answers"].tolist() == [2]
+
+
+def test_battles_without_empty_flags_keep_the_old_layout(tmp_path):
+    battles = tmp_path / "battles.jsonl"
+    battles.write_text(json.dumps(battle("p0", "a_wins")) + "\n")
+    out_csv, out_md = tmp_path / "w.csv", tmp_path / "w.md"
+    r = only_row(winrate.winrate_table([battles], "sft", out_csv, out_md, rounds=20))
+    assert pd.isna(r.empty_answers) and "empty answers" not in out_md.read_text()

@@ -283,6 +283,10 @@ class OpenAIJudgeConfig:
         mode = "scores+explain" if self.format == "scores" and self.explain else self.format
         return DEFAULT_MAX_TOKENS[mode]
 
+    def user_suffix(self) -> str:
+        """Appended to every user message: the `explain` instruction (format scores), or ""."""
+        return EXPLAIN_INSTRUCTION if self.explain and self.format == "scores" else ""
+
     def prices(self) -> tuple[float | None, float | None]:
         default_in, default_out = DEFAULT_PRICES.get(self.model, (None, None))
         return (self.price_input_per_1m if self.price_input_per_1m is not None else default_in,
@@ -406,7 +410,7 @@ class OpenAIJudge(Judge):
         self.templates = {c: load_template(c, config.format, own.get(c)) for c in CRITERIA}
         self.max_tokens = config.output_cap()
         #: appended to every user message (the `explain` instruction), "" for none
-        self.suffix = EXPLAIN_INSTRUCTION if config.explain and config.format == "scores" else ""
+        self.suffix = config.user_suffix()
         self._stats = _Stats()
         self._rng = random.Random()
         self._not_before = 0.0  # time.monotonic() before which no request starts (429)

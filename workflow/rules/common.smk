@@ -299,12 +299,6 @@ def judged_pairs():
     return PLAN.judged_pairs()
 
 
-def generation_files():
-    """Every judged model's answers per prompt set (the win-rate table counts empty ones)."""
-    models = sorted({m for pair in judged_pairs() for m in pair})
-    return [f"results/generations/{m}/{s}.jsonl" for s in PROMPT_SETS for m in models]
-
-
 def battle_files():
     return [
         f"results/battles/{prompt_set}/{model}__vs__{opponent}.jsonl"

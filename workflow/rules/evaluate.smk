@@ -56,7 +56,6 @@ rule judge:
 rule winrate:
     input:
         battles=battle_files(),
-        generations=generation_files(),
     output:
         csv=report(
             "results/tables/winrate.csv",
@@ -79,7 +78,7 @@ rule winrate:
         "python -m sacpo_steps winrate --battles {input.battles} --baseline {params.baseline}"
         " --rounds {params.stats[bootstrap_rounds]} --confidence {params.stats[confidence]}"
         " --seed {params.seed} --extra-columns --out-csv {output.csv} --out-md {output.md}"
-        " --out-battles {output.battles} --generations {input.generations}"
+        " --out-battles {output.battles}"
         " > {log} 2>&1"
 
 
