@@ -8,7 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.colors import to_hex
 from matplotlib.container import ErrorbarContainer
+from matplotlib.text import Text
+from matplotlib.transforms import Bbox
 
 from sacpo_steps import figures
 from sacpo_steps.errors import InputError
@@ -282,3 +285,255 @@ def test_cli_failure_writes_nothing(tmp_path: Path):
         figures.main(["--winrate", str(winrate_csv), "--elo", str(elo_csv),
                       "--out-dir", str(out)])
     assert not out.exists() or not list(out.iterdir())
+
+
+# --- label placement -------------------------------------------------------------------
+
+CROWDED = pd.DataFrame(
+    # three models of one family and two of others exactly at (1.0, 0.975); a vertical
+    # line of points at x = 1.0, some a hair apart
+    [(m, c, v, v - 0.02, min(v + 0.02, 1.0))
+     for m, (h, s) in {
+         "dpo_h.dpo_s-0.01": (1.0, 0.975), "dpo_h.dpo_s-0.1": (1.0, 0.975),
+         "dpo_h.dpo_s-0.3": (1.0, 0.975), "p_sacpo-0.25": (1.0, 0.975),
+         "dpo_h": (1.0, 0.975), "dpo_h.dpo_s-1.0": (1.0, 0.4583),
+         "p_sacpo-0.5": (1.0, 0.4583), "p_sacpo-0.75": (1.0, 0.4625),
+         "p_sacpo-0.9": (1.0, 0.47), "dpo_s-0.1": (1.0, 0.725), "dpo_s-0.2": (1.0, 0.74),
+         "dpo_s-0.3": (1.0, 0.755), "dpo_s-0.4": (0.99, 0.74)}.items()
+     for c, v in (("helpfulness", h), ("harmlessness", s))],
+    columns=["model", "criterion", "win_rate", "ci_low", "ci_high"])
+
+CROWDED_INFO = pd.DataFrame(
+    [("sft", "SFT", ""), ("dpo_h", "DPO(H)", "beta=0.1"), ("p_sacpo-0.25", "P-SACPO", "q=0.25"),
+     ("p_sacpo-0.5", "P-SACPO", "q=0.5"), ("p_sacpo-0.75", "P-SACPO", "q=0.75"),
+     ("p_sacpo-0.9", "P-SACPO", "q=0.9")]
+    + [(f"dpo_h.dpo_s-{b}", "DPO(H)->DPO(S)", b) for b in ("0.01", "0.1", "0.3", "1.0")]
+    + [(f"dpo_s-{b}", "DPO(S)", f"beta={b}") for b in ("0.1", "0.2", "0.3", "0.4")],
+    columns=["model", "family", "label"])
+
+
+def label_geometry(fig, dpi: float) -> tuple[list, list, list]:
+    """Draw at `dpi`; (label annotations, their boxes, marker boxes) in display units."""
+    fig.set_dpi(dpi)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    labels = [t for t in ax.texts if t.get_gid() == figures.LABEL_GID]
+    # the text alone: an annotation's own extent takes in its leader line
+    boxes = [Text.get_window_extent(t, renderer) for t in labels]
+    markers = []
+    for container in ax.containers:
+        line = container.lines[0]
+        half = renderer.points_to_pixels(line.get_markersize()) / 2
+        for x, y in ax.transData.transform(np.column_stack([line.get_xdata(),
+                                                            line.get_ydata()])):
+            markers.append(Bbox.from_extents(x - half, y - half, x + half, y + half))
+    return labels, boxes, markers
+
+
+def assert_labels_clear(fig) -> int:
+    """No label overlaps another label or any marker; each is next to its point or has a
+    leader line ending at it. Checked at the screen and the saved resolution; returns
+    the number of leader lines."""
+    leaders = 0
+    for dpi in (100, 150):
+        labels, boxes, markers = label_geometry(fig, dpi)
+        assert labels
+        ax = fig.axes[0]
+        renderer = fig.canvas.get_renderer()
+        radius = renderer.points_to_pixels(figures.MARKER_SIZE) / 2
+        for i, (label, box) in enumerate(zip(labels, boxes, strict=True)):
+            for j, other in enumerate(boxes):
+                assert i == j or not box.overlaps(other), (label.get_text(),
+                                                           labels[j].get_text())
+            assert not any(box.overlaps(m) for m in markers), label.get_text()
+            assert ax.get_window_extent(renderer).contains(*box.p0)
+            assert ax.get_window_extent(renderer).contains(*box.p1)
+            px, py = ax.transData.transform(label.xy)
+            gap = max(box.x0 - px, 0, px - box.x1, box.y0 - py, py - box.y1)
+            if label.arrow_patch is None:  # right next to the marker
+                assert gap <= radius + renderer.points_to_pixels(4.0), label.get_text()
+            else:  # the leader line ends at the marker's edge
+                path = label.arrow_patch.get_path().transformed(
+                    label.arrow_patch.get_transform())
+                end = path.vertices[-1]
+                assert np.hypot(*(end - (px, py))) <= radius + 1.0, label.get_text()
+                leaders += dpi == 100
+    return leaders
+
+
+def test_labels_of_coinciding_and_collinear_points_do_not_overlap():
+    fig = figures.winrate_figure(CROWDED, CROWDED_INFO)
+    leaders = assert_labels_clear(fig)
+    assert leaders >= 1  # the crowded line at x = 1.0 needs some
+    texts = [t.get_text() for t in fig.axes[0].texts if t.get_gid() == figures.LABEL_GID]
+    # one label per family and point; each model's label appears exactly once
+    assert "0.01, 0.1, 0.3" in texts and "q=0.5" in texts and "1.0" in texts
+    parts = sorted(p for t in texts for p in t.split(", "))
+    assert parts == sorted(CROWDED_INFO["label"][CROWDED_INFO["label"] != ""])
+    # the label takes its family's colour
+    _, _, container = series(fig.axes[0], "P-SACPO")
+    colour = {t.get_text(): t.get_color() for t in fig.axes[0].texts}["q=0.25"]
+    assert to_hex(colour) == to_hex(container.lines[0].get_color())
+
+
+def test_labels_in_figure3_do_not_overlap_and_placement_is_deterministic():
+    table = elo_rows()
+    tie = table["model"].isin(["dpo_h.dpo_s-0.01", "dpo_h.dpo_s-0.1", "p_sacpo-0.5"])
+    table.loc[tie & (table["criterion"] == "helpfulness"), "rating"] = 1100.0
+    table.loc[tie & (table["criterion"] == "harmlessness"), "rating"] = 1100.0
+    table["ci_low"], table["ci_high"] = table["rating"] - 20, table["rating"] + 20
+    fig = figures.elo_figure(table, INFO)
+    assert_labels_clear(fig)
+    again = figures.elo_figure(table, INFO)
+    assert ([(t.get_text(), t.xyann) for t in fig.axes[0].texts]
+            == [(t.get_text(), t.xyann) for t in again.axes[0].texts])
+
+
+def test_place_labels_keeps_clear_of_every_marker():
+    fig = figures.Figure(figsize=(3, 3))
+    figures.FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ys = np.linspace(0.0, 1.0, 12)
+    ax.plot(np.zeros_like(ys), ys, "o", markersize=figures.MARKER_SIZE)
+    ax.set_xlim(-1, 1)
+    ax.set_ylim(-0.1, 1.1)
+    labels = [figures.PointLabel(0.0, y, f"point {i}") for i, y in enumerate(ys)]
+    placed = figures.place_labels(ax, labels)
+    assert len(placed) == len(labels)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [Text.get_window_extent(t, renderer) for t in placed]
+    half = renderer.points_to_pixels(figures.MARKER_SIZE) / 2
+    dots = [Bbox.from_extents(x - half, y - half, x + half, y + half)
+            for x, y in ax.transData.transform(np.column_stack([np.zeros_like(ys), ys]))]
+    for i, box in enumerate(boxes):
+        assert not any(box.overlaps(b) for j, b in enumerate(boxes) if j != i)
+        assert not any(box.overlaps(d) for d in dots)
+
+
+# --- family styles -------------------------------------------------------------------
+
+
+def test_every_family_has_its_own_style_the_same_in_every_figure():
+    families = [f"family {i}" for i in range(25)]
+    styles = figures.family_styles(families, "family 7")
+    assert len(set(styles.values())) == len(families)
+    assert styles["family 7"] == (figures.MARKERS[0], "C0")
+    # a family the given styles lack gets a style nobody else has
+    extended = figures._extend_styles(styles, [*families, "newcomer"])
+    assert extended["newcomer"] not in styles.values()
+    table = elo_rows()
+    meta = figures.model_info(sorted(set(table["model"])), INFO)
+    shared = figures.family_styles(meta["family"].tolist(), "SFT")
+    seen = {}
+    for fig in (figures.winrate_figure(WINRATE, INFO, styles=shared),
+                figures.elo_figure(table, INFO, styles=shared),
+                figures.winrate_figure(WINRATE, INFO), figures.elo_figure(table, INFO)):
+        ax = fig.axes[0]
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert legend == ["SFT", "DPO(H)", "DPO(H)->DPO(S)", "P-SACPO"]
+        for family in legend:
+            line = series(ax, family)[2].lines[0]
+            style = (line.get_marker(), to_hex(line.get_color()))
+            assert style == (shared[family][0], to_hex(shared[family][1]))
+            assert seen.setdefault(family, style) == style
+    assert len(set(seen.values())) == len(seen)
+
+
+# --- across seeds --------------------------------------------------------------------
+
+
+def seeded(table: pd.DataFrame, value: str, keys: list[str]) -> pd.DataFrame:
+    """Per-seed rows (seeds 0..2, value shifted by seed) plus "all" rows (their mean and
+    an interval of +-2 standard deviations), as the across-seed step writes them."""
+    rows = []
+    for seed in range(3):
+        rows.append(table.assign(seed=seed, **{value: table[value] + 0.01 * (seed - 1)
+                                               * (100 if value == "rating" else 1)}))
+    per_seed = pd.concat(rows, ignore_index=True)
+    summary = per_seed.groupby(keys, sort=False)[value].agg(["mean", "std"]).reset_index()
+    all_rows = table.merge(summary, on=keys).assign(seed="all")
+    all_rows[value] = all_rows["mean"]
+    all_rows["ci_low"] = all_rows["mean"] - 2 * all_rows["std"]
+    all_rows["ci_high"] = all_rows["mean"] + 2 * all_rows["std"]
+    return pd.concat([per_seed, all_rows.drop(columns=["mean", "std"])], ignore_index=True)
+
+
+def test_figure2_across_seeds_plots_all_rows_and_faint_seed_points(tmp_path: Path):
+    table = seeded(WINRATE, "win_rate", ["model", "criterion"])
+    table.to_csv(tmp_path / "winrate.csv", index=False)
+    table = pd.read_csv(tmp_path / "winrate.csv")  # seeds come back as text
+    fig = figures.winrate_figure(table, INFO)
+    ax = fig.axes[0]
+    all_rows = table[table["seed"] == "all"]
+    expected = expected_points(all_rows, "win_rate", ["dpo_h.dpo_s-0.01", "dpo_h.dpo_s-0.1"])
+    x, y, container = series(ax, "DPO(H)->DPO(S)")
+    np.testing.assert_allclose(x, expected[("win_rate", "helpfulness")])
+    np.testing.assert_allclose(y, expected[("win_rate", "harmlessness")])
+    xs, ys = bar_ends(container)
+    np.testing.assert_allclose(xs, expected[["ci_low", "ci_high"]].xs("helpfulness", axis=1,
+                                                                       level=1))
+    np.testing.assert_allclose(ys, expected[["ci_low", "ci_high"]].xs("harmlessness", axis=1,
+                                                                       level=1))
+    (faint,) = [line for line in ax.lines if line.get_gid() == "seeds:DPO(H)->DPO(S)"]
+    per_seed = table[table["seed"] != "all"]
+    wide = per_seed[per_seed["model"].str.startswith("dpo_h.dpo_s")].pivot(
+        index=["model", "seed"], columns="criterion", values="win_rate")
+    got = sorted(zip(faint.get_xdata(), faint.get_ydata(), strict=True))
+    want = sorted(zip(wide["helpfulness"], wide["harmlessness"], strict=True))
+    np.testing.assert_allclose(got, want)
+    main = container.lines[0]
+    assert faint.get_marker() == main.get_marker()
+    assert to_hex(faint.get_color()) == to_hex(main.get_color())
+    assert faint.get_markersize() < main.get_markersize() and faint.get_alpha() < 0.5
+    # per-seed points: no labels, no legend entries
+    assert sorted(t.get_text() for t in ax.texts) == ["0.01", "0.1", "0.1", "q=0.5"]
+    assert {t.get_text() for t in ax.get_legend().get_texts()} == {
+        "SFT", "DPO(H)", "DPO(H)->DPO(S)", "P-SACPO"}
+    assert "3 seeds" in ax.get_title()
+    assert_labels_clear(fig)
+
+
+def test_seed_column_without_all_rows():
+    one_seed = WINRATE.assign(seed=0)
+    ax = figures.winrate_figure(one_seed, INFO).axes[0]
+    x, _, _ = series(ax, "DPO(H)->DPO(S)")
+    assert list(x) == [0.63, 0.73]
+    assert not [line for line in ax.lines if str(line.get_gid()).startswith("seeds")]
+    two_seeds = pd.concat([WINRATE.assign(seed=0), WINRATE.assign(seed=1)])
+    with pytest.raises(InputError, match="'all'"):
+        figures.winrate_figure(two_seeds, INFO)
+    with pytest.raises(InputError, match="seed"):
+        figures.winrate_figure(WINRATE.assign(seed="first"), INFO)
+
+
+def test_elo_across_seeds_uses_the_all_rows(tmp_path: Path):
+    table = seeded(elo_rows(), "rating", ["criterion", "mode", "model"])
+    table.to_csv(tmp_path / "elo.csv", index=False)
+    table = pd.read_csv(tmp_path / "elo.csv")
+    all_bt = table[(table["seed"] == "all") & (table["mode"] == "bt")]
+    ax = figures.elo_figure(table, INFO).axes[0]
+    expected = expected_points(all_bt, "rating", ["dpo_h.dpo_s-0.01", "dpo_h.dpo_s-0.1"])
+    x, y, container = series(ax, "DPO(H)->DPO(S)")
+    np.testing.assert_allclose(x, expected[("rating", "helpfulness")])
+    np.testing.assert_allclose(y, expected[("rating", "harmlessness")])
+    xs, _ = bar_ends(container)
+    np.testing.assert_allclose(xs, expected[["ci_low", "ci_high"]].xs("helpfulness", axis=1,
+                                                                       level=1))
+    (faint,) = [line for line in ax.lines if line.get_gid() == "seeds:P-SACPO"]
+    assert sorted(faint.get_xdata()) == pytest.approx([1174.0, 1175.0, 1176.0])
+    chart = figures.elo_chart(table, mode="bt")
+    for ax in chart.axes:
+        part = all_bt[all_bt["criterion"] == ax.get_title()].sort_values("rating")
+        x, _, _ = series(ax, "bt")
+        np.testing.assert_allclose(x, part["rating"])
+        (dots,) = [line for line in ax.lines if line.get_gid() == figures.SEEDS_GID]
+        assert len(dots.get_xdata()) == 3 * len(part)
+    # through the CLI, as the pipeline runs it
+    winrate_csv = tmp_path / "winrate.csv"
+    seeded(WINRATE, "win_rate", ["model", "criterion"]).to_csv(winrate_csv, index=False)
+    out = tmp_path / "figures"
+    figures.main(["--winrate", str(winrate_csv), "--elo", str(tmp_path / "elo.csv"),
+                  "--out-dir", str(out)])
+    assert len(list(out.iterdir())) == 6
