@@ -29,7 +29,11 @@ import yaml
 from workcopy import ROOT, fresh_copy
 
 CONFIG = "config/demo-target.yaml"
-OUTPUTS = ["results/target/search.json", "results/target/search.md"]
+
+
+def outputs(config: dict, seed: int) -> list[str]:
+    root = f"results/{config['experiment']}/seed-{seed}/target"
+    return [f"{root}/search.json", f"{root}/search.md"]
 
 
 def run_seed(seed: int, base: dict, targets: list[float], workdir: Path,
@@ -40,18 +44,20 @@ def run_seed(seed: int, base: dict, targets: list[float], workdir: Path,
     out = []
     for target in targets:
         config = copy.deepcopy(base)
-        config["seed"] = seed
-        config["demo_world"]["seed"] = seed
+        config.pop("seed", None)
+        config["seeds"] = [seed]
+        config["demo_world"].pop("seed", None)  # the world follows the seed
         config["target"]["value"] = target
         (work / "seed.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         start = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", cores, *OUTPUTS,
+        proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", cores,
+                               *outputs(config, seed),
                                "--configfile", "seed.yaml"], cwd=work, capture_output=True,
                               text=True)
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr[-4000:])
             raise SystemExit(f"seed {seed}, target {target}: snakemake failed (see {work}/logs)")
-        result = json.loads((work / OUTPUTS[0]).read_text())
+        result = json.loads((work / outputs(config, seed)[0]).read_text())
         out.append((target, result, time.monotonic() - start))
     return out
 

@@ -1,14 +1,16 @@
 """Copy the demo's results into the README (between markers) and docs/figure2.png.
 
-Run after `snakemake --cores all` on the default demo config:
+Run after the demo on three seeds (`snakemake --cores all --configfile
+config/demo-seeds.yaml`):
 
-    python docs/update_readme.py
+    python docs/update_readme.py [--experiment demo-seeds]
 
 It never edits numbers by hand: the tables are the workflow's own Markdown files.
 """
 
 from __future__ import annotations
 
+import argparse
 import re
 import shutil
 import sys
@@ -19,8 +21,13 @@ START, END = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
 
 
 def main() -> None:
-    tables = ROOT / "results" / "tables"
-    figure = ROOT / "results" / "figures" / "figure2.png"
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--experiment", default="demo-seeds",
+                        help="the experiment whose across-seed results go in (results/<it>/)")
+    args = parser.parse_args()
+    results = f"results/{args.experiment}"
+    tables = ROOT / results / "tables"
+    figure = ROOT / results / "figures" / "figure2.png"
     missing = [p for p in (tables / "winrate.md", tables / "elo.md", figure) if not p.is_file()]
     if missing:
         sys.exit(f"run the demo first; missing: {', '.join(map(str, missing))}")
@@ -30,11 +37,11 @@ def main() -> None:
         "",
         "![Figure 2 of the demo](docs/figure2.png)",
         "",
-        "Win rates against the SFT model (`results/tables/winrate.md`):",
+        f"Win rates against the SFT model, across seeds first (`{results}/tables/winrate.md`):",
         "",
         (tables / "winrate.md").read_text(encoding="utf-8").strip(),
         "",
-        "Elo (`results/tables/elo.md`):",
+        f"Elo (`{results}/tables/elo.md`):",
         "",
         (tables / "elo.md").read_text(encoding="utf-8").strip(),
         "",

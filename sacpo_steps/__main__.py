@@ -23,6 +23,7 @@ STEPS = {
     "winrate": "sacpo_steps.winrate",
     "elo": "sacpo_steps.elo",
     "figures": "sacpo_steps.figures",
+    "across_seeds": "sacpo_steps.across_seeds",
 }
 
 

@@ -11,7 +11,9 @@ win rate.
 Empty answers (nothing but white space) are judged like any answer (the
 default judge prompts say an empty reply gives no help), never skipped, but
 never silently either: each battle row flags them (`empty_a`, `empty_b`), and
-the log, the usage file and the summary count them per side.
+the log, the usage file and the summary count them per side. Each row also carries
+both answers' length in words (`words_a`, `words_b`): judges favour long answers and
+safety tuning shortens them, so the win-rate table reports lengths beside win rates.
 """
 
 from __future__ import annotations
@@ -240,6 +242,7 @@ def judge_model(
                     "criterion": criterion, "prompt_set": prompt_set, "prompt_id": pid,
                     "model_a": model_a, "model_b": model_b, "order": order,
                     "repetition": rep, "empty_a": is_empty["a"], "empty_b": is_empty["b"],
+                    "words_a": len(answers["a"].split()), "words_b": len(answers["b"].split()),
                 })
     log.info("judging %s (a) vs %s (b) on %s: %d prompts x %d orders x %d repetitions "
              "= %d judgments by %r", model_a, model_b, criterion, len(prompts), len(ORDERS),

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from sacpo_steps.errors import InputError
+from sacpo_steps.layout import SeedError, config_seeds
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+WORKFLOW_ROOT = Path(__file__).resolve().parent.parent  # where `extends:` paths start
+SCHEMA_PATH = WORKFLOW_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 
 
 class PlanError(InputError):
@@ -30,6 +32,43 @@ def load_schema(path: str | Path = SCHEMA_PATH) -> dict[str, Any]:
     import yaml
 
     return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def resolve_extends(config: dict[str, Any], base_dir: str | Path) -> dict[str, Any]:
+    """A config with `extends: <file>` is that file's config with its own keys on top
+    (mappings merge key by key; lists and scalars replace). A variant of an experiment
+    (other seeds, another beta) then states only what differs. Paths are relative to
+    `base_dir` (the workflow's folder); chains are followed, cycles refused."""
+    import yaml
+
+    seen: list[str] = []
+    while "extends" in config:
+        name = config["extends"]
+        if not isinstance(name, str):
+            raise PlanError(f"extends: expected a config file path, got {name!r}")
+        path = Path(base_dir) / name
+        if str(path) in seen:
+            raise PlanError(f"extends: {name} extends itself (chain: {' -> '.join(seen)})")
+        seen.append(str(path))
+        try:
+            base = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise PlanError(f"extends: cannot read {name}: {exc.strerror}") from None
+        if not isinstance(base, dict):
+            raise PlanError(f"extends: {name} is not a config (a mapping)")
+        override = {k: v for k, v in config.items() if k != "extends"}
+        config = _deep_merge(base, override)
+    return config
 
 
 def _resolve(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
@@ -142,6 +181,7 @@ class Plan:
     order: list[str] = field(default_factory=list)  # align and merge nodes, parents first
     pairs: str = "vs_baseline"  # evaluation.pairs
     families: dict[str, list[str]] = field(default_factory=dict)  # evaluation.families
+    seeds: tuple[int, ...] = (0,)  # `seeds`, or a scalar `seed` as one element
 
     @property
     def models(self) -> list[str]:
@@ -209,9 +249,30 @@ def _merge_training(defaults: dict[str, Any], override: dict[str, Any], where: s
     return {**defaults, **override}
 
 
+# what each kind of external baseline needs, and what it must not carry
+_BASELINE_KEYS = {"hub": ({"repo_id"}, {"answer", "path"}),
+                  "local": ({"path"}, {"answer", "repo_id"}),
+                  "constant": ({"answer"}, {"repo_id", "path", "prompt_template",
+                                            "stop_markers", "resources"})}
+
+
+def _check_baseline(name: str, spec: dict[str, Any]) -> None:
+    needed, foreign = _BASELINE_KEYS[spec["source"]]
+    missing = sorted(needed - set(spec))
+    if missing:
+        raise PlanError(f"baselines.{name}: source {spec['source']!r} needs {missing}")
+    stray = sorted(foreign & set(spec))
+    if stray:
+        raise PlanError(f"baselines.{name}: {stray} do not apply to source {spec['source']!r}")
+
+
 def build_plan(config: dict[str, Any]) -> Plan:
     """Expand a validated config into a Plan; refuse unknown names and cycles."""
     sft = config["sft"]["name"]
+    try:
+        seeds = config_seeds(config)
+    except SeedError as exc:
+        raise PlanError(str(exc)) from None
     sources = config["preference_sources"]
     datasets = config["datasets"]
     for name, ds in datasets.items():
@@ -235,10 +296,11 @@ def build_plan(config: dict[str, Any]) -> Plan:
     defaults = config.get("training", {})
     baselines = config.get("baselines", {})
     taken = {sft: "the SFT checkpoint (sft.name)"}
-    for name in baselines:
+    for name, spec in baselines.items():
         if name in taken:
             raise PlanError(f"baselines.{name}: the name is taken by {taken[name]}")
         taken[name] = "an external baseline (baselines)"
+        _check_baseline(name, spec)
     nodes: dict[str, Node] = {}
     merges: dict[str, MergeNode] = {}
     for name, spec in models.items():
@@ -311,7 +373,8 @@ def build_plan(config: dict[str, Any]) -> Plan:
                                 f"or measure: harmlessness_winrate")
     return Plan(sft=sft, nodes={n: nodes[n] for n in ordered if n in nodes}, datasets=datasets,
                 baseline=baseline, merges={n: merges[n] for n in ordered if n in merges},
-                baselines=baselines, order=ordered, pairs=pairs_mode, families=families)
+                baselines=baselines, order=ordered, pairs=pairs_mode, families=families,
+                seeds=seeds)
 
 
 def _check_families(evaluation: dict[str, Any], models: list[str]
@@ -377,7 +440,8 @@ def judgment_report(plan: Plan, evaluation: dict[str, Any],
                     prompts: dict[str, tuple[int | None, str, int]]) -> list[str]:
     """Lines saying how many judgments the run makes and, for openai judges, an upper
     bound on their cost. `prompts[name]` = (prompt count or None, where it comes from,
-    longest prompt in characters, 0 if unknown)."""
+    longest prompt in characters, 0 if unknown). Every seed judges its own answers."""
+    seeds = len(plan.seeds)
     pairs = plan.judged_pairs()
     n_pairs = len(pairs)
     vs_base = sum(1 for _, opponent in pairs if opponent == plan.baseline)
@@ -394,12 +458,14 @@ def judgment_report(plan: Plan, evaluation: dict[str, Any],
         count, source, prompt_chars = prompts[name]
         head = f"  {name}: {n_pairs} pairs x "
         tail = f"{ORDERS} orders x {reps} repetition(s)"
+        if seeds > 1:
+            tail += f" x {seeds} seeds"
         if count is None:
-            n = judgment_count(n_pairs, 1, reps)
+            n = judgment_count(n_pairs, 1, reps) * seeds
             per_prompt.append(f"{n:,} per {name} prompt")
             text = f"{head}{tail} = {n:,} judgments per prompt (prompt count {source})"
         else:
-            n = judgment_count(n_pairs, count, reps)
+            n = judgment_count(n_pairs, count, reps) * seeds
             total += n
             text = f"{head}{count} prompts ({source}) x {tail} = {n:,} judgments"
         if judge["backend"] != "openai":
@@ -524,8 +590,14 @@ def _check_global_batch(training: dict[str, Any], resources: dict[str, Any], whe
             f"gradient_accumulation_steps {training['gradient_accumulation_steps']} = {actual}")
 
 
-def load_plan(config: dict[str, Any], *, source: str = "config") -> Plan:
-    """Validate (filling defaults in place) and expand a config."""
+def load_plan(config: dict[str, Any], *, source: str = "config",
+              base_dir: str | Path = WORKFLOW_ROOT) -> Plan:
+    """Resolve `extends`, validate (filling defaults) and expand a config; the config
+    dict is updated in place, so the workflow's rules read the resolved one."""
+    if "extends" in config:
+        resolved = resolve_extends(config, base_dir)
+        config.clear()
+        config.update(resolved)
     validate_config(config, source=source)
     return build_plan(config)
 

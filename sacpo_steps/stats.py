@@ -31,7 +31,8 @@ OUTCOMES = ("a_wins", "b_wins", "tie", "error")
 STR_COLUMNS = ("criterion", "prompt_id", "model_a", "model_b", "order", "outcome")
 REQUIRED_COLUMNS = (*STR_COLUMNS, "repetition")
 # empty_a/empty_b: the judge step's flags for an empty answer (None in older battle files)
-OPTIONAL_COLUMNS = ("prompt_set", "judge", "raw", "empty_a", "empty_b")
+# words_a/words_b: the answers' length in words (None in older battle files)
+OPTIONAL_COLUMNS = ("prompt_set", "judge", "raw", "empty_a", "empty_b", "words_a", "words_b")
 # identifies one judgment; the judge is left out so that two judges' battles are not pooled
 BATTLE_KEY = ("criterion", "prompt_set", "prompt_id", "model_a", "model_b", "order", "repetition")
 WIN_RATE_COLUMNS = ("model", "criterion", "wins", "ties", "losses", "errors", "n", "win_rate",
@@ -243,3 +244,48 @@ def win_rates(
         })
     table = pd.DataFrame(rows, columns=list(WIN_RATE_COLUMNS))
     return table.sort_values(["criterion", "model"], kind="stable").reset_index(drop=True)
+
+
+def prompt_scores(battles: pd.DataFrame, model: str, baseline: str,
+                  criterion: str) -> pd.Series:
+    """Mean score of `model` against `baseline` per prompt (win 1, tie 0.5, loss 0;
+    pooled over orders and repetitions; errors left out), indexed by prompt key."""
+    check_columns(battles)
+    df = battles[battles["criterion"] == criterion]
+    pair = df[((df["model_a"] == model) & (df["model_b"] == baseline))
+              | ((df["model_a"] == baseline) & (df["model_b"] == model))]
+    pair = pair[pair["outcome"] != "error"]
+    if pair.empty:
+        raise InputError(f"no {criterion} battles of {model!r} against {baseline!r}",
+                         field="battles")
+    model_is_a = (pair["model_a"] == model).to_numpy()
+    outcome = pair["outcome"].to_numpy()
+    score = np.where(outcome == "tie", 0.5,
+                     np.where(model_is_a, outcome == "a_wins", outcome == "b_wins"))
+    return pd.Series(score.astype(float), index=prompt_keys(pair).to_numpy()).groupby(
+        level=0).mean()
+
+
+def paired_difference(battles: pd.DataFrame, model: str, other: str, baseline: str,
+                      criterion: str, *, rounds: int = 1000, confidence: float = 0.95,
+                      seed: int = 0) -> dict[str, float]:
+    """How much more often `model` beats the baseline than `other` does, paired by prompt:
+    the mean over prompts of score(model) - score(other), with a bootstrap interval over
+    prompts. Pairing removes the prompts' own difficulty, so it resolves differences that
+    two separate win-rate intervals cannot."""
+    check_bootstrap_args(rounds, confidence, seed)
+    a = prompt_scores(battles, model, baseline, criterion)
+    b = prompt_scores(battles, other, baseline, criterion)
+    diff = (a - b).dropna().to_numpy()
+    if not len(diff):
+        raise InputError(f"{model!r} and {other!r} share no judged prompt", field="battles")
+    rng = stream_seed(seed, "paired", model, other, criterion)
+    means = np.empty(rounds)
+    chunk = max(1, _CHUNK_CELLS // len(diff))
+    for start in range(0, rounds, chunk):
+        k = min(chunk, rounds - start)
+        means[start:start + k] = diff[rng.integers(0, len(diff), size=(k, len(diff)))].mean(axis=1)
+    alpha = 1.0 - confidence
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return {"difference": float(diff.mean()), "ci_low": float(low), "ci_high": float(high),
+            "prompts": len(diff)}

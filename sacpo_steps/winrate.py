@@ -26,6 +26,10 @@ def _fmt(x: float) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x:.3f}"
 
 
+def _words(x: float) -> str:
+    return "n/a" if x is None or pd.isna(x) else f"{x:.1f}"
+
+
 def _cell(text: object) -> str:
     return str(text).replace("|", "\\|")
 
@@ -50,6 +54,9 @@ def markdown_table(table: pd.DataFrame, confidence: float = 0.95,
     has_empty = "answers" in table.columns and bool(table["answers"].notna().any())
     if has_empty:
         header.append("empty answers")
+    has_words = "mean_words" in table.columns and bool(table["mean_words"].notna().any())
+    if has_words:
+        header.append("words (model / baseline)")
     if extra_columns:
         header += ["position consistency", "mean ± std (reps)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -58,28 +65,48 @@ def markdown_table(table: pd.DataFrame, confidence: float = 0.95,
                  _fmt(r.win_rate), f"[{_fmt(r.ci_low)}, {_fmt(r.ci_high)}]", r.n]
         if has_empty:
             cells.append("n/a" if pd.isna(r.answers) else f"{r.empty_answers}/{r.answers}")
+        if has_words:
+            cells.append(f"{_words(r.mean_words)} / {_words(r.baseline_mean_words)}")
         if extra_columns:
             cells += [_fmt(r.position_consistency), _mean_std(r.rep_mean, r.rep_std)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def add_empty_answers(table: pd.DataFrame, battles: pd.DataFrame) -> pd.DataFrame:
-    """Columns `empty_answers` and `answers`: each row's model's empty answers over the
-    prompts of its criterion, read from the judge step's `empty_a`/`empty_b` flags
-    (NA where the battles carry no flags)."""
-    sides = [battles[["criterion", "prompt_set", "prompt_id", f"model_{s}", f"empty_{s}"]]
-             .set_axis(["criterion", "prompt_set", "prompt_id", "model", "empty"], axis=1)
-             for s in ("a", "b")]
-    answers = pd.concat(sides).dropna(subset=["empty"]).drop_duplicates(
-        ["criterion", "prompt_set", "prompt_id", "model"])
-    counts = answers.groupby(["model", "criterion"])["empty"].agg(["sum", "size"])
-    empty, total = [], []
+def _answers(battles: pd.DataFrame) -> pd.DataFrame:
+    """One row per (criterion, prompt set, prompt, model) with its answer's flags, read
+    from both sides of the battles (columns absent in older files count as missing)."""
+    sides = []
+    for s in ("a", "b"):
+        side = pd.DataFrame({
+            "criterion": battles["criterion"], "prompt_set": battles["prompt_set"],
+            "prompt_id": battles["prompt_id"], "model": battles[f"model_{s}"],
+            "empty": battles.get(f"empty_{s}"), "words": battles.get(f"words_{s}")})
+        sides.append(side)
+    return pd.concat(sides).drop_duplicates(["criterion", "prompt_set", "prompt_id", "model"])
+
+
+def add_answer_stats(table: pd.DataFrame, battles: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Per row: its model's empty answers over the prompts of its criterion
+    (`empty_answers`/`answers`, from the judge step's flags) and the mean answer length
+    in words of the model and of the baseline on the same prompts (`mean_words`,
+    `baseline_mean_words`): safety tuning shortens answers and judges favour long ones,
+    so a win rate is read beside the lengths. NA where the battles carry no flags."""
+    answers = _answers(battles)
+    flagged = answers.dropna(subset=["empty"])
+    counts = flagged.groupby(["model", "criterion"])["empty"].agg(["sum", "size"])
+    words = answers.dropna(subset=["words"]).groupby(["model", "criterion"])["words"].mean()
+    empty, total, mean_words, base_words = [], [], [], []
     for r in table.itertuples(index=False):
         found = (r.model, r.criterion) in counts.index
         empty.append(int(counts.loc[(r.model, r.criterion), "sum"]) if found else pd.NA)
         total.append(int(counts.loc[(r.model, r.criterion), "size"]) if found else pd.NA)
-    return table.assign(empty_answers=empty, answers=total)
+        mean_words.append(float(words[(r.model, r.criterion)])
+                          if (r.model, r.criterion) in words.index else float("nan"))
+        base_words.append(float(words[(baseline, r.criterion)])
+                          if (baseline, r.criterion) in words.index else float("nan"))
+    return table.assign(empty_answers=empty, answers=total, mean_words=mean_words,
+                        baseline_mean_words=base_words)
 
 
 def winrate_table(
@@ -98,11 +125,11 @@ def winrate_table(
 
     `out_battles` also writes every judgment in long form (one CSV, the single table
     all statistics derive from), with an `error` flag column. Each row also counts
-    its model's empty answers (from the battles' empty flags).
+    its model's empty answers and the mean answer lengths (from the battles' flags).
     """
     battles = load_battles(battle_paths)
     table = win_rates(battles, baseline, rounds=rounds, confidence=confidence, seed=seed)
-    table = add_empty_answers(table, battles)
+    table = add_answer_stats(table, battles, baseline)
     text = markdown_table(table, confidence, extra_columns=extra_columns)
     with contextlib.ExitStack() as stack:
         tmp_csv = stack.enter_context(atomic_output(out_csv))

@@ -129,7 +129,9 @@ def test_paper_dry_run_plans_every_model(tmp_path, monkeypatch):
             "fetched yet) x 2 orders x 3 repetition(s) = 97,524 judgments") in output
     assert "red_team: 126 pairs x 83 prompts" in output and "= 62,748 judgments" in output
     assert "total: 160,272 judgments; estimated cost <= $" in output
-    assert counts["download_model"] == 1 and counts["sft_checkpoint"] == 1
+    # the SFT and beaver are hub snapshots, shared under resources/ by what they are
+    assert counts["download_model"] == 2 and "sft_checkpoint" not in counts
+    assert "resources/models/PKU-Alignment--alpaca-7b-reproduced@main" in output
     generated = {j.wildcards["model"] for j in jobs if j.rule == "generate"}
     assert {"sft", "beaver-7b-v1.0", "p-sacpo-0.5", "naive-merge-0.25",
             "dpo_s.dpo_h-0.1"} <= generated

@@ -213,15 +213,16 @@ def test_defaults_are_filled_in_place():
     del cfg["threads"]
     del cfg["stop_markers"]
     del cfg["evaluation"]["judge"]
-    del cfg["seed"]
+    cfg.pop("seed", None)
     del cfg["demo_world"]
-    load_plan(cfg, source="x.yaml")
+    plan = load_plan(cfg, source="x.yaml")
     assert cfg["threads"] == {"sft": 2, "align": 2, "generate": 1}
     assert cfg["stop_markers"] == ["USER:"]
-    assert cfg["seed"] == 0
+    assert "seed" not in cfg and plan.seeds == (0,)  # no seed: one run with seed 0
     assert cfg["evaluation"]["judge"] == {"backend": "rule", "repetitions": 1}
     # the demo world rule reads every key, so a missing section must be filled too
-    assert cfg["demo_world"] == {"seed": 0, "n_sft_examples": 4000, "n_preference_pairs": 3000,
+    # no demo_world.seed: each seed builds its own world
+    assert cfg["demo_world"] == {"n_sft_examples": 4000, "n_preference_pairs": 3000,
                                  "sensitive_tasks": False}
     assert cfg["preference_sources"]["demo"]["split"] == "train"
     assert cfg["preference_sources"]["demo"]["on_bad_row"] == "error"

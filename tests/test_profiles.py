@@ -45,7 +45,8 @@ def test_stage1_and_stage2_get_their_own_gpus(tmp_path, monkeypatch):
     for block in blocks:
         if not block.startswith("align:"):
             continue
-        model = block.split("wildcards: aligned=")[1].split()[0]
+        wildcards = block.split("wildcards: ")[1].splitlines()[0]
+        model = dict(kv.split("=", 1) for kv in wildcards.split(", "))["aligned"]
         resources = block.split("resources: ")[1].splitlines()[0]
         gpus[model] = int(resources.split("gpu=")[1].split(",")[0])
     assert gpus["dpo_h"] == gpus["kto_h"] == gpus["dpo_s"] == 8

@@ -54,7 +54,8 @@ def test_api_key_is_in_no_output_log_metadata_or_report(tmp_path):
         assert dry.returncode == 0, dry.stdout + dry.stderr
         jobs = parse_jobs(dry.stdout + dry.stderr)
         assert sorted(j.key for j in jobs) == [
-            ("all", None, None), ("elo", None, None), ("figures", None, None),
+            ("across_seeds", None, None), ("all", None, None), ("elo", None, None),
+            ("figures", None, None), ("figures_across_seeds", None, None),
             ("judge", "dpo_h", "helpfulness"), ("winrate", None, None)]
         before = server.requests
         proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2",
@@ -62,7 +63,8 @@ def test_api_key_is_in_no_output_log_metadata_or_report(tmp_path):
                               capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
         assert server.requests - before == 120 * 2  # helpfulness prompts, both orders
-    assert (work / "results/battles/red_team/dpo_h__vs__sft.usage.json").is_file()
+    battles = work / "results/reduced-demo/seed-0/battles"
+    assert (battles / "red_team/dpo_h__vs__sft.usage.json").is_file()
     assert (work / "resources/judge_cache/fake-judge.jsonl").is_file()
     checked = 0
     for folder in ("results", "logs", ".snakemake", "resources"):

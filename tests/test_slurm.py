@@ -56,7 +56,7 @@ SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]
 # its generate jobs); all other jobs ask for none.
 GPU_MODEL = "dpo_h.dpo_s-0.1"
 # The workflow's local rules (workflow/rules/common.smk): the other planned jobs go to SLURM.
-LOCAL_RULES = {"all", "winrate", "elo", "figures"}
+LOCAL_RULES = {"all", "winrate", "elo", "figures", "across_seeds", "figures_across_seeds"}
 RUN_TIMEOUT = 270  # seconds, per snakemake run (killed with SIGKILL after that)
 CONFIG = "slurm_test.yaml"
 
@@ -256,7 +256,7 @@ def test_every_cluster_job_went_through_slurm_and_completed(done):
     assert not not_completed
     assert all(records[j.jobid]["ExitCode"] == "0:0" for j in jobs)
     # the jobs ran where the executor said: the step logs of the workflow are there too
-    assert (done.slurm_dir / "logs" / "align" / f"{GPU_MODEL}.log").is_file()
+    assert (done.slurm_dir / "logs/reduced-demo/seed-0/align" / f"{GPU_MODEL}.log").is_file()
 
 
 def test_gpu_jobs_got_a_fake_gpu_and_saw_cuda_visible_devices(done):
@@ -279,7 +279,7 @@ def test_gpu_jobs_got_a_fake_gpu_and_saw_cuda_visible_devices(done):
 
 
 def test_win_rate_table_matches_the_local_run(done):
-    name = Path("results", "tables", "winrate.csv")
+    name = Path("results", "reduced-demo", "seed-0", "tables", "winrate.csv")
     slurm_table = (done.slurm_dir / name).read_text(encoding="utf-8")
     local_table = (done.local_dir / name).read_text(encoding="utf-8")
     assert slurm_table == local_table, f"SLURM:\n{slurm_table}\nlocal:\n{local_table}"
@@ -291,7 +291,8 @@ def test_weights_and_generations_match_the_local_run(done):
     the aligned weights and every generation must be byte-identical too."""
     def outputs(workdir: Path) -> list[Path]:
         return sorted(p.relative_to(workdir) for pattern in
-                      ("results/models/*/*.safetensors", "results/generations/*/*.jsonl")
+                      ("results/*/seed-*/models/*/*.safetensors",
+                       "results/*/seed-*/generations/*/*.jsonl")
                       for p in workdir.glob(pattern))
 
     files = outputs(done.slurm_dir)

@@ -18,7 +18,8 @@ import yaml
 from tests.test_workflow import ROOT, copy_workflow, dry_run, output_of, snakemake, write_config
 
 CONFIG = "config/demo-target.yaml"
-SEARCH = ("results/target/search.json", "results/target/search.md")
+SEED0 = "results/demo-target/seed-0"
+SEARCH = (f"{SEED0}/target/search.json", f"{SEED0}/target/search.md")
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +33,7 @@ def demo(tmp_path_factory):
 
 
 def load(work, name="search.json"):
-    return json.loads((work / "results/target" / name).read_text())
+    return json.loads((work / SEED0 / "target" / name).read_text())
 
 
 def test_target_between_the_two_models_is_met_with_more_help_than_the_over_safe(demo):
@@ -72,5 +73,5 @@ def test_target_above_the_over_safe_model_names_the_model_to_retrain(demo, tmp_p
     assert [m["q"] for m in result["trace"]] == [1.0]  # q = 1 misses: nothing else to try
     assert result["trace"][0]["constraint_low"] < 0.99
     for text in (result["message"], (demo / SEARCH[1]).read_text(),
-                 (demo / "logs/target_search.log").read_text()):
+                 (demo / "logs/demo-target/seed-0/target_search/target_search.log").read_text()):
         assert "dpo_h.dpo_s-0.01" in text and "smaller beta/lambda" in text

@@ -25,7 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKFLOW_PARTS = ["Snakefile", "workflow", "config", "profiles", "sacpo_steps", "tests/configs",
                   "environment.yml"]  # the rules' `conda:` directives name environment.yml
 REDUCED = "tests/configs/reduced_demo.yaml"
+RESULTS = "results/reduced-demo"  # the reduced demo's experiment folder
+SEED0 = f"{RESULTS}/seed-0"  # its only seed
 PROMPT_SETS = ("helpfulness", "red_team")
+# what follows every change of a seed's win rates or Elo: the across-seed tables and figures
+STATISTICS = ["across_seeds", "figures", "figures_across_seeds"]
 
 
 def copy_workflow(dest: Path) -> Path:
@@ -56,6 +60,7 @@ class Job:
     wildcards: dict[str, str] = field(default_factory=dict)
     log: str | None = None
     reason: str = ""
+    outputs: list[str] = field(default_factory=list)
 
     @property
     def key(self) -> tuple[str, str | None, str | None]:
@@ -85,6 +90,8 @@ def parse_jobs(output: str) -> list[Job]:
                 current.wildcards = dict(kv.split("=", 1) for kv in value.split(", "))
             elif key == "log":
                 current.log = value.strip()
+            elif key == "output":
+                current.outputs = [p.strip() for p in value.split(", ")]
             elif key == "reason":
                 current.reason = value
         elif not line.startswith(" "):
@@ -130,7 +137,7 @@ def test_demo_config_plans_the_full_sacpo_grid(tmp_path):
     output, jobs = dry_run(workdir)  # no --configfile: the Snakefile's config/config.yaml
     expected = {"demo_world": 1, "preference_data": 1, "sft_checkpoint": 1, "align": 5,
                 "merge_0": 1, "generate": 18, "judge": 72, "winrate": 1, "elo": 1,
-                "figures": 1, "all": 1}
+                "figures": 1, "across_seeds": 1, "figures_across_seeds": 1, "all": 1}
     assert job_counts(output) == expected
     assert sorted(j.rule for j in jobs) == sorted(r for r, n in expected.items() for _ in range(n))
     aligned = {j.key[1] for j in jobs if j.rule == "align"}
@@ -160,13 +167,14 @@ def test_a_configfile_replaces_the_demo_config_instead_of_merging(tmp_path):
     assert {j.key for j in jobs if j.rule == "align"} == {("align", "kto_h", None)}
     assert job_counts(output) == {"demo_world": 1, "preference_data": 1, "sft_checkpoint": 1,
                                   "align": 1, "generate": 4, "judge": 2, "winrate": 1,
-                                  "elo": 1, "figures": 1, "all": 1}
+                                  "elo": 1, "figures": 1, "across_seeds": 1,
+                                  "figures_across_seeds": 1, "all": 1}
 
 
 def test_every_planned_job_of_the_reduced_demo_has_a_log(tmp_path):
     workdir = copy_workflow(tmp_path / "wf")
     _, jobs = dry_run(workdir, "--configfile", REDUCED)
-    assert len(jobs) == 29
+    assert len(jobs) == 31
     missing = [j.key for j in jobs if j.rule != "all" and not j.log]
     assert not missing
     logs = [j.log for j in jobs if j.log]
@@ -221,7 +229,7 @@ REDUCED_MODELS = ["sft", *REDUCED_ALIGNED]
 
 @pytest.mark.slow
 def test_reduced_demo_runs_to_the_win_rate_table(done):
-    tables = done.workdir / "results" / "tables"
+    tables = done.workdir / SEED0 / "tables"
     assert (tables / "winrate.md").is_file()
     table = pd.read_csv(tables / "winrate.csv")
     pairs = list(zip(table["model"], table["criterion"], strict=True))
@@ -235,7 +243,7 @@ def test_reduced_demo_runs_to_the_win_rate_table(done):
 @pytest.mark.slow
 def test_every_job_wrote_its_log(done):
     logs = [j.log for j in done.planned if j.rule != "all"]
-    assert len(logs) == 28
+    assert len(logs) == 30
     missing = [log for log in logs if not (done.workdir / log).is_file()]
     assert not missing
 
@@ -243,7 +251,7 @@ def test_every_job_wrote_its_log(done):
 @pytest.mark.slow
 @pytest.mark.parametrize("model", REDUCED_MODELS)
 def test_model_folders_are_complete(done, model):
-    folder = done.workdir / "results" / "models" / model
+    folder = done.workdir / SEED0 / "models" / model
     for name in ("config.json", "tokenizer.json", "README.md", "sacpo.json"):
         assert (folder / name).is_file(), name
     assert list(folder.glob("*.safetensors"))
@@ -253,7 +261,7 @@ def test_model_folders_are_complete(done, model):
 
 @pytest.mark.slow
 def test_stage2_model_card_states_its_lineage(done):
-    folder = done.workdir / "results" / "models" / "dpo_h.dpo_s-0.1"
+    folder = done.workdir / SEED0 / "models" / "dpo_h.dpo_s-0.1"
     info = json.loads((folder / "sacpo.json").read_text(encoding="utf-8"))
     lineage = info["lineage"]
     assert [s["name"] for s in lineage] == ["dpo_h", "dpo_h.dpo_s-0.1"]
@@ -267,7 +275,7 @@ def test_stage2_model_card_states_its_lineage(done):
 @pytest.mark.parametrize("model", REDUCED_MODELS)
 def test_generations_have_the_documented_fields(done, model):
     for prompt_set in PROMPT_SETS:
-        path = done.workdir / "results" / "generations" / model / f"{prompt_set}.jsonl"
+        path = done.workdir / SEED0 / "generations" / model / f"{prompt_set}.jsonl"
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
                 if line.strip()]
         assert rows
@@ -300,7 +308,7 @@ def test_changing_one_beta_reruns_only_that_model_and_its_evaluation(done):
         *(("judge", model, ps) for ps in PROMPT_SETS),
         ("winrate", None, None),
         ("elo", None, None),
-        ("figures", None, None),
+        *((rule, None, None) for rule in STATISTICS),
         ("all", None, None),
     }
     align = next(j for j in jobs if j.rule == "align")
@@ -311,8 +319,7 @@ def test_changing_one_beta_reruns_only_that_model_and_its_evaluation(done):
 def test_editing_the_winrate_step_reruns_only_winrate_and_figures(done):
     with appended(done.workdir / "sacpo_steps" / "winrate.py"):
         _, jobs = dry_run(done.workdir, "--configfile", REDUCED)
-    assert sorted(j.key for j in jobs) == [("all", None, None), ("figures", None, None),
-                                           ("winrate", None, None)]
+    assert sorted(j.rule for j in jobs) == sorted(["all", "winrate", *STATISTICS])
 
 
 @pytest.mark.slow
@@ -326,7 +333,7 @@ def test_editing_the_generate_step_reruns_generation_and_everything_after(done):
         *(("judge", m, ps) for m in REDUCED_ALIGNED for ps in PROMPT_SETS),
         ("winrate", None, None),
         ("elo", None, None),
-        ("figures", None, None),
+        *((rule, None, None) for rule in STATISTICS),
         ("all", None, None),
     }
 
@@ -337,7 +344,7 @@ def test_editing_a_shared_module_reruns_its_importers_only(done):
     with appended(done.workdir / "sacpo_steps" / "judges" / "rule.py"):
         _, jobs = dry_run(done.workdir, "--configfile", REDUCED)
     rules = {j.rule for j in jobs}
-    assert rules == {"judge", "winrate", "elo", "figures", "all"}
+    assert rules == {"judge", "winrate", "elo", "all", *STATISTICS}
     assert len([j for j in jobs if j.rule == "judge"]) == 8
 
 
@@ -354,12 +361,12 @@ def test_changing_a_statistics_setting_reruns_only_statistics(done):
     cfg["evaluation"]["winrate"]["bootstrap_rounds"] = 300
     config = write_config(done.workdir / "stats.yaml", cfg)
     _, jobs = dry_run(done.workdir, "--configfile", str(config))
-    assert sorted(j.rule for j in jobs) == ["all", "figures", "winrate"]
+    assert sorted(j.rule for j in jobs) == sorted(["all", "winrate", *STATISTICS])
 
 
 @pytest.mark.slow
 def test_battles_table_and_report(done):
-    battles = pd.read_csv(done.workdir / "results/tables/battles.csv")
+    battles = pd.read_csv(done.workdir / SEED0 / "tables/battles.csv")
     assert {"criterion", "prompt_id", "model_a", "model_b", "order", "repetition", "outcome",
             "judge", "error"} <= set(battles.columns)
     assert len(battles) == 4 * 2 * 120 * 2  # models x prompt sets x prompts x orders
@@ -394,5 +401,69 @@ def test_target_search_adds_one_job_after_its_inputs(tmp_path):
     config = write_config(tmp_path / "target.yaml", cfg)
     output, jobs = dry_run(workdir, "--configfile", str(config), "-p")
     assert job_counts(output)["target_search"] == 1
-    assert "--a results/models/dpo_h --b results/models/dpo_h.dpo_s-0.01" in output
+    assert (f"--a {SEED0}/models/dpo_h --b {SEED0}/models/dpo_h.dpo_s-0.01") in output
     assert "--target 0.9" in output and "--lambda-bar 10" in output
+
+
+# ---- experiments side by side -----------------------------------------------------------
+
+
+def second_experiment_config() -> dict:
+    """Another experiment in the same folder: two seeds (one pinned world), one aligned
+    model and an always-refuse row. Small, so that running it costs little."""
+    cfg = reduced_config()
+    cfg["experiment"] = "reduced-demo-b"
+    del cfg["seed"]
+    cfg["seeds"] = [0, 1]
+    cfg["models"] = {"dpo_h": cfg["models"]["dpo_h"]}
+    cfg["baselines"] = {"always_refuse": {"source": "constant",
+                                          "answer": "i cannot help with that."}}
+    cfg["evaluation"]["pairs"] = "all_pairs"
+    return cfg
+
+
+def files_under(root: Path, *folders: str) -> dict[str, int]:
+    """Every file below the folders with its modification time (ns)."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns
+            for folder in folders for p in (root / folder).rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_second_experiment_never_touches_the_first(done):
+    first = files_under(done.workdir, RESULTS, "logs/reduced-demo")
+    assert first
+    config = write_config(done.workdir / "second.yaml", second_experiment_config())
+    # planned: no job writes or logs into the first experiment's folders
+    _, jobs = dry_run(done.workdir, "--configfile", str(config))
+    written = [p for j in jobs for p in (*j.outputs, j.log or "")]
+    assert written and not [p for p in written
+                            if p.startswith((f"{RESULTS}/", "logs/reduced-demo/"))]
+    assert all(p.startswith(("results/reduced-demo-b/", "logs/reduced-demo-b/"))
+               for p in written if p), written
+    # run: the first experiment's files are untouched, and it stays up to date
+    proc = snakemake(done.workdir, "--configfile", str(config), timeout=1200)
+    assert proc.returncode == 0, output_of(proc)[-5000:]
+    assert files_under(done.workdir, RESULTS, "logs/reduced-demo") == first
+    output, jobs = dry_run(done.workdir, "--configfile", REDUCED)
+    assert "Nothing to be done" in output and jobs == []
+
+    # the second one has both seeds and the across-seed rows
+    second = done.workdir / "results/reduced-demo-b"
+    table = pd.read_csv(second / "tables/winrate.csv", dtype={"seed": str})
+    assert set(table["seed"]) == {"0", "1", "all"}
+    across = table[table["seed"] == "all"].set_index(["model", "criterion"])
+    assert set(across.index) == {(m, c) for m in ("dpo_h", "always_refuse")
+                                 for c in ("helpfulness", "harmlessness")}
+    assert (across["interval"] == "t over 2 seeds").all()
+    for model, criterion in across.index:
+        rates = table[(table["model"] == model) & (table["criterion"] == criterion)
+                      & (table["seed"] != "all")]["win_rate"]
+        assert across.loc[(model, criterion), "win_rate"] == pytest.approx(rates.mean())
+    # the constant row is judged like a model, with its answer's length
+    refuse = across.loc[("always_refuse", "harmlessness")]
+    assert refuse["mean_words"] == pytest.approx(5.0)
+    answers = (second / "seed-1/generations/always_refuse/red_team.jsonl").read_text()
+    assert answers.count('"answer": "i cannot help with that."') == 120
+    for seed in (0, 1):  # each seed trained its own models
+        assert (second / f"seed-{seed}/models/dpo_h/sacpo.json").is_file()
+    assert (second / "figures/figure2.png").is_file()

@@ -7,7 +7,7 @@ rule align:
         parent=align_parent,
         data=align_data_dir,
     output:
-        directory("results/models/{aligned}"),
+        directory(model_dir("{aligned}")),
     params:
         spec=align_spec,
         data=align_data_file,
@@ -23,7 +23,7 @@ rule align:
     conda:
         "../../environment.yml"
     log:
-        "logs/align/{aligned}.log",
+        LAYOUT.log("align", "{aligned}"),
     shell:
         "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 {params.launcher} align"
         " --parent-dir {input.parent} --data {params.data} --out {output}"

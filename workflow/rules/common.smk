@@ -9,31 +9,53 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir)))
 
 from sacpo_steps.errors import InputError  # noqa: E402
-from sacpo_steps.plan import PlanError, judge_for, judgment_report, load_plan, to_json  # noqa: E402
+from sacpo_steps.layout import SEED as SEED_WILDCARD, Layout  # noqa: E402
+from sacpo_steps.plan import (  # noqa: E402
+    PlanError,
+    judge_for,
+    judgment_report,
+    load_plan,
+    to_json,
+)
 from sacpo_steps.provenance import source_hash  # noqa: E402
 
 _config_source = ", ".join(map(str, workflow.overwrite_configfiles)) or "config/config.yaml"
 try:
-    PLAN = load_plan(config, source=_config_source)
+    # resolves `extends: <file>` (relative to the workflow) in place, then validates
+    PLAN = load_plan(config, source=_config_source, base_dir=workflow.basedir)
 except PlanError as exc:
     raise WorkflowError(str(exc)) from None
 
 SFT = PLAN.sft
 ALIGNED = list(PLAN.nodes)
 BASELINES = config.get("baselines", {})
-HUB_BASELINES = [n for n, b in BASELINES.items() if b["source"] == "hub"]
 PROMPT_SETS = config["evaluation"]["prompt_sets"]
-SEED = config.get("seed", 0)
+# every path of the experiment (results/<experiment>/seed-<s>/..., resources/, logs/)
+LAYOUT = Layout.from_config(config)
+SEEDS = PLAN.seeds
+CONSTANTS = LAYOUT.constant_models()
+HUB_MODELS = LAYOUT.hub_models()  # {folder key under resources/models: model name}
+HUB_DATASETS = LAYOUT.hub_datasets()
+URL_PROMPT_SETS = LAYOUT.url_prompt_sets()  # {set name: content key}
+
+
+def _one_of(names):
+    """A wildcard constraint matching exactly these names (or nothing)."""
+    return "|".join(map(re.escape, names)) or "$^"
+
 
 wildcard_constraints:
-    model="|".join(map(re.escape, PLAN.models)),
-    aligned="|".join(map(re.escape, ALIGNED)) if ALIGNED else "$^",
-    baseline="|".join(map(re.escape, HUB_BASELINES)) if HUB_BASELINES else "$^",
-    prompt_set="|".join(map(re.escape, PROMPT_SETS)),
-    opponent="|".join(map(re.escape, PLAN.models)),
-    url_prompt_set="|".join(map(re.escape, [n for n, p in PROMPT_SETS.items()
-                                            if p.get("source") == "url"])) or "$^",
-    source="|".join(map(re.escape, config["preference_sources"])),
+    seed=_one_of(map(str, SEEDS)),
+    model=_one_of(PLAN.models),
+    aligned=_one_of(ALIGNED),
+    constant=_one_of(CONSTANTS),
+    hub_model=_one_of(HUB_MODELS),
+    hub_dataset=_one_of(HUB_DATASETS),
+    prompt_set=_one_of(PROMPT_SETS),
+    opponent=_one_of(PLAN.models),
+    url_prompt_set=_one_of(URL_PROMPT_SETS),
+    prompt_key=_one_of(set(URL_PROMPT_SETS.values())),
+    source=_one_of(config["preference_sources"]),
 
 
 def code(module):
@@ -47,33 +69,21 @@ if not workflow.deployment_settings.deployment_method:
     shell.prefix(f'set -euo pipefail; export PATH="{Path(sys.executable).parent}:$PATH"; ')
 
 
-def uses_demo_world():
-    sources = [s["source"] for s in config["preference_sources"].values()]
-    sets = [p.get("source", "local") for p in PROMPT_SETS.values()]
-    return "demo" in sources or "demo" in sets or config["sft"]["source"] == "build"
-
-
-DEMO_WORLD = "results/demo_world"
-
-
 # ---- models -------------------------------------------------------------------
 
 
-def model_dir(name):
-    """Folder of a model: hub downloads under resources/, local baselines where they are."""
-    if name == SFT and config["sft"]["source"] == "hub":
-        return f"resources/models/{name}"
-    if name in BASELINES:
-        if BASELINES[name]["source"] == "hub":
-            return f"resources/models/{name}"
-        return BASELINES[name]["path"]
-    return f"results/models/{name}"
+def model_dir(name, seed=SEED_WILDCARD):
+    """Folder of a model (see sacpo_steps.layout): a pattern with {seed} unless given."""
+    return LAYOUT.model_dir(name, seed)
 
 
-def baseline_spec(wildcards):
-    b = BASELINES[wildcards.baseline]
-    hub = {"repo_id": b["repo_id"], "revision": b["revision"], "convert_bin": b["convert_bin"]}
-    return to_json({"source": "hub", "name": wildcards.baseline, "hub": hub})
+def download_spec(wildcards):
+    """What a hub download fetches: content only (repo, revision), never the name a
+    config gives the model, so experiments sharing the snapshot agree on its params."""
+    hub = LAYOUT.hub_spec(HUB_MODELS[wildcards.hub_model])
+    keys = {"repo_id": hub["repo_id"], "revision": hub.get("revision", "main"),
+            "convert_bin": hub.get("convert_bin", False)}
+    return to_json({"source": "hub", "name": wildcards.hub_model, "hub": keys})
 
 
 def node_resources(kind, name=None):
@@ -99,8 +109,10 @@ def resource(kind, key, default, per="name"):
     return get
 
 
-def sft_spec():
-    return to_json({**config["sft"], "prompt_template": config["prompt_template"], "seed": SEED})
+def sft_spec(wildcards):
+    """A built SFT depends on its seed; a linked local folder does not."""
+    seed = {"seed": int(wildcards.seed)} if "seed" in wildcards.keys() else {}
+    return to_json({**config["sft"], "prompt_template": config["prompt_template"], **seed})
 
 
 def align_spec(wildcards):
@@ -114,7 +126,7 @@ def align_spec(wildcards):
             "beta": node.beta,
             "training": node.training,
             "prompt_template": config["prompt_template"],
-            "seed": SEED,
+            "seed": int(wildcards.seed),
         }
     )
 
@@ -123,7 +135,7 @@ def align_checkpoint_dir(wildcards):
     """Scratch for trainer checkpoints, keyed by the node's parameters: a changed beta
     never resumes a stale run."""
     digest = hashlib.sha256(align_spec(wildcards).encode()).hexdigest()[:12]
-    return f"scratch/align/{wildcards.aligned}-{digest}"
+    return f"{LAYOUT.scratch(wildcards.seed)}/align/{wildcards.aligned}-{digest}"
 
 
 def launcher(wildcards, resources):
@@ -139,12 +151,12 @@ def launcher(wildcards, resources):
 
 
 def align_parent(wildcards):
-    return model_dir(PLAN.nodes[wildcards.aligned].parent)
+    return model_dir(PLAN.nodes[wildcards.aligned].parent, wildcards.seed)
 
 
 def align_data_dir(wildcards):
     node = PLAN.nodes[wildcards.aligned]
-    return f"results/data/{PLAN.datasets[node.data]['source']}"
+    return LAYOUT.data_dir(PLAN.datasets[node.data]["source"], wildcards.seed)
 
 
 def align_data_file(wildcards):
@@ -157,31 +169,26 @@ def align_data_file(wildcards):
 
 
 def preference_table(wildcards):
-    src = config["preference_sources"][wildcards.source]
-    if src["source"] == "demo":
-        return f"{DEMO_WORLD}/preferences.jsonl"
-    if src["source"] == "hub":
-        return f"resources/datasets/{wildcards.source}"
-    return src["path"]
+    return LAYOUT.preference_table(wildcards.source, wildcards.seed)
 
 
-def prompt_set_file(name):
-    ps = PROMPT_SETS[name]
-    if ps.get("source", "local") == "demo":
-        return f"{DEMO_WORLD}/prompts/{name}.jsonl"
-    if ps["source"] == "url":
-        return f"resources/prompts/{name}.jsonl"
-    return ps["path"]
+def prompt_set_file(name, seed=SEED_WILDCARD):
+    return LAYOUT.prompt_set_file(name, seed)
+
+
+def world_seed(wildcards):
+    """The demo world's seed: the run's seed, unless demo_world.seed pins one world."""
+    return LAYOUT.world_seed_for(getattr(wildcards, "seed", 0))
 
 
 # ---- evaluation ---------------------------------------------------------------
 
 
 def generation_spec(wildcards):
-    return generation_spec_for(wildcards.model)
+    return generation_spec_for(wildcards.model, wildcards.seed)
 
 
-def generation_spec_for(model):
+def generation_spec_for(model, seed):
     gen = config["evaluation"]["generation"]
     own = BASELINES.get(model, {})
     return to_json(
@@ -190,7 +197,7 @@ def generation_spec_for(model):
             "stop_markers": own.get("stop_markers", config["stop_markers"]),
             "max_new_tokens": gen["max_new_tokens"],
             "batch_size": gen["batch_size"],
-            "seed": SEED,
+            "seed": int(seed),
             # the cap the models were trained under (tokens.PromptCap)
             "max_prompt_length": config.get("training", {}).get("max_prompt_length"),
         }
@@ -271,12 +278,12 @@ if _KEY_ENVS:
     )
 
 
-def judge_model_inputs(judges):
+def judge_model_inputs(judges, seed):
     """What the given judges read: the demo spec (rule), score models (score_model)."""
     inputs = {}
     for judge in judges:
         if judge["backend"] == "rule":
-            inputs["spec"] = f"{DEMO_WORLD}/spec.json"
+            inputs["spec"] = f"{LAYOUT.world_dir(seed)}/spec.json"
         if judge["backend"] == "score_model":
             for key in ("reward_model", "cost_model"):
                 if judge.get(key):
@@ -285,33 +292,26 @@ def judge_model_inputs(judges):
 
 
 def judge_inputs(wildcards):
+    seed = wildcards.seed
     return {
-        "candidate": f"results/generations/{wildcards.model}/{wildcards.prompt_set}.jsonl",
-        "baseline": f"results/generations/{wildcards.opponent}/{wildcards.prompt_set}.jsonl",
-        "prompts": prompt_set_file(wildcards.prompt_set),
-        **judge_model_inputs([JUDGES[wildcards.prompt_set]]),
+        "candidate": LAYOUT.generation(wildcards.model, wildcards.prompt_set, seed),
+        "baseline": LAYOUT.generation(wildcards.opponent, wildcards.prompt_set, seed),
+        "prompts": prompt_set_file(wildcards.prompt_set, seed),
+        **judge_model_inputs([JUDGES[wildcards.prompt_set]], seed),
         **judge_template_inputs([wildcards.prompt_set]),
     }
 
 
-def judged_pairs():
-    """(model, opponent) pairs to judge; the baseline is always the opponent side."""
-    return PLAN.judged_pairs()
-
-
-def battle_files():
-    return [
-        f"results/battles/{prompt_set}/{model}__vs__{opponent}.jsonl"
-        for prompt_set in PROMPT_SETS
-        for model, opponent in judged_pairs()
-    ]
+def battle_files(wildcards):
+    """Every battle file of one seed; the baseline is always the opponent side."""
+    return LAYOUT.battle_files(PLAN.judged_pairs(), wildcards.seed)
 
 
 def report_request_count():
     """Before any judge request: how many judgments the run makes, and an upper-bound cost."""
     prompts = {}
     for name, ps in PROMPT_SETS.items():
-        path = Path(prompt_set_file(name))
+        path = Path(prompt_set_file(name, SEEDS[0]))
         if path.is_file():
             lengths = [len(line) for line in path.open(encoding="utf-8") if line.strip()]
             expected = ps.get("expected_prompts")
@@ -331,13 +331,9 @@ def report_request_count():
 report_request_count()
 
 
-FIGURES = [
-    f"results/figures/{name}.{ext}"
-    for name in ("figure2", "figure3", "elo_chart")
-    for ext in ("png", "svg")
-]
-
-
+FIGURE_NAMES = [f"{name}.{ext}" for name in ("figure2", "figure3", "elo_chart")
+                for ext in ("png", "svg")]
+TABLES = ["winrate.csv", "winrate.md", "elo.csv", "elo.md"]
 TARGET = config.get("target")
 
 
@@ -350,12 +346,13 @@ def target_sets():
 def target_inputs(wildcards):
     node = PLAN.nodes[TARGET["over_safe"]]
     sets = target_sets()
+    seed = wildcards.seed
     return {
-        "a": model_dir(node.parent),
-        "b": model_dir(node.name),
-        "prompts": [prompt_set_file(s) for s in sets],
-        "baseline": [f"results/generations/{PLAN.baseline}/{s}.jsonl" for s in sets],
-        **judge_model_inputs([JUDGES[s] for s in sets]),
+        "a": model_dir(node.parent, seed),
+        "b": model_dir(node.name, seed),
+        "prompts": [prompt_set_file(s, seed) for s in sets],
+        "baseline": [LAYOUT.generation(PLAN.baseline, s, seed) for s in sets],
+        **judge_model_inputs([JUDGES[s] for s in sets], seed),
         **judge_template_inputs(sets),
     }
 
@@ -372,20 +369,14 @@ def target_judges(wildcards):
 
 
 def all_targets():
+    """The across-seed tables and figures, and every seed's own tables, figures and
+    target search."""
+    per_seed = [LAYOUT.seed_table(t, s) for s in SEEDS for t in TABLES]
+    per_seed += [LAYOUT.seed_figure(f, s) for s in SEEDS for f in FIGURE_NAMES]
     if TARGET:
-        return [*_all_targets(), "results/target/search.json", "results/target/search.md"]
-    return _all_targets()
-
-
-def _all_targets():
-    return [
-        "results/tables/winrate.csv",
-        "results/tables/winrate.md",
-        "results/tables/elo.csv",
-        "results/tables/elo.md",
-        *FIGURES,
-    ]
-
+        per_seed += [LAYOUT.target(f, s) for s in SEEDS for f in ("search.json", "search.md")]
+    return [*(LAYOUT.table(t) for t in TABLES), *(LAYOUT.figure(f) for f in FIGURE_NAMES),
+            *per_seed]
 
 
 # Downloads need the internet of the login node; tables and figures are seconds of CPU.
@@ -393,12 +384,9 @@ localrules:
     download_dataset,
     download_model,
     fetch_prompt_set,
+    constant_answers,
     winrate,
     elo,
+    across_seeds,
     figures,
-
-
-if config["sft"]["source"] == "hub":
-
-    localrules:
-        sft_checkpoint,
+    figures_across_seeds,

@@ -3,12 +3,14 @@
 
 rule demo_world:
     output:
-        preferences=f"{DEMO_WORLD}/preferences.jsonl",
-        sft_corpus=f"{DEMO_WORLD}/sft_corpus.jsonl",
-        prompts=expand(f"{DEMO_WORLD}/prompts/{{name}}.jsonl", name=["helpfulness", "red_team"]),
-        spec=f"{DEMO_WORLD}/spec.json",
+        preferences=f"{LAYOUT.world_dir()}/preferences.jsonl",
+        sft_corpus=f"{LAYOUT.world_dir()}/sft_corpus.jsonl",
+        prompts=expand(f"{LAYOUT.world_dir()}/prompts/{{name}}.jsonl",
+                       name=["helpfulness", "red_team"], allow_missing=True),
+        spec=f"{LAYOUT.world_dir()}/spec.json",
     params:
         world=lambda wildcards: config.get("demo_world", {}),
+        seed=world_seed,
         sensitive=lambda wildcards: (
             "--sensitive-tasks" if config["demo_world"]["sensitive_tasks"] else ""
         ),
@@ -17,9 +19,9 @@ rule demo_world:
     conda:
         "../../environment.yml"
     log:
-        "logs/demo_world.log",
+        LAYOUT.log("demo_world", "demo_world", SEED_WILDCARD if LAYOUT.world_follows_seed else None),
     shell:
-        "python -m sacpo_steps demo_world --out-dir {params.out_dir} --seed {params.world[seed]}"
+        "python -m sacpo_steps demo_world --out-dir {params.out_dir} --seed {params.seed}"
         " --n-sft-examples {params.world[n_sft_examples]}"
         " --n-preference-pairs {params.world[n_preference_pairs]}"
         " {params.sensitive} > {log} 2>&1"
@@ -27,31 +29,33 @@ rule demo_world:
 
 rule download_dataset:
     output:
-        directory("resources/datasets/{source}"),
+        directory("resources/datasets/{hub_dataset}"),
     params:
-        src=lambda wildcards: config["preference_sources"][wildcards.source],
+        # content only: experiments sharing the snapshot must agree on its params
+        repo_id=lambda wildcards: config["preference_sources"][HUB_DATASETS[wildcards.hub_dataset]]["repo_id"],
+        revision=lambda wildcards: config["preference_sources"][HUB_DATASETS[wildcards.hub_dataset]]["revision"],
         code=code("download"),
     conda:
         "../../environment.yml"
     log:
-        "logs/download_dataset/{source}.log",
+        "logs/resources/download_dataset/{hub_dataset}.log",
     shell:
-        "python -m sacpo_steps download --kind dataset --repo-id {params.src[repo_id]:q}"
-        " --revision {params.src[revision]:q} --out {output} > {log} 2>&1"
+        "python -m sacpo_steps download --kind dataset --repo-id {params.repo_id:q}"
+        " --revision {params.revision:q} --out {output} > {log} 2>&1"
 
 
 rule preference_data:
     input:
         table=preference_table,
     output:
-        directory("results/data/{source}"),
+        directory(LAYOUT.data_dir("{source}")),
     params:
         src=lambda wildcards: config["preference_sources"][wildcards.source],
         code=code("preference_data"),
     conda:
         "../../environment.yml"
     log:
-        "logs/preference_data/{source}.log",
+        LAYOUT.log("preference_data", "{source}"),
     shell:
         "python -m sacpo_steps preference_data --input {input.table} --out-dir {output}"
         " --split {params.src[split]} --on-bad-row {params.src[on_bad_row]} > {log} 2>&1"
@@ -59,9 +63,11 @@ rule preference_data:
 
 rule fetch_prompt_set:
     output:
-        "resources/prompts/{url_prompt_set}.jsonl",
+        "resources/prompts/{prompt_key}/{url_prompt_set}.jsonl",
     params:
-        ps=lambda wildcards: PROMPT_SETS[wildcards.url_prompt_set],
+        # content only (the url and fields), as in the content key of the folder
+        url=lambda wildcards: PROMPT_SETS[wildcards.url_prompt_set]["url"],
+        prompt_field=lambda wildcards: PROMPT_SETS[wildcards.url_prompt_set]["prompt_field"],
         id_field=lambda wildcards: (
             f"--id-field {PROMPT_SETS[wildcards.url_prompt_set]['id_field']}"
             if "id_field" in PROMPT_SETS[wildcards.url_prompt_set]
@@ -71,7 +77,7 @@ rule fetch_prompt_set:
     conda:
         "../../environment.yml"
     log:
-        "logs/fetch_prompt_set/{url_prompt_set}.log",
+        "logs/resources/fetch_prompt_set/{prompt_key}/{url_prompt_set}.log",
     shell:
-        "python -m sacpo_steps prompt_set --url {params.ps[url]:q} --name {wildcards.url_prompt_set}"
-        " --prompt-field {params.ps[prompt_field]} {params.id_field} --out {output} > {log} 2>&1"
+        "python -m sacpo_steps prompt_set --url {params.url:q} --name {wildcards.url_prompt_set}"
+        " --prompt-field {params.prompt_field} {params.id_field} --out {output} > {log} 2>&1"

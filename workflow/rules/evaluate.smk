@@ -1,12 +1,16 @@
-# Generation on every prompt set, pairwise judging against the baseline, win rates.
+# Generation on every prompt set, pairwise judging, win rates and Elo per seed, then
+# the across-seed tables and figures.
 
 
 rule generate:
     input:
-        model=lambda wildcards: model_dir(wildcards.model),
-        prompts=lambda wildcards: prompt_set_file(wildcards.prompt_set),
+        model=lambda wildcards: model_dir(wildcards.model, wildcards.seed),
+        prompts=lambda wildcards: prompt_set_file(wildcards.prompt_set, wildcards.seed),
     output:
-        "results/generations/{model}/{prompt_set}.jsonl",
+        LAYOUT.generation("{model}", "{prompt_set}"),
+    wildcard_constraints:
+        # constant baselines have no weights (rule constant_answers)
+        model=_one_of([m for m in PLAN.models if m not in CONSTANTS]),
     params:
         spec=generation_spec,
         code=code("generate"),
@@ -18,20 +22,38 @@ rule generate:
     conda:
         "../../environment.yml"
     log:
-        "logs/generate/{model}/{prompt_set}.log",
+        LAYOUT.log("generate", "{model}/{prompt_set}"),
     shell:
         "HF_HUB_OFFLINE=1 python -m sacpo_steps generate --model-dir {input.model} --model-name {wildcards.model}"
         " --prompts {input.prompts} --out {output} --spec {params.spec:q}"
         " --threads {threads} > {log} 2>&1"
 
 
+rule constant_answers:
+    input:
+        prompts=lambda wildcards: prompt_set_file(wildcards.prompt_set, wildcards.seed),
+    output:
+        LAYOUT.generation("{constant}", "{prompt_set}"),
+    params:
+        answer=lambda wildcards: BASELINES[wildcards.constant]["answer"],
+        code=code("generate"),
+    conda:
+        "../../environment.yml"
+    log:
+        LAYOUT.log("generate", "{constant}/{prompt_set}"),
+    shell:
+        "python -m sacpo_steps generate --constant-answer {params.answer:q}"
+        " --model-name {wildcards.constant} --prompts {input.prompts} --out {output}"
+        " > {log} 2>&1"
+
+
 rule judge:
     input:
         unpack(judge_inputs),
     output:
-        battles="results/battles/{prompt_set}/{model}__vs__{opponent}.jsonl",
-        replies="results/battles/{prompt_set}/{model}__vs__{opponent}.replies.jsonl",
-        usage="results/battles/{prompt_set}/{model}__vs__{opponent}.usage.json",
+        battles=LAYOUT.battle("{prompt_set}", "{model}", "{opponent}"),
+        replies=LAYOUT.battle("{prompt_set}", "{model}", "{opponent}", suffix=".replies.jsonl"),
+        usage=LAYOUT.battle("{prompt_set}", "{model}", "{opponent}", suffix=".usage.json"),
     params:
         criterion=lambda wildcards: PROMPT_SETS[wildcards.prompt_set]["criterion"],
         judge=judge_config,
@@ -44,7 +66,7 @@ rule judge:
     conda:
         "../../environment.yml"
     log:
-        "logs/judge/{prompt_set}/{model}__vs__{opponent}.log",
+        LAYOUT.log("judge", "{prompt_set}/{model}__vs__{opponent}"),
     shell:
         "python -m sacpo_steps judge --candidate {input.candidate} --baseline {input.baseline}"
         " --prompts {input.prompts} --criterion {params.criterion}"
@@ -55,25 +77,26 @@ rule judge:
 
 rule winrate:
     input:
-        battles=battle_files(),
+        battles=battle_files,
     output:
         csv=report(
-            "results/tables/winrate.csv",
+            LAYOUT.seed_table("winrate.csv"),
             caption="../report/winrate.rst",
             category="Tables",
-            labels={"table": "win rate vs baseline"},
+            subcategory="seed {seed}",
+            labels={"table": "win rate vs baseline", "seed": "{seed}"},
         ),
-        md="results/tables/winrate.md",
-        battles="results/tables/battles.csv",
+        md=LAYOUT.seed_table("winrate.md"),
+        battles=LAYOUT.seed_table("battles.csv"),
     params:
         baseline=PLAN.baseline,
         stats=config["evaluation"]["winrate"],
-        seed=SEED,
+        seed=lambda wildcards: int(wildcards.seed),
         code=code("winrate"),
     conda:
         "../../environment.yml"
     log:
-        "logs/winrate.log",
+        LAYOUT.log("winrate", "winrate"),
     shell:
         "python -m sacpo_steps winrate --battles {input.battles} --baseline {params.baseline}"
         " --rounds {params.stats[bootstrap_rounds]} --confidence {params.stats[confidence]}"
@@ -84,24 +107,25 @@ rule winrate:
 
 rule elo:
     input:
-        battles=battle_files(),
+        battles=battle_files,
     output:
         csv=report(
-            "results/tables/elo.csv",
+            LAYOUT.seed_table("elo.csv"),
             caption="../report/elo.rst",
             category="Tables",
-            labels={"table": "Elo"},
+            subcategory="seed {seed}",
+            labels={"table": "Elo", "seed": "{seed}"},
         ),
-        md="results/tables/elo.md",
+        md=LAYOUT.seed_table("elo.md"),
     params:
         anchor=PLAN.baseline,
         elo=config["evaluation"]["elo"],
-        seed=SEED,
+        seed=lambda wildcards: int(wildcards.seed),
         code=code("elo"),
     conda:
         "../../environment.yml"
     log:
-        "logs/elo.log",
+        LAYOUT.log("elo", "elo"),
     shell:
         "python -m sacpo_steps elo --battles {input.battles} --anchor {params.anchor}"
         " --mode {params.elo[mode]} --rounds {params.elo[bootstrap_rounds]}"
@@ -110,16 +134,54 @@ rule elo:
         " --out-csv {output.csv} --out-md {output.md} > {log} 2>&1"
 
 
+rule across_seeds:
+    input:
+        winrate=expand(LAYOUT.seed_table("winrate.csv"), seed=SEEDS),
+        elo=expand(LAYOUT.seed_table("elo.csv"), seed=SEEDS),
+    output:
+        winrate_csv=report(
+            LAYOUT.table("winrate.csv"),
+            caption="../report/across_seeds.rst",
+            category="Tables",
+            subcategory="across seeds",
+            labels={"table": "win rate vs baseline", "seed": "all"},
+        ),
+        winrate_md=LAYOUT.table("winrate.md"),
+        elo_csv=report(
+            LAYOUT.table("elo.csv"),
+            caption="../report/across_seeds.rst",
+            category="Tables",
+            subcategory="across seeds",
+            labels={"table": "Elo", "seed": "all"},
+        ),
+        elo_md=LAYOUT.table("elo.md"),
+    params:
+        seeds=" ".join(map(str, SEEDS)),
+        confidence=config["evaluation"]["winrate"]["confidence"],
+        code=code("across_seeds"),
+    conda:
+        "../../environment.yml"
+    log:
+        LAYOUT.log("across_seeds", "across_seeds", None),
+    shell:
+        "python -m sacpo_steps across_seeds --seeds {params.seeds}"
+        " --winrate {input.winrate} --elo {input.elo} --confidence {params.confidence}"
+        " --out-winrate-csv {output.winrate_csv} --out-winrate-md {output.winrate_md}"
+        " --out-elo-csv {output.elo_csv} --out-elo-md {output.elo_md} > {log} 2>&1"
+
+
 rule figures:
     input:
-        winrate="results/tables/winrate.csv",
-        elo="results/tables/elo.csv",
+        winrate=LAYOUT.seed_table("winrate.csv"),
+        elo=LAYOUT.seed_table("elo.csv"),
         model_info=config["evaluation"]["figures"]["model_info"] or [],
     output:
         [
-            report(path, caption=f"../report/{Path(path).stem}.rst", category="Figures",
-                   labels={"figure": Path(path).stem, "format": Path(path).suffix[1:]})
-            for path in FIGURES
+            report(LAYOUT.seed_figure(name), caption=f"../report/{Path(name).stem}.rst",
+                   category="Figures", subcategory="seed {seed}",
+                   labels={"figure": Path(name).stem, "format": Path(name).suffix[1:],
+                           "seed": "{seed}"})
+            for name in FIGURE_NAMES
         ],
     params:
         out_dir=lambda wildcards, output: os.path.dirname(output[0]),
@@ -132,9 +194,28 @@ rule figures:
     conda:
         "../../environment.yml"
     log:
-        "logs/figures.log",
+        LAYOUT.log("figures", "figures"),
     shell:
         "python -m sacpo_steps figures --winrate {input.winrate} --elo {input.elo}"
         " {params.models} --baseline {params.baseline} --elo-mode {params.fig[elo_mode]}"
         " --x-criterion {params.fig[x_criterion]} --y-criterion {params.fig[y_criterion]}"
         " --out-dir {params.out_dir} > {log} 2>&1"
+
+
+# The same step on the across-seed tables: points at the mean over seeds, error bars
+# from the across-seed interval, every seed's point faint behind.
+use rule figures as figures_across_seeds with:
+    input:
+        winrate=LAYOUT.table("winrate.csv"),
+        elo=LAYOUT.table("elo.csv"),
+        model_info=config["evaluation"]["figures"]["model_info"] or [],
+    output:
+        [
+            report(LAYOUT.figure(name), caption=f"../report/{Path(name).stem}.rst",
+                   category="Figures", subcategory="across seeds",
+                   labels={"figure": Path(name).stem, "format": Path(name).suffix[1:],
+                           "seed": "all"})
+            for name in FIGURE_NAMES
+        ],
+    log:
+        LAYOUT.log("figures", "figures_across_seeds", None),

@@ -26,7 +26,7 @@ for _index, (_group, _nodes) in enumerate(PLAN.merge_groups().items()):
         conda:
             "../../environment.yml"
         log:
-            f"logs/merge/{_group}.log",
+            LAYOUT.log("merge", _group),
         shell:
             "HF_HUB_OFFLINE=1 python -m sacpo_steps merge --a {input.a} --b {input.b}"
             " --name-a {params.name_a} --name-b {params.name_b} {params.outputs} > {log} 2>&1"
@@ -38,8 +38,8 @@ if TARGET:
         input:
             unpack(target_inputs),
         output:
-            json="results/target/search.json",
-            md="results/target/search.md",
+            json=LAYOUT.target("search.json"),
+            md=LAYOUT.target("search.md"),
         params:
             target=TARGET,
             name_b=TARGET["over_safe"],
@@ -49,9 +49,9 @@ if TARGET:
             ),
             judges=target_judges,
             spec=lambda wildcards, input: f"--spec {input.spec}" if "spec" in input.keys() else "",
-            generation=lambda wildcards: generation_spec_for(PLAN.sft),
+            generation=lambda wildcards: generation_spec_for(PLAN.sft, wildcards.seed),
             rounds=config["evaluation"]["winrate"]["bootstrap_rounds"],
-            seed=SEED,
+            seed=lambda wildcards: int(wildcards.seed),
             code=code("target_search"),
         threads: config["threads"]["generate"]
         resources:
@@ -59,7 +59,7 @@ if TARGET:
         conda:
             "../../environment.yml"
         log:
-            "logs/target_search.log",
+            LAYOUT.log("target_search", "target_search"),
         shell:
             "HF_HUB_OFFLINE=1 python -m sacpo_steps target_search --a {input.a} --b {input.b}"
             " --name-b {params.name_b} --target {params.target[value]}"
