@@ -3,10 +3,12 @@
 Benign tasks have known correct steps; harmful requests have known harmful
 steps. Responses of several kinds are rendered from them, scored by the laws in
 `demo_spec`, and labelled by Bradley-Terry draws on helpfulness (better) and on
--harm (safer), in the PKU-SafeRLHF-30K schema so that the same adapter and DAG
-run on it. As in the real data, complying with a harmful request is "more
+-harm (safer; between equally harmful answers the more helpful is safer, as the
+judge's tie-break has it), in the PKU-SafeRLHF-30K schema so that the same adapter
+and DAG run on it. As in the real data, complying with a harmful request is "more
 helpful" but less safe, and the SFT corpus mixes every kind (harmful compliance
-included), so the SFT model is mediocre on both axes.
+included), so the SFT model is mediocre on both axes (except on a few familiar
+benign tasks that it already answers in full).
 """
 
 from __future__ import annotations
@@ -162,6 +164,14 @@ INSULTS = ["you are an idiot.", "what a stupid question."]
 # usually stopping after two steps and usually complying with harmful requests
 SFT_MIX_BENIGN = {"complete": 0.25, "partial_two": 0.40, "partial_one": 0.05, "wrong": 0.10,
                   "insult": 0.10, "refusal": 0.10}
+# Familiar benign tasks: the SFT corpus mostly answers them in full, so SFT already gives
+# the complete answer there and ties DPO(H). Without them SFT stops after two steps on
+# every benign prompt, DPO(H) wins every helpfulness battle (1.000, an infinite Elo) and
+# the demo cannot show how much of its helpfulness a safety-aligned model keeps.
+FAMILIAR_TASKS = ("brew green tea", "make a paper plane", "cook plain rice",
+                  "clean a laptop screen", "care for a houseplant", "start running")
+SFT_MIX_FAMILIAR = {"complete": 0.60, "partial_two": 0.15, "partial_one": 0.05, "wrong": 0.05,
+                    "insult": 0.05, "refusal": 0.10}
 SFT_MIX_HARMFUL = {"comply": 0.35, "partial_comply": 0.20, "refusal": 0.25, "redirect": 0.20}
 # preference pairs cover all kinds evenly
 PAIR_KINDS_BENIGN = list(SFT_MIX_BENIGN)
@@ -270,6 +280,20 @@ def _bt_first_wins(score_0: float, score_1: float, temperature: float, rng: rand
     return rng.random() < 1.0 / (1.0 + math.exp(-(score_0 - score_1) / temperature))
 
 
+def _safer_response_id(s0: demo_spec.Score, s1: demo_spec.Score, cfg: WorldConfig,
+                       rng: random.Random) -> int:
+    """The safety label: a Bradley-Terry draw on -harm; between equally harmful answers
+    the more helpful one, as the judge's harmlessness tie-break has it.
+
+    Without the tie-break a redirect and a bare refusal (both harmless) are a coin
+    flip, so nothing teaches the safety-aligned model that a safe answer can still help,
+    and an always-refuse model would tie it on harmlessness.
+    """
+    if s0.harm == s1.harm and s0.helpfulness != s1.helpfulness:
+        return 0 if s0.helpfulness > s1.helpfulness else 1
+    return 0 if _bt_first_wins(-s0.harm, -s1.harm, cfg.harm_temperature, rng) else 1
+
+
 def build_world(cfg: WorldConfig) -> dict[str, Any]:
     """All demo files as Python objects (see `write_world` for the layout)."""
     rng = random.Random(cfg.seed)
@@ -282,6 +306,8 @@ def build_world(cfg: WorldConfig) -> dict[str, Any]:
         p = rng.choice(train_prompts)
         mix = {"benign": SFT_MIX_BENIGN, "sensitive": SFT_MIX_SENSITIVE,
                "harmful": SFT_MIX_HARMFUL}[p["kind"]]
+        if spec["tasks"][p["task_id"]]["task"] in FAMILIAR_TASKS:
+            mix = SFT_MIX_FAMILIAR
         kind = _sample_kind(mix, rng)
         sft_rows.append({"prompt": p["prompt"],
                          "response": render_response(kind, p["task_id"], spec, rng)})
@@ -300,7 +326,7 @@ def build_world(cfg: WorldConfig) -> dict[str, Any]:
         s1 = demo_spec.score_answer(spec, p["task_id"], r1)
         better = 0 if _bt_first_wins(s0.helpfulness, s1.helpfulness,
                                      cfg.helpfulness_temperature, rng) else 1
-        safer = 0 if _bt_first_wins(-s0.harm, -s1.harm, cfg.harm_temperature, rng) else 1
+        safer = _safer_response_id(s0, s1, cfg, rng)
         preference_rows.append({
             "prompt": p["prompt"], "response_0": r0, "response_1": r1,
             "is_response_0_safe": s0.harm == 0, "is_response_1_safe": s1.harm == 0,

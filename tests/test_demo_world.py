@@ -7,7 +7,13 @@ import json
 import pytest
 
 from sacpo_steps import demo_spec
-from sacpo_steps.demo_world import WorldConfig, build_world, render_steps, write_world
+from sacpo_steps.demo_world import (
+    BENIGN_TASKS,
+    WorldConfig,
+    build_world,
+    render_steps,
+    write_world,
+)
 from sacpo_steps.preference_data import prepare
 
 SMALL = WorldConfig(seed=3, n_sft_examples=300, n_preference_pairs=200)
@@ -160,3 +166,49 @@ def test_every_phrase_round_trips_through_the_llama_style_tokenizer(sensitive):
         tok.save_pretrained(tmp)
         again = AutoTokenizer.from_pretrained(tmp)
     assert again(answers[0])["input_ids"] == tok(answers[0])["input_ids"]
+
+
+def test_familiar_tasks_are_answered_in_full_by_the_sft_corpus():
+    """On the familiar benign tasks the corpus's most common answer is the complete one
+    (so SFT ties DPO(H) there and helpfulness is not saturated); elsewhere it is the
+    two-step partial answer."""
+    from collections import Counter
+
+    from sacpo_steps.demo_world import FAMILIAR_TASKS
+
+    world = build_world(WorldConfig(seed=0, n_sft_examples=4000, n_preference_pairs=10))
+    spec = world["spec"]
+    assert set(FAMILIAR_TASKS) <= {t["task"] for t in spec["tasks"].values()
+                                    if t["kind"] == "benign"}
+    modes: dict[bool, Counter] = {True: Counter(), False: Counter()}
+    for task in spec["tasks"].values():
+        if task["kind"] != "benign":
+            continue
+        full, two = render_steps(task["steps"]), render_steps(task["steps"][:2])
+        answers = Counter(r["response"] for r in world["sft_corpus"]
+                          if task["task"] in r["prompt"])
+        mode = answers.most_common(1)[0][0]
+        modes[task["task"] in FAMILIAR_TASKS]["full" if mode == full else
+                                              "two" if mode == two else "other"] += 1
+    assert modes[True] == Counter(full=len(FAMILIAR_TASKS))
+    assert modes[False] == Counter(two=len(BENIGN_TASKS) - len(FAMILIAR_TASKS))
+
+
+def test_safety_labels_break_harm_ties_by_helpfulness():
+    """Between two equally harmful answers the safer label goes to the more helpful one,
+    as in the judge's harmlessness tie-break: a redirect beats a bare refusal."""
+    world = build_world(WorldConfig(seed=0, n_sft_examples=10, n_preference_pairs=1500,
+                                    sensitive_tasks=True))
+    spec = world["spec"]
+    task_of = {t["task"]: tid for tid, t in spec["tasks"].items()}
+    n = redirects = 0
+    for row in world["preferences"]:
+        tid = next(t for name, t in task_of.items() if name in row["prompt"])
+        s0 = demo_spec.score_answer(spec, tid, row["response_0"])
+        s1 = demo_spec.score_answer(spec, tid, row["response_1"])
+        if s0.harm == s1.harm and s0.helpfulness != s1.helpfulness:
+            n += 1
+            assert row["safer_response_id"] == (0 if s0.helpfulness > s1.helpfulness else 1)
+            safer = row[f"response_{row['safer_response_id']}"]
+            redirects += spec["tasks"][tid]["kind"] == "harmful" and "instead," in safer
+    assert n >= 100 and redirects >= 20

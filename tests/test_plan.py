@@ -80,8 +80,8 @@ BAD_CASES = [
     ("models-list", _set("models", ["dpo_h"]), "models", ["object"]),
     ("beta-zero", _set("models/dpo_h/beta", 0), "models.dpo_h.beta", []),
     ("beta-negative", _set("models/dpo_h/beta", -1), "models.dpo_h.beta", []),
-    ("stage2-beta-zero", _set("models/dpo_h.dpo_s-0.3/beta", 0.0),
-     "models.dpo_h.dpo_s-0.3.beta", []),
+    ("stage2-beta-zero", _set("models/dpo_h.dpo_s-1.0/beta", 0.0),
+     "models.dpo_h.dpo_s-1.0.beta", []),
     ("loss-unknown", _set("models/dpo_h/loss", "ppo"), "models.dpo_h.loss", ["ppo"]),
     ("parent-unknown", _set("models/dpo_h.dpo_s-0.1/parent", "dpo_x"),
      "models.dpo_h.dpo_s-0.1.parent", ["dpo_x"]),
@@ -194,17 +194,17 @@ def test_demo_config_expands_to_the_sacpo_chain():
     assert isinstance(plan, Plan)
     assert plan.sft == "sft"
     assert plan.baseline == "sft"
-    stage2 = [f"dpo_h.dpo_s-{b}" for b in ("0.01", "0.1", "0.3", "1.0")]
-    merged = [f"p-sacpo-{q}" for q in ("0.25", "0.5", "0.75")]
+    stage2 = [f"dpo_h.dpo_s-{b}" for b in ("0.01", "0.1", "1.0")]
+    merged = [f"p-sacpo-{q}" for q in ("0.25", "0.5", "0.75", "0.85", "0.9")]
     assert list(plan.nodes) == ["dpo_h", *stage2]
-    assert plan.models == ["sft", "dpo_h", *stage2, *merged]
+    assert plan.models == ["sft", "dpo_h", *stage2, *merged, "always_refuse"]
     assert {(m.parent_a, m.parent_b) for m in plan.merges.values()} == {
         ("dpo_h", "dpo_h.dpo_s-0.01")}
     for name in stage2:
         node = plan.nodes[name]
         assert (node.parent, node.data, node.loss) == ("dpo_h", "safety", "dpo")
         assert node.data_file == "pairs"
-    assert plan.nodes["dpo_h.dpo_s-0.3"].beta == pytest.approx(0.3)
+    assert plan.nodes["dpo_h.dpo_s-1.0"].beta == pytest.approx(1.0)
     assert plan.datasets["safety"] == {"source": "demo", "criterion": "safety"}
 
 
@@ -391,8 +391,8 @@ def test_families_judge_each_family_and_every_member_against_the_baseline():
     # in plan order: the same orientation as all_pairs
     plan_all = load_plan(demo(), source="x.yaml")
     assert set(pairs) <= set(plan_all.judged_pairs())
-    assert plan.unjudged() == ["dpo_h.dpo_s-0.3", "dpo_h.dpo_s-1.0", "p-sacpo-0.25",
-                               "p-sacpo-0.75"]
+    assert plan.unjudged() == ["dpo_h.dpo_s-1.0", "p-sacpo-0.25", "p-sacpo-0.75",
+                               "p-sacpo-0.85", "p-sacpo-0.9", "always_refuse"]
 
 
 def test_judgment_count_and_upper_bound_cost():

@@ -135,18 +135,19 @@ def reduced_config() -> dict:
 def test_demo_config_plans_the_full_sacpo_grid(tmp_path):
     workdir = copy_workflow(tmp_path / "wf")
     output, jobs = dry_run(workdir)  # no --configfile: the Snakefile's config/config.yaml
-    expected = {"demo_world": 1, "preference_data": 1, "sft_checkpoint": 1, "align": 5,
-                "merge_0": 1, "generate": 18, "judge": 72, "winrate": 1, "elo": 1,
-                "figures": 1, "across_seeds": 1, "figures_across_seeds": 1, "all": 1}
+    expected = {"demo_world": 1, "preference_data": 1, "sft_checkpoint": 1, "align": 4,
+                "merge_0": 1, "generate": 20, "constant_answers": 2, "judge": 110,
+                "winrate": 1, "elo": 1, "figures": 1, "across_seeds": 1,
+                "figures_across_seeds": 1, "all": 1}
     assert job_counts(output) == expected
     assert sorted(j.rule for j in jobs) == sorted(r for r, n in expected.items() for _ in range(n))
     aligned = {j.key[1] for j in jobs if j.rule == "align"}
-    assert aligned == {"dpo_h", *(f"dpo_h.dpo_s-{b}" for b in ("0.01", "0.1", "0.3", "1.0"))}
+    assert aligned == {"dpo_h", *(f"dpo_h.dpo_s-{b}" for b in ("0.01", "0.1", "1.0"))}
     # the demo judges all pairs (for Elo); the SFT baseline is always the opponent side
     judged = {(j.wildcards["model"], j.wildcards["opponent"], j.wildcards["prompt_set"])
               for j in jobs if j.rule == "judge"}
-    merged = [f"p-sacpo-{q}" for q in ("0.25", "0.5", "0.75")]
-    models = ["sft", *sorted(aligned), *merged]
+    merged = [f"p-sacpo-{q}" for q in ("0.25", "0.5", "0.75", "0.85", "0.9")]
+    models = ["sft", *sorted(aligned), *merged, "always_refuse"]
     assert {frozenset(p[:2]) for p in judged} == {frozenset((a, b)) for a in models
                                                    for b in models if a < b}
     assert all(m != "sft" for m, _, _ in judged)
