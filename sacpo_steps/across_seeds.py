@@ -102,8 +102,10 @@ def combine(per_seed: pd.DataFrame, keys: Sequence[str], value: str, *, confiden
             row["ci_low"], row["ci_high"] = t_interval(values, confidence)
             row["interval"] = f"t over {len(values)} seeds"
         elif len(values) >= 2:
+            # an unbounded Elo (inf) or a row with no number (an invalid paper-mode Elo)
             row["ci_low"], row["ci_high"] = float("nan"), float("nan")
-            row["interval"] = "not finite on some seed"
+            row["interval"] = ("no value on some seed" if np.isnan(values).any()
+                               else "not finite on some seed")
         else:
             row["ci_low"], row["ci_high"] = float(group["ci_low"].iloc[0]), \
                 float(group["ci_high"].iloc[0])

@@ -83,6 +83,11 @@ def test_an_infinite_rating_on_one_seed_is_not_hidden(tmp_path):
     row = elo[elo["seed"] == "all"].iloc[0]
     assert math.isinf(row["rating"]) and math.isnan(row["ci_low"])
     assert row["interval"] == "not finite on some seed"
+    _, elo, _ = run(tmp_path, [0, 1], [[("m", "h", 1, 0, 0, 0, 1, 0.5, 0.4, 0.6, 1, 1)]] * 2,
+                    [[("h", "paper", "m", r, None, None, 2, 0, r is not None)]
+                     for r in (1000, None)])
+    row = elo[elo["seed"] == "all"].iloc[0]
+    assert row["interval"] == "no value on some seed" and math.isnan(row["ci_high"])
 
 
 def test_a_missing_table_is_an_input_error_and_writes_nothing(tmp_path):
