@@ -35,6 +35,7 @@ import yaml
 from workcopy import ROOT, fresh_copy
 
 sys.path.insert(0, str(ROOT))
+from sacpo_steps.plan import resolve_extends  # noqa: E402
 from sacpo_steps.stats import paired_difference, win_rates  # noqa: E402
 
 CONFIG = "config/demo-seeds.yaml"
@@ -114,7 +115,7 @@ def main() -> None:
     parser.add_argument("--workdir", help="the working copy (default: a temp dir)")
     parser.add_argument("--no-run", action="store_true", help="check a finished --workdir")
     args = parser.parse_args()
-    config = yaml.safe_load((ROOT / args.config).read_text())
+    config = resolve_extends(yaml.safe_load((ROOT / args.config).read_text()), ROOT)
     if args.seeds:
         config.pop("seed", None)
         config["seeds"] = args.seeds
