@@ -20,14 +20,26 @@ ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
 
 
+def across_seed_rows(markdown: str) -> str:
+    """The header and the across-seed rows (`seed` = all) of an across_seeds table:
+    every seed's own rows stay in the file, the README shows the summary."""
+    lines = markdown.strip().splitlines()
+    seed_col = [c.strip() for c in lines[0].strip("|").split("|")].index("seed")
+    keep = [line for line in lines[2:]
+            if line.strip("|").split("|")[seed_col].strip() == "all"]
+    return "\n".join([*lines[:2], *keep])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--experiment", default="demo-seeds",
                         help="the experiment whose across-seed results go in (results/<it>/)")
+    parser.add_argument("--workdir", type=Path, default=ROOT,
+                        help="the folder the demo ran in (e.g. a bench/demo_seeds.py copy)")
     args = parser.parse_args()
     results = f"results/{args.experiment}"
-    tables = ROOT / results / "tables"
-    figure = ROOT / results / "figures" / "figure2.png"
+    tables = args.workdir / results / "tables"
+    figure = args.workdir / results / "figures" / "figure2.png"
     missing = [p for p in (tables / "winrate.md", tables / "elo.md", figure) if not p.is_file()]
     if missing:
         sys.exit(f"run the demo first; missing: {', '.join(map(str, missing))}")
@@ -37,13 +49,14 @@ def main() -> None:
         "",
         "![Figure 2 of the demo](docs/figure2.png)",
         "",
-        f"Win rates against the SFT model, across seeds first (`{results}/tables/winrate.md`):",
+        f"Win rates against the SFT model, mean over seeds with the t interval over seeds "
+        f"(`{results}/tables/winrate.md` also has every seed's rows):",
         "",
-        (tables / "winrate.md").read_text(encoding="utf-8").strip(),
+        across_seed_rows((tables / "winrate.md").read_text(encoding="utf-8")),
         "",
-        f"Elo (`{results}/tables/elo.md`):",
+        f"Elo, mean over seeds (`{results}/tables/elo.md`):",
         "",
-        (tables / "elo.md").read_text(encoding="utf-8").strip(),
+        across_seed_rows((tables / "elo.md").read_text(encoding="utf-8")),
         "",
         END,
     ])
