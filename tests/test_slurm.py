@@ -57,7 +57,8 @@ SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]
 GPU_MODEL = "dpo_h.dpo_s-0.1"
 # The workflow's local rules (workflow/rules/common.smk): the other planned jobs go to SLURM.
 LOCAL_RULES = {"all", "winrate", "elo", "figures", "across_seeds", "figures_across_seeds"}
-RUN_TIMEOUT = 270  # seconds, per snakemake run (killed with SIGKILL after that)
+RUN_TIMEOUT = 600  # seconds, per snakemake run (killed with SIGKILL after that); ample on a
+# loaded 2-core machine, where the run takes minutes, while a hung run still ends
 CONFIG = "slurm_test.yaml"
 
 
