@@ -25,5 +25,5 @@ include: "workflow/rules/evaluate.smk"
 
 rule all:
     input:
-        all_targets(),
+        PLAN.final_outputs(TABLES, FIGURE_NAMES),
     default_target: True

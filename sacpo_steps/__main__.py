@@ -8,23 +8,26 @@ import sys
 
 from sacpo_steps.errors import InputError
 
-# step name -> module with a `main(argv)` function
-STEPS = {
-    "demo_world": "sacpo_steps.demo_world",
-    "download": "sacpo_steps.download",
-    "preference_data": "sacpo_steps.preference_data",
-    "prompt_set": "sacpo_steps.prompt_sets",
-    "sft_checkpoint": "sacpo_steps.sft",
-    "align": "sacpo_steps.align",
-    "merge": "sacpo_steps.merge",
-    "target_search": "sacpo_steps.target_search",
-    "generate": "sacpo_steps.generate",
-    "judge": "sacpo_steps.judge",
-    "winrate": "sacpo_steps.winrate",
-    "elo": "sacpo_steps.elo",
-    "figures": "sacpo_steps.figures",
-    "across_seeds": "sacpo_steps.across_seeds",
-}
+#: every step; step X is `sacpo_steps.X.main(argv)`, and the Snakemake rule that runs
+#: it is named X too (merge rules: merge_<pair>; figures_across_seeds runs figures)
+STEPS = (
+    "demo_world",
+    "download_dataset",
+    "download_model",
+    "preference_data",
+    "fetch_prompt_set",
+    "sft_checkpoint",
+    "align",
+    "merge",
+    "target_search",
+    "generate",
+    "constant_answers",
+    "judge",
+    "winrate",
+    "elo",
+    "figures",
+    "across_seeds",
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"usage: python -m sacpo_steps <step> [options]\nsteps: {names}", file=sys.stderr)
         sys.exit(0 if argv and argv[0] in {"-h", "--help"} else 2)
     step, rest = argv[0], argv[1:]
-    module = importlib.import_module(STEPS[step])
+    module = importlib.import_module(f"sacpo_steps.{step}")
     try:
         module.main(rest)
     except InputError as exc:

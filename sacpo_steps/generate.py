@@ -143,40 +143,19 @@ def generate(
     return counts
 
 
-def constant_answers(prompts_path: str | Path, out_path: str | Path, *, model_name: str,
-                     answer: str) -> dict[str, Any]:
-    """The same fixed answer to every prompt: a sanity row (e.g. always refuse) that is
-    judged like a model. A judge that lets it win a criterion it should lose is suspect."""
-    prompts = load_prompts(prompts_path)
-    rows = [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "answer": answer,
-             "model": model_name} for p in prompts]
-    n = write_jsonl(out_path, rows)
-    log.info("%d constant answers by %s written to %s: %r", n, model_name, out_path, answer)
-    return {"answers": n, "empty": n if not answer.strip() else 0}
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sacpo_steps generate", description=__doc__)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model-dir")
-    source.add_argument("--constant-answer",
-                        help="answer every prompt with this text (a `constant` baseline)")
+    parser.add_argument("--model-dir", required=True)
     parser.add_argument("--model-name", required=True)
     parser.add_argument("--prompts", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--spec",
+    parser.add_argument("--spec", required=True,
                         help="JSON: prompt_template, stop_markers, max_new_tokens, "
-                        "batch_size, seed, max_prompt_length (needed with --model-dir)")
+                        "batch_size, seed, max_prompt_length")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--log")
     args = parser.parse_args(argv)
     setup_logging(args.log)
-    if args.constant_answer is not None:
-        constant_answers(args.prompts, args.out, model_name=args.model_name,
-                         answer=args.constant_answer)
-        return
-    if args.spec is None:
-        parser.error("--spec is required with --model-dir")
     spec = json.loads(args.spec)
     generate(args.model_dir, args.prompts, args.out, model_name=args.model_name,
              prompt_template=spec["prompt_template"], stop_markers=spec["stop_markers"],

@@ -8,15 +8,17 @@ cycles are reported with the config path of the offending field.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from sacpo_steps.errors import InputError
-from sacpo_steps.layout import SeedError, config_seeds
+from sacpo_steps.layout import SEED, Layout, SeedError, config_seeds
 
 WORKFLOW_ROOT = Path(__file__).resolve().parent.parent  # where `extends:` paths start
 SCHEMA_PATH = WORKFLOW_ROOT / "workflow" / "schemas" / "config.schema.yaml"
@@ -182,6 +184,8 @@ class Plan:
     pairs: str = "vs_baseline"  # evaluation.pairs
     families: dict[str, list[str]] = field(default_factory=dict)  # evaluation.families
     seeds: tuple[int, ...] = (0,)  # `seeds`, or a scalar `seed` as one element
+    config: dict[str, Any] = field(default_factory=dict, repr=False)  # validated, resolved
+    layout: Layout | None = field(default=None, repr=False)  # every path of the experiment
 
     @property
     def models(self) -> list[str]:
@@ -231,6 +235,243 @@ class Plan:
             chain.append(self.nodes[name])
             name = self.nodes[name].parent
         return chain[::-1]
+
+    # ---- what the workflow's rules ask (common.smk wraps these; no logic there) ----
+
+    @property
+    def paths(self) -> Layout:
+        if self.layout is None:
+            raise ValueError("a plan built without a config has no layout")
+        return self.layout
+
+    def model_dir(self, name: str, seed: int | str = SEED) -> str:
+        return self.paths.model_dir(name, seed)
+
+    def resources(self, kind: str, name: str | None = None) -> dict[str, Any]:
+        """Resources of one job: the kind's defaults (`resources.<kind>`), overridden by
+        the node's or baseline's own `resources`."""
+        merged = dict(self.config.get("resources", {}).get(kind, {}))
+        node = self.nodes.get(name) or self.merges.get(name) if name is not None else None
+        if node is not None:
+            merged.update(node.resources)
+        elif name in self.baselines:
+            merged.update(self.baselines[name].get("resources", {}))
+        return merged
+
+    def sft_spec(self, seed: int | str | None = None) -> dict[str, Any]:
+        """The sft_checkpoint step's spec: a built SFT depends on its seed, a linked
+        local folder does not (seed None)."""
+        spec = {**self.config["sft"], "prompt_template": self.config["prompt_template"]}
+        return spec if seed is None else {**spec, "seed": int(seed)}
+
+    def hub_download(self, key: str) -> dict[str, Any]:
+        """What a model download fetches, by its folder key under resources/models: the
+        content only (repo, revision, conversion), never the name a config gives it, so
+        experiments sharing a snapshot agree on the job's params."""
+        hub = self.paths.hub_spec(self.paths.hub_models()[key])
+        return {"repo_id": hub["repo_id"], "revision": hub.get("revision", "main"),
+                "convert_bin": bool(hub.get("convert_bin", False))}
+
+    def dataset_download(self, key: str) -> dict[str, Any]:
+        """What a dataset download fetches, by its folder key under resources/datasets."""
+        src = self.config["preference_sources"][self.paths.hub_datasets()[key]]
+        return {"repo_id": src["repo_id"], "revision": src.get("revision", "main")}
+
+    def align_spec(self, name: str, seed: int | str) -> dict[str, Any]:
+        """Everything the align step trains node `name` with (its rerun trigger)."""
+        node = self.nodes[name]
+        return {"name": node.name, "parent": node.parent, "data": node.data,
+                "loss": node.loss, "beta": node.beta, "training": node.training,
+                "prompt_template": self.config["prompt_template"], "seed": int(seed)}
+
+    def align_parent_dir(self, name: str, seed: int | str) -> str:
+        return self.model_dir(self.nodes[name].parent, seed)
+
+    def align_data_dir(self, name: str, seed: int | str) -> str:
+        return self.paths.data_dir(self.datasets[self.nodes[name].data]["source"], seed)
+
+    def align_data_file(self, name: str, seed: int | str) -> str:
+        """The file of the preference-data folder the node's loss reads."""
+        node = self.nodes[name]
+        criterion = self.datasets[node.data]["criterion"]
+        return f"{self.align_data_dir(name, seed)}/{criterion}_{node.data_file}.jsonl"
+
+    def align_checkpoint_dir(self, name: str, seed: int | str) -> str:
+        """Scratch for trainer checkpoints, keyed by the node's spec: a changed beta
+        never resumes a stale run."""
+        digest = hashlib.sha256(to_json(self.align_spec(name, seed)).encode()).hexdigest()
+        return f"{self.paths.scratch(seed)}/align/{name}-{digest[:12]}"
+
+    def launcher(self, name: str, gpus: int) -> str:
+        """One process, or `accelerate launch` with one process per GPU of the job."""
+        if gpus <= 1:
+            return "python -m sacpo_steps"
+        dist = self.nodes[name].training["distributed"]
+        return (f"accelerate launch --num_processes {gpus} "
+                f"--config_file config/accelerate/{dist}.yaml -m sacpo_steps")
+
+    def merge_rules(self) -> dict[str, list[MergeNode]]:
+        """One merge rule per parent pair, named after the pair (`merge_<a>__<b>`, made
+        a valid rule name): adding or removing another pair renames no rule."""
+        groups = self.merge_groups()
+        names = {g: "merge_" + re.sub(r"\W", "_", f"{ms[0].parent_a}__{ms[0].parent_b}")
+                 for g, ms in groups.items()}
+        taken: dict[str, int] = {}
+        for name in names.values():
+            taken[name] = taken.get(name, 0) + 1
+        for group, name in names.items():
+            if taken[name] > 1:  # two pairs that differ only in punctuation
+                names[group] = f"{name}_{hashlib.sha256(group.encode()).hexdigest()[:6]}"
+        return {names[g]: ms for g, ms in groups.items()}
+
+    def generation_spec(self, model: str, seed: int | str) -> dict[str, Any]:
+        """The generate step's settings for one model (a baseline may bring its own
+        prompt format and stop markers)."""
+        gen = self.config["evaluation"]["generation"]
+        own = self.baselines.get(model, {})
+        return {
+            "prompt_template": own.get("prompt_template", self.config["prompt_template"]),
+            "stop_markers": own.get("stop_markers", self.config["stop_markers"]),
+            "max_new_tokens": gen["max_new_tokens"],
+            "batch_size": gen["batch_size"],
+            "seed": int(seed),
+            # the cap the models were trained under (tokens.PromptCap)
+            "max_prompt_length": self.config.get("training", {}).get("max_prompt_length"),
+        }
+
+    @property
+    def prompt_sets(self) -> dict[str, dict[str, Any]]:
+        return self.config["evaluation"]["prompt_sets"]
+
+    def criterion(self, prompt_set: str) -> str:
+        return self.prompt_sets[prompt_set]["criterion"]
+
+    def judge(self, prompt_set: str) -> dict[str, Any]:
+        """The prompt set's judge: the global judge with the set's own overrides."""
+        return judge_for(self.config["evaluation"], prompt_set)
+
+    def judge_template(self, prompt_set: str) -> str | None:
+        """The user's own judge template for the set's criterion, or None (the packaged
+        one, which counts as the judge's code)."""
+        return (self.judge(prompt_set).get("templates") or {}).get(self.criterion(prompt_set))
+
+    def judge_settings(self, prompt_set: str) -> dict[str, Any]:
+        """The set's judge with only its own criterion's template: editing the other
+        criterion's template must not rerun this set's judge jobs (params trigger)."""
+        judge = dict(self.judge(prompt_set))
+        judge.pop("templates", None)
+        if self.judge_template(prompt_set):
+            judge["templates"] = {self.criterion(prompt_set): self.judge_template(prompt_set)}
+        return judge
+
+    def judge_cache(self, prompt_set: str) -> str | None:
+        """API judges share one append-only cache per judge model, outside results/:
+        these replies are paid for, and must survive a cleaned results/ folder."""
+        judge = self.judge(prompt_set)
+        if judge["backend"] == "rule":
+            return None
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", judge.get("model", judge["backend"]))
+        return f"resources/judge_cache/{name}.jsonl"
+
+    def judge_reads(self, prompt_sets: list[str], seed: int | str) -> dict[str, str]:
+        """What the sets' judges read besides the answers: the demo world's spec (rule),
+        score models (score_model), the user's template files (an edit reruns them)."""
+        inputs: dict[str, str] = {}
+        for prompt_set in prompt_sets:
+            judge = self.judge(prompt_set)
+            if judge["backend"] == "rule":
+                inputs["spec"] = f"{self.paths.world_dir(seed)}/spec.json"
+            if judge["backend"] == "score_model":
+                for key in ("reward_model", "cost_model"):
+                    if judge.get(key):
+                        inputs[f"{key}_{len(inputs)}"] = judge[key]
+            if self.judge_template(prompt_set):
+                inputs[f"template_{self.criterion(prompt_set)}"] = self.judge_template(
+                    prompt_set)
+        return inputs
+
+    def judge_inputs(self, model: str, opponent: str, prompt_set: str, seed: int | str
+                     ) -> dict[str, str]:
+        """The judge rule's inputs for one (model, opponent, prompt set, seed)."""
+        return {"candidate": self.paths.generation(model, prompt_set, seed),
+                "baseline": self.paths.generation(opponent, prompt_set, seed),
+                "prompts": self.paths.prompt_set_file(prompt_set, seed),
+                **self.judge_reads([prompt_set], seed)}
+
+    def required_env(self) -> list[str]:
+        """Names of the environment variables the judges need (API keys), sorted."""
+        return sorted({self.judge(s).get("api_key_env", "OPENAI_API_KEY")
+                       for s in self.prompt_sets if self.judge(s)["backend"] == "openai"})
+
+    def judge_api_slots(self) -> int | None:
+        """Judge jobs at once against an API (each keeps `concurrency` requests in
+        flight), or None when no judge calls an API."""
+        api = [self.judge(s) for s in self.prompt_sets if self.judge(s)["backend"] == "openai"]
+        return min(j.get("parallel_jobs", 4) for j in api) if api else None
+
+    def battle_files(self, seed: int | str) -> list[str]:
+        """Every battle file of one seed; the baseline is always the opponent side."""
+        return self.paths.battle_files(self.judged_pairs(), seed)
+
+    @property
+    def target(self) -> dict[str, Any] | None:
+        return self.config.get("target")
+
+    def target_sets(self) -> tuple[str, str]:
+        """The search's helpfulness and red-team prompt sets (the first of each criterion)."""
+        first = {ps["criterion"]: n for n, ps in reversed(self.prompt_sets.items())}
+        return first["helpfulness"], first["harmlessness"]
+
+    def target_inputs(self, seed: int | str) -> dict[str, Any]:
+        node = self.nodes[self.target["over_safe"]]
+        sets = list(self.target_sets())
+        return {"a": self.model_dir(node.parent, seed), "b": self.model_dir(node.name, seed),
+                "prompts": [self.paths.prompt_set_file(s, seed) for s in sets],
+                "baseline": [self.paths.generation(self.baseline, s, seed) for s in sets],
+                **self.judge_reads(sets, seed)}
+
+    def target_judges(self) -> dict[str, dict[str, Any]]:
+        """Each searched prompt set's judge settings, with its cache, as the judge step's."""
+        judges = {}
+        for role, prompt_set in zip(("helpfulness", "red_team"), self.target_sets(),
+                                    strict=True):
+            judge = self.judge_settings(prompt_set)
+            if self.judge_cache(prompt_set):
+                judge["cache"] = self.judge_cache(prompt_set)
+            judges[role] = judge
+        return judges
+
+    def final_outputs(self, tables: list[str], figures: list[str]) -> list[str]:
+        """What `rule all` asks for: the across-seed tables and figures, and every seed's
+        own tables, figures and target search."""
+        paths = self.paths
+        out = [*(paths.table(t) for t in tables), *(paths.figure(f) for f in figures)]
+        for seed in self.seeds:
+            out += [paths.seed_table(t, seed) for t in tables]
+            out += [paths.seed_figure(f, seed) for f in figures]
+            if self.target:
+                out += [paths.target(f, seed) for f in ("search.json", "search.md")]
+        return out
+
+    def prompt_counts(self) -> dict[str, tuple[int | None, str, int]]:
+        """Per prompt set (count or None, where the count comes from, longest prompt in
+        characters): counted in the first seed's file when it exists, else the
+        config's `expected_prompts`, else unknown (for `judgment_report`)."""
+        counts = {}
+        for name, ps in self.prompt_sets.items():
+            path = Path(self.paths.prompt_set_file(name, self.seeds[0]))
+            if path.is_file():
+                lengths = [len(line) for line in path.open(encoding="utf-8") if line.strip()]
+                expected = ps.get("expected_prompts")
+                note = "" if expected in (None, len(lengths)) else \
+                    f"; the config expects {expected}"
+                counts[name] = (len(lengths), f"counted in {path}{note}", max(lengths, default=0))
+            elif "expected_prompts" in ps:
+                counts[name] = (ps["expected_prompts"], "expected_prompts in the config, "
+                                "not fetched yet", 0)
+            else:
+                counts[name] = (None, "unknown until the set is fetched or built", 0)
+        return counts
 
 
 def _merge_training(defaults: dict[str, Any], override: dict[str, Any], where: str
@@ -374,7 +615,7 @@ def build_plan(config: dict[str, Any]) -> Plan:
     return Plan(sft=sft, nodes={n: nodes[n] for n in ordered if n in nodes}, datasets=datasets,
                 baseline=baseline, merges={n: merges[n] for n in ordered if n in merges},
                 baselines=baselines, order=ordered, pairs=pairs_mode, families=families,
-                seeds=seeds)
+                seeds=seeds, config=config, layout=Layout.from_config(config))
 
 
 def _check_families(evaluation: dict[str, Any], models: list[str]

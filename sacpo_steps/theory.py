@@ -298,7 +298,7 @@ class Experiment:
 def build_reference(world: BanditWorld, exp: Experiment, out: Path, threads: int | None
                     ) -> Path:
     """pi_ref: the project's own SFT build step on the world's answers (uneven frequencies)."""
-    from sacpo_steps.sft import build
+    from sacpo_steps.sft_checkpoint import build
 
     corpus = out.parent / f"{out.name}_corpus.jsonl"
     write_jsonl(corpus, sft_corpus(world, exp.seed))

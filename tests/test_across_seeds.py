@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sacpo_steps import across_seeds, generate, stats, winrate
+from sacpo_steps import across_seeds, constant_answers, stats, winrate
 from sacpo_steps.errors import InputError
 
 
@@ -138,7 +138,7 @@ def test_a_constant_baseline_answers_every_prompt_the_same(tmp_path):
     prompts.write_text("".join(json.dumps({"prompt_id": f"r{i}", "prompt": f"q {i}"}) + "\n"
                                for i in range(3)))
     out = tmp_path / "out.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "sacpo_steps", "generate", "--constant-answer",
+    proc = subprocess.run([sys.executable, "-m", "sacpo_steps", "constant_answers", "--answer",
                            "i cannot help with that.", "--model-name", "refuse", "--prompts",
                            str(prompts), "--out", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -146,7 +146,8 @@ def test_a_constant_baseline_answers_every_prompt_the_same(tmp_path):
     assert [r["prompt_id"] for r in rows] == ["r0", "r1", "r2"]
     assert {r["answer"] for r in rows} == {"i cannot help with that."}
     assert {r["model"] for r in rows} == {"refuse"}
-    counts = generate.constant_answers(prompts, tmp_path / "e.jsonl", model_name="e", answer=" ")
+    counts = constant_answers.constant_answers(prompts, tmp_path / "e.jsonl", model_name="e",
+                                               answer=" ")
     assert counts == {"answers": 3, "empty": 3}
 
 

@@ -135,7 +135,7 @@ def test_every_phrase_round_trips_through_the_llama_style_tokenizer(sensitive):
     from transformers import AutoTokenizer
 
     from sacpo_steps.demo_world import REDIRECTS, REFUSALS
-    from sacpo_steps.sft import train_tokenizer
+    from sacpo_steps.sft_checkpoint import train_tokenizer
     from sacpo_steps.tokens import encode_pair, render_prompt
 
     cfg = WorldConfig(seed=0, n_sft_examples=2000, n_preference_pairs=10,

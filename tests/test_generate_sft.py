@@ -8,8 +8,8 @@ import pytest
 
 from sacpo_steps.errors import InputError
 from sacpo_steps.generate import generate, truncate_answer
-from sacpo_steps.sft import link_local
-from tests.conftest import PROMPT_TEMPLATE
+from sacpo_steps.sft_checkpoint import link_local
+from tests.helpers import PROMPT_TEMPLATE
 
 
 @pytest.mark.parametrize(

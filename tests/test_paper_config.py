@@ -7,7 +7,7 @@ import yaml
 
 from sacpo_steps.align import TrainingConfig
 from sacpo_steps.plan import load_plan
-from tests.test_workflow import ROOT, copy_workflow, dry_run, job_counts, snakemake
+from tests.helpers import ROOT, copy_workflow, dry_run, job_counts, snakemake
 
 STAGE2 = [0.01, 0.025, 0.05, 0.1]
 

@@ -19,7 +19,7 @@ import yaml
 
 from sacpo_steps.errors import InputError
 from sacpo_steps.plan import Node, Plan, PlanError, load_plan
-from tests.test_workflow import copy_workflow
+from tests.helpers import copy_workflow
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text(encoding="utf-8"))

@@ -9,7 +9,7 @@ import sys
 
 import yaml
 
-from tests.test_workflow import ROOT, copy_workflow
+from tests.helpers import ROOT, copy_workflow
 
 
 def dry_run(work, *args, env=None):

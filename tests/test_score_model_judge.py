@@ -48,7 +48,7 @@ ANSWERS = [
 
 
 def _tokenizer():
-    from sacpo_steps.sft import train_tokenizer
+    from sacpo_steps.sft_checkpoint import train_tokenizer
 
     corpus = [render(DEFAULT_TEMPLATE, q, a) for q in QUESTIONS for a in ANSWERS] * 2
     return train_tokenizer(corpus, vocab_size=400)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tests.fake_openai import FakeOpenAI
-from tests.test_workflow import REDUCED, ROOT, copy_workflow, parse_jobs
+from tests.helpers import REDUCED, ROOT, copy_workflow, parse_jobs
 
 SECRET = "sk-test-WORKFLOW-SECRET-0451"
 

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_workflow import ROOT, Job, copy_workflow, dry_run, reduced_config, write_config
+from tests.helpers import ROOT, Job, copy_workflow, dry_run, reduced_config, write_config
 
 SLURM_DIR = ROOT / "tests" / "slurm"
 SETUP = SLURM_DIR / "setup.sh"

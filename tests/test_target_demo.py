@@ -15,7 +15,7 @@ import json
 import pytest
 import yaml
 
-from tests.test_workflow import ROOT, copy_workflow, dry_run, output_of, snakemake, write_config
+from tests.helpers import ROOT, copy_workflow, dry_run, output_of, snakemake, write_config
 
 CONFIG = "config/demo-target.yaml"
 SEED0 = "results/demo-target/seed-0"

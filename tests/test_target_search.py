@@ -10,7 +10,7 @@ import pytest
 
 from sacpo_steps.errors import InputError
 from sacpo_steps.target_search import Measurement, search
-from tests.conftest import PROMPT_TEMPLATE
+from tests.helpers import PROMPT_TEMPLATE
 
 
 def synthetic(constraint_of_q, half_width=0.02, calls=None):

@@ -65,7 +65,7 @@ def tokenizer_models(tmp_path_factory) -> dict[str, tuple[Path, str]]:
     import sentencepiece as spm  # a declared dependency: never skipped
     from transformers import LlamaTokenizer
 
-    from sacpo_steps.sft import train_tokenizer
+    from sacpo_steps.sft_checkpoint import train_tokenizer
 
     root = tmp_path_factory.mktemp("tokenizers")
     spm.SentencePieceTrainer.train(

@@ -9,125 +9,29 @@ what the provenance tests below rely on.
 from __future__ import annotations
 
 import json
-import re
-import shutil
 import subprocess
-import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-WORKFLOW_PARTS = ["Snakefile", "workflow", "config", "profiles", "sacpo_steps", "tests/configs",
-                  "environment.yml"]  # the rules' `conda:` directives name environment.yml
-REDUCED = "tests/configs/reduced_demo.yaml"
-RESULTS = "results/reduced-demo"  # the reduced demo's experiment folder
-SEED0 = f"{RESULTS}/seed-0"  # its only seed
-PROMPT_SETS = ("helpfulness", "red_team")
-# what follows every change of a seed's win rates or Elo: the across-seed tables and figures
-STATISTICS = ["across_seeds", "figures", "figures_across_seeds"]
-
-
-def copy_workflow(dest: Path) -> Path:
-    """Copy what a run needs into `dest` (no results, logs or .snakemake of the repo)."""
-    for part in WORKFLOW_PARTS:
-        src = ROOT / part
-        if src.is_dir():
-            shutil.copytree(src, dest / part,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        else:
-            (dest / part).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / part)
-    return dest
-
-
-def snakemake(workdir: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", *args],
-                          cwd=workdir, capture_output=True, text=True, timeout=timeout)
-
-
-def output_of(proc: subprocess.CompletedProcess) -> str:
-    return proc.stdout + proc.stderr
-
-
-@dataclass
-class Job:
-    rule: str
-    wildcards: dict[str, str] = field(default_factory=dict)
-    log: str | None = None
-    reason: str = ""
-    outputs: list[str] = field(default_factory=list)
-
-    @property
-    def key(self) -> tuple[str, str | None, str | None]:
-        """(rule, model, prompt set): the model is the `model` or `aligned` wildcard."""
-        model = self.wildcards.get("model", self.wildcards.get("aligned"))
-        return self.rule, model, self.wildcards.get("prompt_set")
-
-
-RULE_LINE = re.compile(r"^(?:local)?rule (\w+):\s*$")
-FIELD_LINE = re.compile(r"^\s+(\w+): (.*)$")
-
-
-def parse_jobs(output: str) -> list[Job]:
-    """The job blocks of a dry run: `rule X:` then indented `key: value` lines."""
-    jobs: list[Job] = []
-    current: Job | None = None
-    for line in output.splitlines():
-        match = RULE_LINE.match(line)
-        if match:
-            current = Job(match.group(1))
-            jobs.append(current)
-            continue
-        match = FIELD_LINE.match(line)
-        if current is not None and match:
-            key, value = match.groups()
-            if key == "wildcards":
-                current.wildcards = dict(kv.split("=", 1) for kv in value.split(", "))
-            elif key == "log":
-                current.log = value.strip()
-            elif key == "output":
-                current.outputs = [p.strip() for p in value.split(", ")]
-            elif key == "reason":
-                current.reason = value
-        elif not line.startswith(" "):
-            current = None
-    return jobs
-
-
-def job_counts(output: str) -> dict[str, int]:
-    """The `Job stats` table of a dry run, without the total."""
-    counts: dict[str, int] = {}
-    lines = output.splitlines()
-    start = lines.index("Job stats:")
-    for line in lines[start + 1:]:
-        match = re.match(r"^(\w+)\s+(\d+)$", line)
-        if match:
-            if match.group(1) == "total":
-                break
-            counts[match.group(1)] = int(match.group(2))
-    return counts
-
-
-def dry_run(workdir: Path, *args: str) -> tuple[str, list[Job]]:
-    proc = snakemake(workdir, "-n", *args)
-    output = output_of(proc)
-    assert proc.returncode == 0, output
-    return output, parse_jobs(output)
-
-
-def write_config(path: Path, cfg: dict) -> Path:
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def reduced_config() -> dict:
-    return yaml.safe_load((ROOT / REDUCED).read_text(encoding="utf-8"))
-
+from tests.helpers import (
+    PROMPT_SETS,
+    REDUCED,
+    RESULTS,
+    SEED0,
+    STATISTICS,
+    Job,
+    copy_workflow,
+    dry_run,
+    job_counts,
+    output_of,
+    reduced_config,
+    snakemake,
+    write_config,
+)
 
 # ---- planning only (dry runs) -------------------------------------------------------
 
@@ -136,8 +40,8 @@ def test_demo_config_plans_the_full_sacpo_grid(tmp_path):
     workdir = copy_workflow(tmp_path / "wf")
     output, jobs = dry_run(workdir)  # no --configfile: the Snakefile's config/config.yaml
     expected = {"demo_world": 1, "preference_data": 1, "sft_checkpoint": 1, "align": 4,
-                "merge_0": 1, "generate": 20, "constant_answers": 2, "judge": 110,
-                "winrate": 1, "elo": 1, "figures": 1, "across_seeds": 1,
+                "merge_dpo_h__dpo_h_dpo_s_0_01": 1, "generate": 20, "constant_answers": 2,
+                "judge": 110, "winrate": 1, "elo": 1, "figures": 1, "across_seeds": 1,
                 "figures_across_seeds": 1, "all": 1}
     assert job_counts(output) == expected
     assert sorted(j.rule for j in jobs) == sorted(r for r, n in expected.items() for _ in range(n))

@@ -4,15 +4,17 @@
 
 rule align:
     input:
-        parent=align_parent,
-        data=align_data_dir,
+        parent=lambda wildcards: PLAN.align_parent_dir(wildcards.aligned, wildcards.seed),
+        data=lambda wildcards: PLAN.align_data_dir(wildcards.aligned, wildcards.seed),
     output:
         directory(model_dir("{aligned}")),
     params:
-        spec=align_spec,
-        data=align_data_file,
-        launcher=launcher,
-        checkpoints=align_checkpoint_dir,
+        spec=lambda wildcards: to_json(PLAN.align_spec(wildcards.aligned, wildcards.seed)),
+        data=lambda wildcards: PLAN.align_data_file(wildcards.aligned, wildcards.seed),
+        launcher=lambda wildcards, resources: PLAN.launcher(
+            wildcards.aligned, int(getattr(resources, "gpu", 0) or 0)
+        ),
+        checkpoints=lambda wildcards: PLAN.align_checkpoint_dir(wildcards.aligned, wildcards.seed),
         code=code("align"),
     threads: config["threads"]["align"]
     resources:

@@ -10,7 +10,8 @@ rule demo_world:
         spec=f"{LAYOUT.world_dir()}/spec.json",
     params:
         world=lambda wildcards: config.get("demo_world", {}),
-        seed=world_seed,
+        # the run's seed, unless demo_world.seed pins one world
+        seed=lambda wildcards: LAYOUT.world_seed_for(getattr(wildcards, "seed", 0)),
         sensitive=lambda wildcards: (
             "--sensitive-tasks" if config["demo_world"]["sensitive_tasks"] else ""
         ),
@@ -32,21 +33,20 @@ rule download_dataset:
         directory("resources/datasets/{hub_dataset}"),
     params:
         # content only: experiments sharing the snapshot must agree on its params
-        repo_id=lambda wildcards: config["preference_sources"][HUB_DATASETS[wildcards.hub_dataset]]["repo_id"],
-        revision=lambda wildcards: config["preference_sources"][HUB_DATASETS[wildcards.hub_dataset]]["revision"],
-        code=code("download"),
+        hub=lambda wildcards: PLAN.dataset_download(wildcards.hub_dataset),
+        code=code("download_dataset"),
     conda:
         "../../environment.yml"
     log:
         "logs/resources/download_dataset/{hub_dataset}.log",
     shell:
-        "python -m sacpo_steps download --kind dataset --repo-id {params.repo_id:q}"
-        " --revision {params.revision:q} --out {output} > {log} 2>&1"
+        "python -m sacpo_steps download_dataset --repo-id {params.hub[repo_id]:q}"
+        " --revision {params.hub[revision]:q} --out {output} > {log} 2>&1"
 
 
 rule preference_data:
     input:
-        table=preference_table,
+        table=lambda wildcards: LAYOUT.preference_table(wildcards.source, wildcards.seed),
     output:
         directory(LAYOUT.data_dir("{source}")),
     params:
@@ -73,11 +73,11 @@ rule fetch_prompt_set:
             if "id_field" in PROMPT_SETS[wildcards.url_prompt_set]
             else ""
         ),
-        code=code("prompt_sets"),
+        code=code("fetch_prompt_set"),
     conda:
         "../../environment.yml"
     log:
         "logs/resources/fetch_prompt_set/{prompt_key}/{url_prompt_set}.log",
     shell:
-        "python -m sacpo_steps prompt_set --url {params.url:q} --name {wildcards.url_prompt_set}"
+        "python -m sacpo_steps fetch_prompt_set --url {params.url:q} --name {wildcards.url_prompt_set}"
         " --prompt-field {params.prompt_field} {params.id_field} --out {output} > {log} 2>&1"

@@ -5,14 +5,14 @@
 rule generate:
     input:
         model=lambda wildcards: model_dir(wildcards.model, wildcards.seed),
-        prompts=lambda wildcards: prompt_set_file(wildcards.prompt_set, wildcards.seed),
+        prompts=lambda wildcards: LAYOUT.prompt_set_file(wildcards.prompt_set, wildcards.seed),
     output:
         LAYOUT.generation("{model}", "{prompt_set}"),
     wildcard_constraints:
         # constant baselines have no weights (rule constant_answers)
         model=_one_of([m for m in PLAN.models if m not in CONSTANTS]),
     params:
-        spec=generation_spec,
+        spec=lambda wildcards: to_json(PLAN.generation_spec(wildcards.model, wildcards.seed)),
         code=code("generate"),
     threads: config["threads"]["generate"]
     resources:
@@ -31,35 +31,43 @@ rule generate:
 
 rule constant_answers:
     input:
-        prompts=lambda wildcards: prompt_set_file(wildcards.prompt_set, wildcards.seed),
+        prompts=lambda wildcards: LAYOUT.prompt_set_file(wildcards.prompt_set, wildcards.seed),
     output:
         LAYOUT.generation("{constant}", "{prompt_set}"),
     params:
-        answer=lambda wildcards: BASELINES[wildcards.constant]["answer"],
-        code=code("generate"),
+        answer=lambda wildcards: PLAN.baselines[wildcards.constant]["answer"],
+        code=code("constant_answers"),
     conda:
         "../../environment.yml"
     log:
-        LAYOUT.log("generate", "{constant}/{prompt_set}"),
+        LAYOUT.log("constant_answers", "{constant}/{prompt_set}"),
     shell:
-        "python -m sacpo_steps generate --constant-answer {params.answer:q}"
+        "python -m sacpo_steps constant_answers --answer {params.answer:q}"
         " --model-name {wildcards.constant} --prompts {input.prompts} --out {output}"
         " > {log} 2>&1"
 
 
 rule judge:
     input:
-        unpack(judge_inputs),
+        unpack(
+            lambda wildcards: PLAN.judge_inputs(
+                wildcards.model, wildcards.opponent, wildcards.prompt_set, wildcards.seed
+            )
+        ),
     output:
         battles=LAYOUT.battle("{prompt_set}", "{model}", "{opponent}"),
         replies=LAYOUT.battle("{prompt_set}", "{model}", "{opponent}", suffix=".replies.jsonl"),
         usage=LAYOUT.battle("{prompt_set}", "{model}", "{opponent}", suffix=".usage.json"),
     params:
         criterion=lambda wildcards: PROMPT_SETS[wildcards.prompt_set]["criterion"],
-        judge=judge_config,
-        repetitions=lambda wildcards: JUDGES[wildcards.prompt_set]["repetitions"],
+        judge=lambda wildcards: to_json(PLAN.judge_settings(wildcards.prompt_set)),
+        repetitions=lambda wildcards: PLAN.judge(wildcards.prompt_set)["repetitions"],
         spec=lambda wildcards, input: f"--spec {input.spec}" if "spec" in input.keys() else "",
-        cache=judge_cache,
+        cache=lambda wildcards: (
+            f"--judge-cache {PLAN.judge_cache(wildcards.prompt_set)}"
+            if PLAN.judge_cache(wildcards.prompt_set)
+            else ""
+        ),
         code=code("judge"),
     resources:
         judge_api=1,
@@ -77,7 +85,7 @@ rule judge:
 
 rule winrate:
     input:
-        battles=battle_files,
+        battles=lambda wildcards: PLAN.battle_files(wildcards.seed),
     output:
         csv=report(
             LAYOUT.seed_table("winrate.csv"),
@@ -107,7 +115,7 @@ rule winrate:
 
 rule elo:
     input:
-        battles=battle_files,
+        battles=lambda wildcards: PLAN.battle_files(wildcards.seed),
     output:
         csv=report(
             LAYOUT.seed_table("elo.csv"),

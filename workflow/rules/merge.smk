@@ -1,12 +1,13 @@
 # P-SACPO and naive merging: (1 - q) * a + q * b. Every q of one pair (a, b) is
 # written in ONE job, one pass over the parents' weights, so the rule is defined
-# once per pair (named merge_<n>); each q is its own model folder and plan node.
+# once per pair, named after it (merge_<a>__<b>); each q is its own model folder and
+# plan node.
 
-for _index, (_group, _nodes) in enumerate(PLAN.merge_groups().items()):
+for _rule_name, _nodes in PLAN.merge_rules().items():
 
     rule:
         name:
-            f"merge_{_index}"
+            _rule_name
         input:
             a=model_dir(_nodes[0].parent_a),
             b=model_dir(_nodes[0].parent_b),
@@ -18,7 +19,7 @@ for _index, (_group, _nodes) in enumerate(PLAN.merge_groups().items()):
             outputs=" ".join(
                 f"--q {n.q} --out {model_dir(n.name)} --name {n.name}" for n in _nodes
             ),
-            members=merge_spec(_nodes),
+            members=to_json([{"name": n.name, "q": n.q} for n in _nodes]),
             code=code("merge"),
         resources:
             mem_mb=resource("merge", "mem_mb", 16000, per=None),
@@ -26,7 +27,7 @@ for _index, (_group, _nodes) in enumerate(PLAN.merge_groups().items()):
         conda:
             "../../environment.yml"
         log:
-            LAYOUT.log("merge", _group),
+            LAYOUT.log("merge", _nodes[0].group),
         shell:
             "HF_HUB_OFFLINE=1 python -m sacpo_steps merge --a {input.a} --b {input.b}"
             " --name-a {params.name_a} --name-b {params.name_b} {params.outputs} > {log} 2>&1"
@@ -36,7 +37,7 @@ if TARGET:
 
     rule target_search:
         input:
-            unpack(target_inputs),
+            unpack(lambda wildcards: PLAN.target_inputs(wildcards.seed)),
         output:
             json=LAYOUT.target("search.json"),
             md=LAYOUT.target("search.md"),
@@ -47,9 +48,9 @@ if TARGET:
             lambda_bar=lambda wildcards: (
                 f"--lambda-bar {TARGET['lambda_bar']}" if TARGET["lambda_bar"] else ""
             ),
-            judges=target_judges,
+            judges=lambda wildcards: to_json(PLAN.target_judges()),
             spec=lambda wildcards, input: f"--spec {input.spec}" if "spec" in input.keys() else "",
-            generation=lambda wildcards: generation_spec_for(PLAN.sft, wildcards.seed),
+            generation=lambda wildcards: to_json(PLAN.generation_spec(PLAN.sft, wildcards.seed)),
             rounds=config["evaluation"]["winrate"]["bootstrap_rounds"],
             seed=lambda wildcards: int(wildcards.seed),
             code=code("target_search"),

@@ -13,9 +13,10 @@ if config["sft"]["source"] != "hub":
         output:
             directory(model_dir(SFT)),
         params:
-            spec=sft_spec,
+            # a built SFT depends on its seed; a linked local folder does not
+            spec=lambda wildcards: to_json(PLAN.sft_spec(getattr(wildcards, "seed", None))),
             corpus=lambda wildcards, input: f"--corpus {input.corpus}" if input.corpus else "",
-            code=code("sft"),
+            code=code("sft_checkpoint"),
         threads: config["threads"]["sft"]
         resources:
             gpu=resource("sft_checkpoint", "gpu", 0, per=None),
@@ -35,8 +36,12 @@ rule download_model:
     output:
         directory("resources/models/{hub_model}"),
     params:
-        spec=download_spec,
-        code=code("sft"),
+        # content only: experiments sharing the snapshot agree on the params
+        hub=lambda wildcards: PLAN.hub_download(wildcards.hub_model),
+        convert_bin=lambda wildcards: (
+            "--convert-bin" if PLAN.hub_download(wildcards.hub_model)["convert_bin"] else ""
+        ),
+        code=code("download_model"),
     resources:
         mem_mb=resource("sft_checkpoint", "mem_mb", 16000, per=None),
     conda:
@@ -44,4 +49,5 @@ rule download_model:
     log:
         "logs/resources/download_model/{hub_model}.log",
     shell:
-        "python -m sacpo_steps sft_checkpoint --spec {params.spec:q} --out {output} > {log} 2>&1"
+        "python -m sacpo_steps download_model --repo-id {params.hub[repo_id]:q}"
+        " --revision {params.hub[revision]:q} {params.convert_bin} --out {output} > {log} 2>&1"

@@ -1,4 +1,4 @@
-"""Downloads from the Hugging Face hub, run once by local rules into resources/.
+"""Snapshot-download a hub dataset (its data files) into resources/datasets/.
 
 Login nodes have internet, compute nodes may not: every later job reads only
 the local copy. Tokens come from the environment (HF_TOKEN), never from config.
@@ -13,7 +13,7 @@ from pathlib import Path
 from sacpo_steps.errors import InputError
 from sacpo_steps.fileio import atomic_output, setup_logging
 
-log = logging.getLogger("sacpo.download")
+log = logging.getLogger("sacpo.download_dataset")
 
 DATASET_PATTERNS = ["*.parquet", "*.jsonl", "*.json", "*.md", "**/*.parquet", "**/*.jsonl",
                     "**/*.json"]
@@ -36,10 +36,9 @@ def download_dataset(repo_id: str, revision: str, out: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="sacpo_steps download", description=__doc__)
-    parser.add_argument("--kind", choices=["dataset"], required=True)
+    parser = argparse.ArgumentParser(prog="sacpo_steps download_dataset", description=__doc__)
     parser.add_argument("--repo-id", required=True)
-    parser.add_argument("--revision", default="main")
+    parser.add_argument("--revision", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--log")
     args = parser.parse_args(argv)

@@ -1,7 +1,5 @@
-"""The SFT checkpoint, from one of three sources behind one step.
+"""The SFT checkpoint, built or linked (a hub SFT is the `download_model` step's).
 
-- `hub`: snapshot download of a hub id at a pinned revision (run once, on a node
-  with internet; weights as safetensors, `.bin` only by explicit opt-in).
 - `local`: an existing model folder, checked and hard-linked into place.
 - `build`: the offline demo: a byte-level BPE tokenizer trained on the demo corpus,
   a tiny Llama-style model created from config, SFT-trained with TRL's SFTTrainer.
@@ -28,14 +26,13 @@ from sacpo_steps.modelio import (
 )
 from sacpo_steps.tokens import is_chat, render_completion, render_prompt
 
-log = logging.getLogger("sacpo.sft")
+log = logging.getLogger("sacpo.sft_checkpoint")
 
 #: Llama's special tokens (ids 0-2), plus a pad token Llama lacks
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>",
                   "pad_token": "<pad>"}
 #: Llama's byte-fallback pieces: any character outside the vocabulary still round-trips
 BYTE_PIECES = [f"<0x{i:02X}>" for i in range(256)]
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.md"]
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -155,43 +152,6 @@ def _last_loss(trainer) -> float | None:
     return float(losses[-1]) if losses else None
 
 
-def download(spec: dict[str, Any], out: Path) -> None:
-    """Snapshot-download a hub model at a pinned revision; safetensors unless opted out."""
-    from huggingface_hub import snapshot_download
-
-    hub = spec["hub"]
-    convert_bin = bool(hub.get("convert_bin", False))
-    patterns = HUB_PATTERNS + (["*.bin"] if convert_bin else [])
-    with atomic_output(out, is_dir=True) as tmp:
-        log.info("downloading %s@%s", hub["repo_id"], hub.get("revision", "main"))
-        snapshot_download(repo_id=hub["repo_id"], revision=hub.get("revision", "main"),
-                          local_dir=tmp, allow_patterns=patterns)
-        if convert_bin and not any(tmp.glob("*.safetensors")):
-            convert_bin_weights(tmp)
-        check_model_dir(tmp, role=f"downloaded model {hub['repo_id']}")
-
-
-def convert_bin_weights(folder: Path) -> None:
-    """Convert pickled `.bin` shards to safetensors, loading with weights_only=True."""
-    import torch
-    from safetensors.torch import save_file
-
-    for bin_file in sorted(folder.glob("*.bin")):
-        state = torch.load(bin_file, map_location="cpu", weights_only=True)
-        # safetensors refuses shared storage: give each tensor its own
-        state = {k: v.contiguous().clone() for k, v in state.items()}
-        save_file(state, folder / bin_file.with_suffix(".safetensors").name,
-                  metadata={"format": "pt"})
-        bin_file.unlink()
-    index = folder / "pytorch_model.bin.index.json"
-    if index.is_file():
-        data = json.loads(index.read_text())
-        data["weight_map"] = {k: v.replace(".bin", ".safetensors")
-                              for k, v in data["weight_map"].items()}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(data, indent=2))
-        index.unlink()
-
-
 def link_local(spec: dict[str, Any], out: Path) -> None:
     src = check_model_dir(spec["local"]["path"], role="local SFT model (sft.local.path)")
     with atomic_output(out, is_dir=True) as tmp:
@@ -214,11 +174,10 @@ def main(argv: list[str] | None = None) -> None:
         if not args.corpus:
             raise InputError("source 'build' needs --corpus", field="sft.source")
         build(spec, args.corpus, Path(args.out), args.threads)
-    elif source == "hub":
-        download(spec, Path(args.out))
     elif source == "local":
         link_local(spec, Path(args.out))
     else:
-        raise InputError(f"unknown source {source!r} (build | hub | local)", field="sft.source")
+        raise InputError(f"unknown source {source!r} (build | local; a hub SFT is the "
+                         "download_model step's)", field="sft.source")
     log.info("sft checkpoint (%s) ready in %s after %.1f s", source, args.out,
              time.monotonic() - start)

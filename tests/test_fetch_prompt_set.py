@@ -7,7 +7,7 @@ import json
 import pytest
 
 from sacpo_steps.errors import InputError
-from sacpo_steps.prompt_sets import fetch
+from sacpo_steps.fetch_prompt_set import fetch
 
 
 @pytest.mark.parametrize("as_list", [True, False])

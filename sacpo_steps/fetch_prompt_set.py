@@ -17,7 +17,7 @@ from typing import Any
 from sacpo_steps.errors import InputError
 from sacpo_steps.fileio import setup_logging, write_jsonl
 
-log = logging.getLogger("sacpo.prompt_sets")
+log = logging.getLogger("sacpo.fetch_prompt_set")
 
 
 def parse_rows(text: str, source: str) -> list[dict[str, Any]]:
@@ -79,7 +79,7 @@ def fetch(url: str, out: str | Path, *, name: str, prompt_field: str = "prompt",
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="sacpo_steps prompt_set", description=__doc__)
+    parser = argparse.ArgumentParser(prog="sacpo_steps fetch_prompt_set", description=__doc__)
     parser.add_argument("--url", required=True, help="http(s) URL or a local file")
     parser.add_argument("--name", required=True)
     parser.add_argument("--prompt-field", default="prompt")

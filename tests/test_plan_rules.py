@@ -1,0 +1,207 @@
+"""What the workflow's rules ask the plan (`Plan` methods that common.smk wraps): paths,
+params, inputs and resources of each kind of job, tested without Snakemake."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sacpo_steps.plan import load_plan, to_json
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = yaml.safe_load((ROOT / "config" / "config.yaml").read_text(encoding="utf-8"))
+PAPER = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text(encoding="utf-8"))
+
+
+def plan_of(cfg: dict[str, Any]):
+    return load_plan(copy.deepcopy(cfg), source="test.yaml")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return plan_of(DEMO)
+
+
+@pytest.fixture(scope="module")
+def paper():
+    return plan_of(PAPER)
+
+
+def test_align_job_reads_its_parent_and_the_file_its_loss_needs(demo):
+    child = "dpo_h.dpo_s-0.1"
+    assert demo.align_parent_dir(child, 2) == "results/demo/seed-2/models/dpo_h"
+    assert demo.align_data_dir(child, 2) == "results/demo/seed-2/data/demo"
+    assert demo.align_data_file(child, 2) == "results/demo/seed-2/data/demo/safety_pairs.jsonl"
+    spec = demo.align_spec(child, "2")
+    assert spec["parent"] == "dpo_h" and spec["beta"] == 0.1 and spec["seed"] == 2
+    assert spec["training"] == demo.nodes[child].training
+    assert json.loads(to_json(spec)) == spec
+
+
+def test_a_kto_node_reads_the_labelled_rows():
+    cfg = copy.deepcopy(DEMO)
+    cfg["models"]["kto_s"] = {"parent": "dpo_h", "data": "safety", "loss": "kto", "beta": 0.1}
+    plan = plan_of(cfg)
+    assert plan.align_data_file("kto_s", 0).endswith("/safety_kto.jsonl")
+
+
+def test_checkpoint_scratch_changes_with_any_setting_of_the_node(demo):
+    cfg = copy.deepcopy(DEMO)
+    cfg["models"]["dpo_h.dpo_s-0.1"]["beta"] = 0.2
+    other = plan_of(cfg)
+    child = "dpo_h.dpo_s-0.1"
+    here = demo.align_checkpoint_dir(child, 0)
+    assert here.startswith("scratch/demo/seed-0/align/dpo_h.dpo_s-0.1-")
+    assert here != other.align_checkpoint_dir(child, 0)  # a changed beta never resumes
+    assert here != demo.align_checkpoint_dir(child, 1)  # nor another seed's run
+    assert here == demo.align_checkpoint_dir(child, "0")  # wildcards are strings
+
+
+def test_launcher_uses_accelerate_only_with_several_gpus(paper):
+    assert paper.launcher("dpo_h", 0) == "python -m sacpo_steps"
+    assert paper.launcher("dpo_h", 1) == "python -m sacpo_steps"
+    launch = paper.launcher("dpo_h", 8)
+    assert launch.startswith("accelerate launch --num_processes 8")
+    assert "--config_file config/accelerate/fsdp.yaml" in launch
+
+
+def test_resources_take_the_kind_defaults_then_the_node_own(paper):
+    assert paper.resources("align", "dpo_h")["gpu"] == 8  # the node's own
+    child = next(n for n in paper.nodes if n != "dpo_h" and paper.nodes[n].parent != "sft")
+    assert paper.resources("align", child)["gpu"] == 2  # the kind's default
+    assert paper.resources("align", child)["mem_mb"] == 200000
+    assert paper.resources("merge") == {"mem_mb": 64000, "runtime": 60}
+
+
+def test_merge_rules_are_named_after_their_pair_not_their_position(demo):
+    rules = demo.merge_rules()
+    assert list(rules) == ["merge_dpo_h__dpo_h_dpo_s_0_01"]
+    cfg = copy.deepcopy(DEMO)
+    # a new pair listed FIRST must not rename the existing pair's rule
+    cfg["models"] = {"naive": {"parents": ["dpo_h", "dpo_h.dpo_s-1.0"], "q": 0.5},
+                     **cfg["models"]}
+    renamed = plan_of(cfg).merge_rules()
+    assert set(renamed) == {"merge_dpo_h__dpo_h_dpo_s_0_01", "merge_dpo_h__dpo_h_dpo_s_1_0"}
+    assert [n.q for n in renamed["merge_dpo_h__dpo_h_dpo_s_0_01"]] == [
+        n.q for n in rules["merge_dpo_h__dpo_h_dpo_s_0_01"]]
+
+
+def test_merge_rule_names_stay_distinct_when_names_differ_only_in_punctuation():
+    cfg = copy.deepcopy(DEMO)
+    cfg["models"]["dpo_h-x"] = {"parent": "sft", "data": "helpfulness", "loss": "dpo",
+                                "beta": 0.1}
+    cfg["models"]["dpo_h.x"] = {"parent": "sft", "data": "helpfulness", "loss": "dpo",
+                                "beta": 0.1}
+    cfg["models"]["m1"] = {"parents": ["sft", "dpo_h-x"], "q": 0.5}
+    cfg["models"]["m2"] = {"parents": ["sft", "dpo_h.x"], "q": 0.5}
+    names = list(plan_of(cfg).merge_rules())
+    assert len(set(names)) == len(names) == 3
+    assert all(n.isidentifier() for n in names)
+
+
+def test_hub_downloads_are_described_by_content(paper):
+    keys = paper.paths.hub_models()
+    sft_key = next(k for k, name in keys.items() if name == "sft")
+    assert paper.hub_download(sft_key) == {
+        "repo_id": "PKU-Alignment/alpaca-7b-reproduced", "revision": "main",
+        "convert_bin": False}
+    dataset = next(iter(paper.paths.hub_datasets()))
+    assert paper.dataset_download(dataset) == {"repo_id": "PKU-Alignment/PKU-SafeRLHF-30K",
+                                               "revision": "main"}
+
+
+def test_a_built_sft_depends_on_its_seed_a_linked_one_does_not(demo):
+    assert demo.sft_spec(3)["seed"] == 3
+    assert "seed" not in demo.sft_spec(None)
+    assert demo.sft_spec(None)["prompt_template"] == DEMO["prompt_template"]
+
+
+def test_generation_spec_takes_a_baselines_own_prompt_format(paper):
+    beaver = next(n for n, b in paper.baselines.items() if b.get("prompt_template"))
+    spec = paper.generation_spec(beaver, 0)
+    assert spec["prompt_template"] == paper.baselines[beaver]["prompt_template"]
+    assert paper.generation_spec("sft", 0)["prompt_template"] == PAPER["prompt_template"]
+    assert spec["max_prompt_length"] == 128  # the cap the models were trained under
+
+
+def test_rule_judge_reads_the_world_spec_and_has_no_cache(demo):
+    inputs = demo.judge_inputs("dpo_h", "sft", "red_team", 1)
+    assert inputs == {
+        "candidate": "results/demo/seed-1/generations/dpo_h/red_team.jsonl",
+        "baseline": "results/demo/seed-1/generations/sft/red_team.jsonl",
+        "prompts": demo.paths.prompt_set_file("red_team", 1),
+        "spec": f"{demo.paths.world_dir(1)}/spec.json",
+    }
+    assert demo.judge_cache("red_team") is None
+    assert demo.required_env() == [] and demo.judge_api_slots() is None
+
+
+def test_api_and_score_model_judges_name_their_inputs_env_and_cache(tmp_path):
+    cfg = copy.deepcopy(DEMO)
+    template = tmp_path / "harmless.txt"
+    template.write_text("{question} {answer_a} {answer_b}")
+    cfg["evaluation"]["judge"] = {"backend": "openai", "model": "gpt-4-0125-preview",
+                                  "api_key_env": "MY_KEY", "parallel_jobs": 3,
+                                  "templates": {"harmlessness": str(template)}}
+    cfg["evaluation"]["prompt_sets"]["helpfulness"]["judge"] = {
+        "backend": "score_model", "reward_model": "resources/models/reward"}
+    plan = plan_of(cfg)
+    assert plan.required_env() == ["MY_KEY"] and plan.judge_api_slots() == 3
+    assert plan.judge_cache("red_team") == "resources/judge_cache/gpt-4-0125-preview.jsonl"
+    assert plan.judge_cache("helpfulness") == "resources/judge_cache/score_model.jsonl"
+    red = plan.judge_inputs("dpo_h", "sft", "red_team", 0)
+    assert red["template_harmlessness"] == str(template) and "spec" not in red
+    helpful = plan.judge_inputs("dpo_h", "sft", "helpfulness", 0)
+    assert "resources/models/reward" in helpful.values()
+    # a set's params carry only its own criterion's template (edits rerun only its jobs)
+    assert plan.judge_settings("red_team")["templates"] == {"harmlessness": str(template)}
+    assert "templates" not in plan.judge_settings("helpfulness")
+
+
+def test_every_judged_pair_has_a_battle_file_per_prompt_set(demo):
+    files = demo.battle_files(0)
+    assert len(files) == 2 * len(demo.judged_pairs())
+    assert "results/demo/seed-0/battles/red_team/dpo_h__vs__sft.jsonl" in files
+
+
+def test_target_search_reads_both_parents_and_the_sets_judges():
+    cfg = yaml.safe_load((ROOT / "config" / "demo-target.yaml").read_text(encoding="utf-8"))
+    plan = load_plan(cfg, source="demo-target.yaml")
+    over_safe = plan.nodes[plan.target["over_safe"]]
+    inputs = plan.target_inputs(0)
+    assert inputs["a"] == plan.model_dir(over_safe.parent, 0)
+    assert inputs["b"] == plan.model_dir(over_safe.name, 0)
+    assert len(inputs["prompts"]) == len(inputs["baseline"]) == 2
+    assert set(plan.target_judges()) == {"helpfulness", "red_team"}
+
+
+def test_final_outputs_cover_every_seed_and_the_across_seed_files():
+    cfg = copy.deepcopy(DEMO)
+    cfg["seeds"] = [0, 4]
+    plan = plan_of(cfg)
+    out = plan.final_outputs(["winrate.csv"], ["figure2.png"])
+    assert out == ["results/demo/tables/winrate.csv", "results/demo/figures/figure2.png",
+                   "results/demo/seed-0/tables/winrate.csv",
+                   "results/demo/seed-0/figures/figure2.png",
+                   "results/demo/seed-4/tables/winrate.csv",
+                   "results/demo/seed-4/figures/figure2.png"]
+
+
+def test_prompt_counts_come_from_the_file_or_the_config(tmp_path, monkeypatch):
+    cfg = copy.deepcopy(PAPER)
+    plan = plan_of(cfg)
+    counts = plan.prompt_counts()
+    helpful = cfg["evaluation"]["prompt_sets"]["helpfulness"]
+    assert counts["helpfulness"][0] == helpful["expected_prompts"]
+    monkeypatch.chdir(tmp_path)
+    path = Path(plan.paths.prompt_set_file("helpfulness", 0))
+    path.parent.mkdir(parents=True)
+    path.write_text('{"prompt_id": "1", "prompt": "a"}\n{"prompt_id": "2", "prompt": "bb"}\n')
+    count, source, longest = plan.prompt_counts()["helpfulness"]
+    assert count == 2 and "counted in" in source and "the config expects" in source
+    assert longest == len('{"prompt_id": "2", "prompt": "bb"}\n')
