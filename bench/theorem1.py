@@ -97,9 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"completion tokens (answer + eos): {tokens}")
     print(f"pi_ref over answers: min {result['log_ref'].min():.2f}, max "
           f"{result['log_ref'].max():.2f} (log-prob, before renormalising)")
-    print(f"training: lr {t.learning_rate:g} {t.lr_scheduler}, {t.epochs:g} epochs, batch "
-          f"{t.per_device_batch_size}; bound = {exp.quantile:g} quantile of the estimation "
-          f"TV over {exp.replicates} parametric-bootstrap samples + slack {exp.opt_slack:g}; "
+    print(f"training: lr {t.learning_rate:g} {t.lr_scheduler_type}, {t.num_train_epochs:g} "
+          f"epochs, batch {t.per_device_train_batch_size}; bound = {exp.quantile:g} quantile "
+          f"of the estimation TV over {exp.replicates} parametric-bootstrap samples + slack "
+          f"{exp.opt_slack:g}; "
           f"threads {args.threads}; wall {time.monotonic() - started:.0f} s")
     print()
     print(table(result, GOAL))

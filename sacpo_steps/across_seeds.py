@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from sacpo_steps.config_schema import default_of
 from sacpo_steps.errors import InputError
 from sacpo_steps.fileio import atomic_output, setup_logging
 
@@ -205,7 +206,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", required=True)
     p.add_argument("--winrate", nargs="+", required=True, help="per-seed winrate.csv, in order")
     p.add_argument("--elo", nargs="+", required=True, help="per-seed elo.csv, in order")
-    p.add_argument("--confidence", type=float, default=0.95)
+    p.add_argument("--confidence", type=float,
+                   default=default_of("evaluation.winrate.confidence"))
     p.add_argument("--out-winrate-csv", required=True)
     p.add_argument("--out-winrate-md", required=True)
     p.add_argument("--out-elo-csv", required=True)

@@ -1,10 +1,12 @@
-"""The one alignment step of every stage: DPO or KTO from a parent model.
+"""The one alignment step of every stage: a registered loss from a parent model.
 
 SACPO's stages differ only in their data, loss and coefficient: stage 1 aligns
 the SFT model to helpfulness with beta; stage 2 starts from the stage-1 model
 and uses it as the *reference* with coefficient beta/lambda (Theorem 1 of the
 paper). So the parent is both the initial policy and the reference, and `beta`
 is the node's own loss coefficient (for a stage-2 node, the paper's beta/lambda).
+Losses (DPO, IPO, KTO, ...) are entries of `losses.LOSSES`; the training settings
+are `training_config.TrainingConfig`.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from sacpo_steps.errors import InputError
 from sacpo_steps.fileio import atomic_output, read_jsonl, setup_logging
+from sacpo_steps.losses import DATA_KINDS, Loss, check_node, get_loss
 from sacpo_steps.modelio import (
     check_model_dir,
     read_lineage,
@@ -33,83 +36,52 @@ from sacpo_steps.modelio import (
     startup_callback,
     write_model_card,
 )
-from sacpo_steps.tokens import PromptCap, render_completion, render_prompt
+from sacpo_steps.tokens import PromptCap, prompt_problem, render_completion, render_prompt
+from sacpo_steps.training_config import PASSED_AS_IS, TrainingConfig
 
 log = logging.getLogger("sacpo.align")
 
-LOSSES = ("dpo", "kto")
-
-
-@dataclass
-class TrainingConfig:
-    """Hyper-parameters of one alignment stage (the config's `training` section)."""
-
-    learning_rate: float = 2e-5
-    epochs: float = 3.0
-    per_device_batch_size: int = 16
-    gradient_accumulation_steps: int = 2
-    max_length: int = 512
-    # prompt ids (special tokens included) kept before the answer; the start is cut
-    max_prompt_length: int | None = None
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    precompute_ref_log_probs: bool = True
-    precompute_ref_batch_size: int | None = None  # None: the training batch size
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    logging_steps: int = 10
-    max_steps: int = -1
-    save_steps: int = 0  # checkpoint every N steps for resume (0: no checkpoints)
-    distributed: str = "fsdp"  # accelerate config used when the job has several GPUs
-    # LoRA adapter instead of a full fine-tune: {r, alpha, dropout, target_modules}
-    lora: dict[str, Any] | None = None
-    quantization: str | None = None  # "4bit": QLoRA (bitsandbytes NF4 base, LoRA on top)
-    global_batch_size: int | None = None  # declared; the plan checks it adds up
-    max_examples: int | None = None  # use only the first N (shuffled) examples
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise InputError(f"unknown training setting(s): {sorted(unknown)}", field="training")
-        return cls(**data)
-
-
-def load_examples(path: str | Path, loss: str, prompt_template: str, seed: int,
+def load_examples(path: str | Path, loss: str | Loss, prompt_template: str, seed: int,
                   max_examples: int | None = None, *, tokenizer: Any = None,
                   prompt_cap: PromptCap | None = None) -> list[dict[str, Any]]:
-    """Read pairs (DPO) or labelled rows (KTO), rendered by the tokenization contract.
+    """Read the rows of the loss's data kind, rendered by the tokenization contract.
 
+    Pairs (prompt/chosen/rejected) or labelled rows (prompt/completion/label), as
+    `losses.DATA_KINDS` says. A prompt is text, or (with `prompt_template: chat`)
+    a conversation: a list of {role, content} turns ending with the user's.
     `tokens.render_prompt`/`render_completion` shape each row as TRL will tokenize
     it, so training sees the same prompt ids as generation. With a `prompt_cap`
     (and the parent's tokenizer) long prompts keep their end, and a prompt that
     cannot fit is dropped and counted. Rows are shuffled with the seed: KTO's
     trainer samples sequentially and shuffles nothing itself.
     """
+    kind = DATA_KINDS[get_loss(loss).data]
     rows = read_jsonl(path)
     if not rows:
         raise InputError("preference data is empty", path=path)
-    text_fields = ("prompt", "chosen", "rejected") if loss == "dpo" else ("prompt", "completion")
     examples = []
     for i, row in enumerate(rows, start=1):
-        for field in text_fields:
+        prompt = row.get("prompt")
+        if not isinstance(prompt, list) and (not isinstance(prompt, str) or not prompt.strip()):
+            raise InputError("missing or empty text", path=path, row=i, field="prompt")
+        problem = prompt_problem(prompt_template, prompt)
+        if problem:
+            raise InputError(problem, path=path, row=i, field="prompt")
+        for field in kind.answers:
             if not isinstance(row.get(field), str) or not row[field].strip():
                 raise InputError("missing or empty text", path=path, row=i, field=field)
-        if loss != "dpo" and not isinstance(row.get("label"), bool):
-            raise InputError("label must be true or false", path=path, row=i, field="label")
-        prompt = row["prompt"]
+        if kind.label and not isinstance(row.get(kind.label), bool):
+            raise InputError(f"{kind.label} must be true or false", path=path, row=i,
+                             field=kind.label)
         if prompt_cap is not None:
             prompt = prompt_cap.apply(tokenizer, prompt_template, prompt)
             if prompt is None:
                 continue
         example: dict[str, Any] = {"prompt": render_prompt(prompt_template, prompt)}
-        if loss == "dpo":
-            example["chosen"] = render_completion(prompt_template, row["chosen"])
-            example["rejected"] = render_completion(prompt_template, row["rejected"])
-        else:
-            example["completion"] = render_completion(prompt_template, row["completion"])
-            example["label"] = row["label"]
+        for field in kind.answers:
+            example[field] = render_completion(prompt_template, row[field])
+        if kind.label:
+            example[kind.label] = row[kind.label]
         examples.append(example)
     if not examples:
         raise InputError("no example fits training.max_prompt_length", path=path,
@@ -140,11 +112,39 @@ def last_checkpoint(folder: str | Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
+def trl_config(loss: str | Loss, training: TrainingConfig, *, beta: float,
+               output_dir: str | Path, seed: int = 0,
+               kto_weights: tuple[float, float] | None = None) -> Any:
+    """The loss's TRL config object: the settings the pipeline maps itself, the entry's
+    `loss_type` and `fixed` arguments, then `training.trl` (checked at plan time), and for
+    labelled rows the KTO class weights (desirable, undesirable)."""
+    entry = get_loss(loss)
+    extra = {**entry.fixed, **training.trl}
+    if kto_weights is not None:
+        extra.update(desirable_weight=kto_weights[0], undesirable_weight=kto_weights[1])
+    return entry.config_class()(
+        output_dir=str(output_dir),
+        **{key: getattr(training, key) for key in PASSED_AS_IS},
+        beta=beta,
+        logging_first_step=True,
+        save_strategy="steps" if training.save_steps > 0 else "no",
+        save_steps=training.save_steps if training.save_steps > 0 else 500,
+        save_total_limit=1,
+        save_only_model=False,
+        report_to=[],
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        **({"loss_type": [entry.loss_type]} if entry.loss_type else {}),
+        **extra,
+    )
+
+
 def build_trainer(
     parent_dir: str | Path,
     examples: list[dict[str, Any]],
     *,
-    loss: str,
+    loss: str | Loss,
     beta: float,
     training: TrainingConfig,
     output_dir: str | Path,
@@ -153,15 +153,19 @@ def build_trainer(
 ):
     """A TRL trainer whose policy starts from the parent and whose reference is the parent.
 
-    `reference_dir` overrides the reference (only for controls and tests: SACPO's
-    stage 2 must use its parent, i.e. the stage-1 model).
+    The loss's registry entry names the TRL config and trainer; the config gets the
+    entry's `loss_type` and `fixed` arguments, `training.trl`, and the settings the
+    pipeline maps itself. `reference_dir` overrides the reference (only for controls
+    and tests: SACPO's stage 2 must use its parent, i.e. the stage-1 model).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if loss not in LOSSES:
-        raise InputError(f"unknown loss {loss!r} (dpo | kto)", field="loss")
+    entry = get_loss(loss)
     if not beta > 0:
         raise InputError(f"beta must be > 0, got {beta}", field="beta")
+    check_node(entry, stage2=False, training=asdict(training), where="")
+    args = trl_config(entry, training, beta=beta, output_dir=output_dir, seed=seed,
+                      kto_weights=kto_weights(examples) if entry.data == "kto" else None)
     tokenizer = AutoTokenizer.from_pretrained(parent_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -195,52 +199,10 @@ def build_trainer(
     ref_model = None
     if reference_dir is not None:
         ref_model = AutoModelForCausalLM.from_pretrained(reference_dir, dtype="auto")
-    common = dict(
-        output_dir=str(output_dir),
-        learning_rate=training.learning_rate,
-        num_train_epochs=training.epochs,
-        max_steps=training.max_steps,
-        per_device_train_batch_size=training.per_device_batch_size,
-        gradient_accumulation_steps=training.gradient_accumulation_steps,
-        lr_scheduler_type=training.lr_scheduler,
-        warmup_steps=float(training.warmup_ratio),  # a float < 1 is a ratio of all steps
-        max_length=training.max_length,
-        beta=beta,
-        precompute_ref_log_probs=training.precompute_ref_log_probs,
-        precompute_ref_batch_size=training.precompute_ref_batch_size,
-        bf16=training.bf16,
-        gradient_checkpointing=training.gradient_checkpointing,
-        logging_steps=training.logging_steps,
-        logging_first_step=True,
-        save_strategy="steps" if training.save_steps > 0 else "no",
-        save_steps=training.save_steps if training.save_steps > 0 else 500,
-        save_total_limit=1,
-        save_only_model=False,
-        report_to=[],
-        seed=seed,
-        data_seed=seed,
-        dataloader_num_workers=0,
-    )
     dataset = shared_dataset(examples, Path(output_dir))
-    if loss == "dpo":
-        from trl import DPOConfig, DPOTrainer
-
-        args = DPOConfig(loss_type=["sigmoid"], **common)
-        trainer = DPOTrainer(model=model, ref_model=ref_model, args=args,
-                             train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=peft_config)
-    else:
-        from trl import KTOConfig, KTOTrainer
-
-        desirable, undesirable = kto_weights(examples)
-        if training.per_device_batch_size < 2:
-            raise InputError("KTO needs per_device_batch_size >= 2",
-                             field="training.per_device_batch_size")
-        args = KTOConfig(desirable_weight=desirable, undesirable_weight=undesirable, **common)
-        trainer = KTOTrainer(model=model, ref_model=ref_model, args=args,
-                             train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=peft_config)
-    return trainer
+    return entry.trainer_class()(model=model, ref_model=ref_model, args=args,
+                                 train_dataset=dataset, processing_class=tokenizer,
+                                 peft_config=peft_config)
 
 
 def shared_dataset(examples: list[dict[str, Any]], folder: Path):
@@ -329,6 +291,8 @@ def align(
         raise InputError(f"{world} processes need --checkpoint-dir, a folder they all share "
                          "(the trainer's state and the dataset cache live there)",
                          field="checkpoint_dir")
+    entry = get_loss(loss)
+    check_node(entry, stage2=False, training=asdict(training), where="")
     parent_dir = check_model_dir(parent_dir, role=f"parent model '{parent}'")
     cap = PromptCap(training.max_prompt_length)
     tokenizer = None
@@ -336,7 +300,7 @@ def align(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(parent_dir)
-    examples = load_examples(data_path, loss, prompt_template, seed, training.max_examples,
+    examples = load_examples(data_path, entry, prompt_template, seed, training.max_examples,
                              tokenizer=tokenizer, prompt_cap=cap)
     log.info("prompt cap %s: %d of %d prompts truncated (start cut), %d dropped",
              cap.max_prompt_length, cap.truncated, cap.seen, cap.dropped)
@@ -347,7 +311,7 @@ def align(
     publish = atomic_output(out_dir, is_dir=True) if rank == 0 else _discarded_dir()
     with publish as tmp:
         work_dir = Path(checkpoint_dir) if checkpoint_dir else tmp / ".trainer"
-        trainer = build_trainer(parent_dir, examples, loss=loss, beta=beta, training=training,
+        trainer = build_trainer(parent_dir, examples, loss=entry, beta=beta, training=training,
                                 output_dir=work_dir, seed=seed,
                                 reference_dir=reference_dir)
         trainer.add_callback(startup_callback(log))
@@ -370,6 +334,8 @@ def align(
         summary = {
             "name": name,
             "method": loss,
+            "loss_type": entry.loss_type,
+            "coefficient": entry.coefficient,
             "description": (f"{loss.upper()} on '{data}' from '{parent}' (initial policy and "
                             f"reference), coefficient beta = {beta}."),
             "lineage": read_lineage(parent_dir).get("lineage", []) + [stage],
@@ -378,7 +344,7 @@ def align(
             "training": {
                 **asdict(training), "seed": seed, "examples": len(examples),
                 "prompt_cap": cap.counts(),
-                "global_batch_size": training.per_device_batch_size
+                "global_batch_size": training.per_device_train_batch_size
                 * training.gradient_accumulation_steps * trainer.accelerator.num_processes,
                 "steps": trainer.state.global_step,
                 "resumed_from": resumed_from,
@@ -402,7 +368,8 @@ def align(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sacpo_steps align", description=__doc__)
     parser.add_argument("--parent-dir", required=True)
-    parser.add_argument("--data", required=True, help="pairs (dpo) or labelled rows (kto), JSONL")
+    parser.add_argument("--data", required=True,
+                        help="JSONL rows of the loss's data kind: pairs or labelled rows")
     parser.add_argument("--out", required=True)
     parser.add_argument("--spec", required=True,
                         help="JSON: name, parent, data, loss, beta, training, "

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sacpo_steps import demo_spec
+from sacpo_steps.errors import InputError
 from sacpo_steps.fileio import atomic_output, setup_logging, write_json, write_jsonl
 
 log = logging.getLogger("sacpo.demo_world")
@@ -343,8 +344,15 @@ def build_world(cfg: WorldConfig) -> dict[str, Any]:
             "prompt_sets": eval_sets}
 
 
-def write_world(cfg: WorldConfig, out_dir: str | Path) -> dict[str, int]:
-    """Write the world's files under `out_dir`:
+#: the world's files, by their name under a world folder
+WORLD_FILES = ("preferences.jsonl", "sft_corpus.jsonl", "prompts/helpfulness.jsonl",
+               "prompts/red_team.jsonl", "spec.json")
+
+
+def write_world(cfg: WorldConfig, out_dir: str | Path | None = None, *,
+                targets: dict[str, str | Path] | None = None) -> dict[str, int]:
+    """Write the world's files under `out_dir`, or each to its own path in `targets`
+    (keyed by its name in WORLD_FILES; the rule passes its declared outputs):
 
     preferences.jsonl (PKU-SafeRLHF-30K schema), sft_corpus.jsonl (prompt, response),
     prompts/helpfulness.jsonl and prompts/red_team.jsonl (prompt_id, prompt, task_id),
@@ -353,9 +361,17 @@ def write_world(cfg: WorldConfig, out_dir: str | Path) -> dict[str, int]:
     Everything is written into a staging folder first and moved into place only
     once complete, so a failure leaves none of the files.
     """
+    if targets is None:
+        if out_dir is None:
+            raise ValueError("write_world needs out_dir or targets")
+        targets = {name: Path(out_dir) / name for name in WORLD_FILES}
+    missing = sorted(set(WORLD_FILES) - set(targets))
+    if missing or set(targets) - set(WORLD_FILES):
+        raise InputError(f"the world's files are {list(WORLD_FILES)}; missing {missing}",
+                         field="--out-*")
+    targets = {name: Path(path) for name, path in targets.items()}
     world = build_world(cfg)
-    out_dir = Path(out_dir)
-    staging = out_dir / ".staging"
+    staging = targets["spec.json"].parent / ".staging"
     with atomic_output(staging, is_dir=True) as tmp:
         counts = {
             "preferences": write_jsonl(tmp / "preferences.jsonl", world["preferences"]),
@@ -365,7 +381,7 @@ def write_world(cfg: WorldConfig, out_dir: str | Path) -> dict[str, int]:
             counts[f"prompts/{name}"] = write_jsonl(tmp / "prompts" / f"{name}.jsonl", rows)
         write_json(tmp / "spec.json", world["spec"])
     for f in sorted(p for p in staging.rglob("*") if p.is_file()):
-        target = out_dir / f.relative_to(staging)
+        target = targets[f.relative_to(staging).as_posix()]
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(f, target)
     shutil.rmtree(staging)
@@ -374,11 +390,13 @@ def write_world(cfg: WorldConfig, out_dir: str | Path) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sacpo_steps demo_world", description=__doc__)
-    parser.add_argument("--out-dir", required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-sft-examples", type=int, default=WorldConfig.n_sft_examples)
-    parser.add_argument("--n-preference-pairs", type=int,
-                        default=WorldConfig.n_preference_pairs)
+    parser.add_argument("--out-dir", help="write every file of the world here, or name each:")
+    for name in ("preferences", "sft-corpus", "spec"):
+        parser.add_argument(f"--out-{name}")
+    parser.add_argument("--out-prompts", nargs=2, metavar=("HELPFULNESS", "RED_TEAM"))
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--n-sft-examples", type=int, required=True)
+    parser.add_argument("--n-preference-pairs", type=int, required=True)
     parser.add_argument("--sensitive-tasks", action="store_true",
                         help="add the dual-use requests (the helpfulness/safety trade-off)")
     parser.add_argument("--log")
@@ -387,5 +405,14 @@ def main(argv: list[str] | None = None) -> None:
     cfg = WorldConfig(seed=args.seed, n_sft_examples=args.n_sft_examples,
                       n_preference_pairs=args.n_preference_pairs,
                       sensitive_tasks=args.sensitive_tasks)
-    counts = write_world(cfg, args.out_dir)
-    log.info("demo world written to %s: %s", args.out_dir, counts)
+    named = [args.out_preferences, args.out_sft_corpus, args.out_spec, args.out_prompts]
+    if (args.out_dir is None) != all(v is not None for v in named) or \
+            (args.out_dir is not None and any(v is not None for v in named)):
+        parser.error("give --out-dir, or every one of --out-preferences, --out-sft-corpus, "
+                     "--out-spec and --out-prompts")
+    targets = None
+    if args.out_dir is None:
+        targets = dict(zip(WORLD_FILES, [args.out_preferences, args.out_sft_corpus,
+                                         *args.out_prompts, args.out_spec], strict=True))
+    counts = write_world(cfg, args.out_dir, targets=targets)
+    log.info("demo world written: %s", counts)

@@ -13,6 +13,7 @@ import json
 import logging
 from pathlib import Path
 
+from sacpo_steps.errors import InputError
 from sacpo_steps.fileio import atomic_output, setup_logging
 from sacpo_steps.modelio import check_model_dir
 
@@ -34,12 +35,26 @@ def download_model(repo_id: str, revision: str, out: str | Path, *,
                           allow_patterns=patterns)
         if convert_bin and not any(tmp.glob("*.safetensors")):
             convert_bin_weights(tmp)
+        if not any(tmp.glob("*.safetensors")):
+            raise InputError(f"hub model {repo_id}@{revision} has no safetensors weights (if "
+                             f"it ships pickled .bin weights, set `convert_bin: true` to "
+                             f"convert them once)", field="convert_bin")
         check_model_dir(tmp, role=f"downloaded model {repo_id}")
     return out
 
 
+def safetensors_name(bin_name: str) -> str:
+    """The file transformers looks for in place of a pickled one: `pytorch_model.bin` ->
+    `model.safetensors`, `pytorch_model-00001-of-00002.bin` -> `model-00001-of-00002...`."""
+    stem = bin_name.removesuffix(".bin")
+    if stem.startswith("pytorch_model"):
+        stem = "model" + stem[len("pytorch_model"):]
+    return f"{stem}.safetensors"
+
+
 def convert_bin_weights(folder: Path) -> None:
-    """Convert pickled `.bin` shards to safetensors, loading with weights_only=True."""
+    """Convert pickled `.bin` shards to safetensors, loading with weights_only=True, under
+    the names transformers loads (the index's weight map is rewritten to match)."""
     import torch
     from safetensors.torch import save_file
 
@@ -47,17 +62,14 @@ def convert_bin_weights(folder: Path) -> None:
         state = torch.load(bin_file, map_location="cpu", weights_only=True)
         # safetensors refuses shared storage: give each tensor its own
         state = {k: v.contiguous().clone() for k, v in state.items()}
-        save_file(state, folder / bin_file.with_suffix(".safetensors").name,
-                  metadata={"format": "pt"})
+        save_file(state, folder / safetensors_name(bin_file.name), metadata={"format": "pt"})
         bin_file.unlink()
     index = folder / "pytorch_model.bin.index.json"
     if index.is_file():
         data = json.loads(index.read_text())
-        data["weight_map"] = {k: v.replace(".bin", ".safetensors")
-                              for k, v in data["weight_map"].items()}
+        data["weight_map"] = {k: safetensors_name(v) for k, v in data["weight_map"].items()}
         (folder / "model.safetensors.index.json").write_text(json.dumps(data, indent=2))
         index.unlink()
-
 
 
 def main(argv: list[str] | None = None) -> None:

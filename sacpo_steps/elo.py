@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from sacpo_steps.config_schema import default_of
 from sacpo_steps.errors import InputError
 from sacpo_steps.fileio import atomic_output, setup_logging
 from sacpo_steps.stats import (
@@ -597,12 +598,14 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--battles", nargs="+", required=True, help="battle JSONL files")
     p.add_argument("--anchor", default="sft", help="model fixed at 1000 (SFT)")
-    p.add_argument("--mode", choices=[*MODES, "both"], default="both")
-    p.add_argument("--rounds", type=int, default=1000, help="bootstrap rounds (bt mode)")
-    p.add_argument("--confidence", type=float, default=0.95)
+    p.add_argument("--mode", choices=[*MODES, "both"], default=default_of("evaluation.elo.mode"))
+    p.add_argument("--rounds", type=int, default=default_of("evaluation.elo.bootstrap_rounds"),
+                   help="bootstrap rounds (bt mode)")
+    p.add_argument("--confidence", type=float, default=default_of("evaluation.elo.confidence"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--paper-trials", type=int, default=50, help="paper mode: trials")
-    p.add_argument("--paper-passes", type=int, default=10,
+    p.add_argument("--paper-trials", type=int, default=default_of("evaluation.elo.paper_trials"),
+                   help="paper mode: trials")
+    p.add_argument("--paper-passes", type=int, default=default_of("evaluation.elo.paper_passes"),
                    help="paper mode: shuffled passes per trial")
     p.add_argument("--out-csv", required=True)
     p.add_argument("--out-md", required=True)

@@ -20,6 +20,7 @@ class InputError(Exception):
         row: int | None = None,
         field: str | None = None,
     ) -> None:
+        self.message = message
         self.path = str(path) if path is not None else None
         self.row = row
         self.field = field

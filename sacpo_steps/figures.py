@@ -43,6 +43,7 @@ from matplotlib.figure import Figure
 from matplotlib.text import Annotation
 from matplotlib.transforms import Bbox
 
+from sacpo_steps.config_schema import default_of
 from sacpo_steps.errors import InputError
 from sacpo_steps.fileio import atomic_output, read_json, setup_logging
 
@@ -690,19 +691,33 @@ def elo_chart(elo: pd.DataFrame, *, anchor: str = "sft", mode: str = "bt",
     return fig
 
 
-def save_figures(figures: dict[str, Figure], out_dir: str | Path) -> list[Path]:
-    """Write each figure as PNG and SVG; all files appear together or none does."""
-    out_dir = Path(out_dir)
+def figure_paths(names: Sequence[str], out: str | Path | Sequence[str | Path]
+                 ) -> dict[tuple[str, str], Path]:
+    """{(figure, format): path}: every figure in every format under a folder, or exactly
+    the given files, each named `<figure>.<png|svg>` (the rule's declared outputs)."""
+    if isinstance(out, (str, Path)):
+        return {(n, fmt): Path(out) / f"{n}.{fmt}" for n in names for fmt in FORMATS}
+    paths = {}
+    for path in map(Path, out):
+        name, fmt = path.stem, path.suffix.lstrip(".")
+        if name not in names or fmt not in FORMATS:
+            raise InputError(f"not a figure this step draws (figures: {', '.join(names)}; "
+                             f"formats: {', '.join(FORMATS)})", path=path)
+        paths[(name, fmt)] = path
+    return paths
+
+
+def save_figures(figures: dict[str, Figure], out: str | Path | Sequence[str | Path]
+                 ) -> list[Path]:
+    """Write the figures (see `figure_paths`); all files appear together or none does."""
     written = []
     # fixed SVG ids and no date: the same data gives the same file
     with matplotlib.rc_context({"svg.hashsalt": "sacpo"}), contextlib.ExitStack() as stack:
-        for name, fig in figures.items():
-            for fmt in FORMATS:
-                final = out_dir / f"{name}.{fmt}"
-                tmp = stack.enter_context(atomic_output(final))
-                metadata = {"Date": None} if fmt == "svg" else {"Software": None}
-                fig.savefig(tmp, format=fmt, dpi=150, metadata=metadata)
-                written.append(final)
+        for (name, fmt), final in figure_paths(list(figures), out).items():
+            tmp = stack.enter_context(atomic_output(final))
+            metadata = {"Date": None} if fmt == "svg" else {"Software": None}
+            figures[name].savefig(tmp, format=fmt, dpi=150, metadata=metadata)
+            written.append(final)
     return written
 
 
@@ -719,7 +734,7 @@ def _read_csv(path: str | Path) -> pd.DataFrame:
 def figures_step(
     winrate_path: str | Path,
     elo_path: str | Path,
-    out_dir: str | Path,
+    out: str | Path | Sequence[str | Path],
     *,
     models_path: str | Path | None = None,
     baseline: str = "sft",
@@ -727,7 +742,8 @@ def figures_step(
     x_criterion: str = "helpfulness",
     y_criterion: str = "harmlessness",
 ) -> list[Path]:
-    """Render figure2, figure3 and elo_chart (PNG and SVG) into `out_dir`."""
+    """Render figure2, figure3 and elo_chart: PNG and SVG of each into a folder `out`,
+    or exactly the files listed in `out` (the rule's declared outputs)."""
     info = read_model_info(models_path) if models_path is not None else None
     winrate = _read_csv(winrate_path)
     elo = _read_csv(elo_path)
@@ -742,7 +758,7 @@ def figures_step(
                               y_criterion=y_criterion, source=str(elo_path), styles=styles),
         "elo_chart": elo_chart(elo, anchor=baseline, mode=mode, source=str(elo_path)),
     }
-    written = save_figures(figures, out_dir)
+    written = save_figures(figures, out)
     log.info("wrote %s", ", ".join(str(p) for p in written))
     return written
 
@@ -755,11 +771,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default=None, help="model info: CSV or JSON (model, family, "
                    "label); without it, families come from the model names")
     p.add_argument("--baseline", default="sft", help="the baseline / Elo anchor model")
-    p.add_argument("--elo-mode", choices=["bt", "paper"], default="bt",
+    p.add_argument("--elo-mode", choices=["bt", "paper"],
+                   default=default_of("evaluation.figures.elo_mode"),
                    help="which Elo to plot in figure3 and the chart")
-    p.add_argument("--x-criterion", default="helpfulness")
-    p.add_argument("--y-criterion", default="harmlessness")
-    p.add_argument("--out-dir", required=True)
+    p.add_argument("--x-criterion", default=default_of("evaluation.figures.x_criterion"))
+    p.add_argument("--y-criterion", default=default_of("evaluation.figures.y_criterion"))
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out-dir", help="write every figure as PNG and SVG here")
+    out.add_argument("--out", nargs="+", help="write exactly these files, each named "
+                     "<figure>.<png|svg> (figure2, figure3, elo_chart)")
     p.add_argument("--log", default=None)
     return p
 
@@ -767,7 +787,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     setup_logging(args.log)
-    figures_step(args.winrate, args.elo, args.out_dir, models_path=args.models,
+    figures_step(args.winrate, args.elo, args.out or args.out_dir, models_path=args.models,
                  baseline=args.baseline, mode=args.elo_mode, x_criterion=args.x_criterion,
                  y_criterion=args.y_criterion)
 

@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from sacpo_steps.errors import InputError
 from sacpo_steps.fileio import atomic_output, json_object_arg, read_jsonl, setup_logging
-from sacpo_steps.judges import CRITERIA, Judge, JudgeReply, JudgeRequest, make_judge
+from sacpo_steps.judges import CRITERIA, Judge, JudgeReply, JudgeRequest
+from sacpo_steps.judges.registry import ProtocolSettings, make_judge, protocol
 
 log = logging.getLogger("sacpo.judge")
 
@@ -41,8 +42,8 @@ GENERATION_FIELDS = ("prompt_id", "prompt", "answer", "model")
 PROMPT_FIELDS = ("prompt_id", "prompt")
 # how many ids an error message lists before "..."
 _SHOW_IDS = 5
-#: the judge section's `max_error_rate` when it gives none
-DEFAULT_MAX_ERROR_RATE = 0.05
+#: the judge section's `max_error_rate` when it gives none (defined with the protocol keys)
+DEFAULT_MAX_ERROR_RATE = ProtocolSettings().max_error_rate
 
 # verdict (about the answer shown first/second) -> outcome (about model a/b), per order
 _OUTCOME = {
@@ -177,14 +178,16 @@ def judge_model(
     batch_size: int = 256,
     progress: bool | None = None,
     max_error_rate: float | None = None,
+    replies_path: str | Path | None = None,
+    usage_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Judge candidate (model a) against baseline (model b) on every prompt of a set.
 
     Writes the battles JSONL at `out_path`, its replies sidecar and its usage
-    file, all or none: none when the share of "error" judgments exceeds
-    `max_error_rate` (None: no limit). `progress=None` shows a progress bar
-    only when there is more than one batch. Returns a summary with the outcome
-    counts.
+    file (by default `<out stem>.replies.jsonl` and `<out stem>.usage.json`), all or
+    none: none when the share of "error" judgments exceeds `max_error_rate` (None: no
+    limit). `progress=None` shows a progress bar only when there is more than one
+    batch. Returns a summary with the outcome counts.
     """
     if criterion not in CRITERIA:
         raise InputError(f"unknown criterion {criterion!r} (known: {CRITERIA})",
@@ -254,8 +257,8 @@ def judge_model(
                         "flagged empty_%s in the battles: %s", len(empty[side]), len(prompts),
                         model, side, side, _ids(empty[side]))
 
-    replies_path = replies_path_for(out_path)
-    usage_path = usage_path_for(out_path)
+    replies_path = Path(replies_path) if replies_path else replies_path_for(out_path)
+    usage_path = Path(usage_path) if usage_path else usage_path_for(out_path)
     counts: Counter[str] = Counter()
     errors_by_prompt: Counter[str] = Counter()
     show = len(requests) > batch_size if progress is None else progress
@@ -324,11 +327,8 @@ def _usage(judge: Judge, judgments: int, outcomes: dict[str, int],
 
 
 def error_rate_limit(config: dict[str, Any]) -> float:
-    value = config.get("max_error_rate", DEFAULT_MAX_ERROR_RATE)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise InputError(f"must be a number between 0 and 1, got {value!r}",
-                         field="judge.max_error_rate")
-    return float(value)
+    """The judge section's `max_error_rate`, checked, or its default."""
+    return float(protocol(config).max_error_rate)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -347,6 +347,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="judgments per prompt and order (1 for a deterministic judge)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--out", required=True, help="battles JSONL")
+    p.add_argument("--out-replies", default=None,
+                   help="the judge's raw replies, JSONL (default: <out stem>.replies.jsonl)")
+    p.add_argument("--out-usage", default=None,
+                   help="requests, tokens and cost, JSON (default: <out stem>.usage.json)")
     p.add_argument("--log", default=None)
     return p
 
@@ -362,7 +366,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         judge_model(args.candidate, args.baseline, args.prompts, args.criterion, judge,
                     args.repetitions, args.out, batch_size=args.batch_size,
-                    max_error_rate=max_error_rate)
+                    max_error_rate=max_error_rate, replies_path=args.out_replies,
+                    usage_path=args.out_usage)
     finally:
         judge.close()
 

@@ -12,28 +12,48 @@ import hashlib
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any
 
+from sacpo_steps import data_formats, losses
+from sacpo_steps.config_schema import load_config_schema as load_schema
 from sacpo_steps.errors import InputError
+from sacpo_steps.judges import registry as judge_registry
 from sacpo_steps.layout import SEED, Layout, SeedError, config_seeds
+from sacpo_steps.training_config import migrate_training
 
 WORKFLOW_ROOT = Path(__file__).resolve().parent.parent  # where `extends:` paths start
-SCHEMA_PATH = WORKFLOW_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 
 
 class PlanError(InputError):
     """The config cannot describe a runnable experiment."""
 
+    @classmethod
+    def at_field(cls, exc: InputError) -> PlanError:
+        """A registry's InputError as a plan error that starts with the config path of its
+        field (`preference_sources.x.format: ...`), as every plan error does."""
+        if exc.field and exc.path is None and exc.row is None:
+            return cls(f"{exc.field}: {exc.message}")
+        return cls(str(exc))
 
-@cache
-def load_schema(path: str | Path = SCHEMA_PATH) -> dict[str, Any]:
-    """The parsed schema, read once per process (callers must not modify it)."""
-    import yaml
 
-    return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+def config_schema() -> dict[str, Any]:
+    """The config schema with what the registries own filled in: the judge sections'
+    keys come from the judge registry (each backend declares its settings once), the
+    losses and data formats are named by their registries, so an entry registered at
+    run time is known to the schema too."""
+    schema = copy.deepcopy(load_schema())
+    evaluation = schema["properties"]["evaluation"]["properties"]
+    evaluation["judge"] = judge_registry.judge_schema()
+    evaluation["prompt_sets"]["additionalProperties"]["properties"]["judge"] = \
+        judge_registry.judge_schema(override=True)
+    node = schema["properties"]["models"]["additionalProperties"]["properties"]
+    node["loss"] = {**node["loss"], "enum": sorted(losses.LOSSES)}
+    source = schema["properties"]["preference_sources"]["additionalProperties"]["properties"]
+    source["format"] = {**source["format"], "enum": sorted(data_formats.FORMATS)}
+    return schema
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -112,7 +132,7 @@ def validate_config(config: dict[str, Any], *, source: str = "config",
     """Check the config against the JSON schema and fill its defaults (in place)."""
     import jsonschema
 
-    schema = schema or load_schema()
+    schema = schema or config_schema()
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
@@ -144,8 +164,8 @@ class Node:
 
     @property
     def data_file(self) -> str:
-        """Which file of the preference data folder this node trains on."""
-        return "pairs" if self.loss == "dpo" else "kto"
+        """Which file of the preference data folder this node's loss reads (registry)."""
+        return losses.get_loss(self.loss).data
 
     @property
     def parents(self) -> tuple[str, ...]:
@@ -186,6 +206,7 @@ class Plan:
     seeds: tuple[int, ...] = (0,)  # `seeds`, or a scalar `seed` as one element
     config: dict[str, Any] = field(default_factory=dict, repr=False)  # validated, resolved
     layout: Layout | None = field(default=None, repr=False)  # every path of the experiment
+    formats: dict[str, Any] = field(default_factory=dict)  # source -> checked data format
 
     @property
     def models(self) -> list[str]:
@@ -277,6 +298,18 @@ class Plan:
         src = self.config["preference_sources"][self.paths.hub_datasets()[key]]
         return {"repo_id": src["repo_id"], "revision": src.get("revision", "main")}
 
+    def preference_input(self, source: str, seed: int | str) -> str:
+        """What the preference_data step reads: the source's table or folder, or the
+        `data_dir` sub-folder of it (one subset of a multi-subset hub snapshot)."""
+        table = self.paths.preference_table(source, seed)
+        sub = self.config["preference_sources"][source].get("data_dir")
+        return f"{table}/{sub}" if sub else table
+
+    def preference_format_args(self, source: str) -> str:
+        """The preference_data step's format flags (`--format ... [--criterion ...]
+        [--options JSON]`), from the data-format registry's check of the source."""
+        return self.formats[source].cli_args()
+
     def align_spec(self, name: str, seed: int | str) -> dict[str, Any]:
         """Everything the align step trains node `name` with (its rerun trigger)."""
         node = self.nodes[name]
@@ -350,44 +383,29 @@ class Plan:
         """The prompt set's judge: the global judge with the set's own overrides."""
         return judge_for(self.config["evaluation"], prompt_set)
 
-    def judge_template(self, prompt_set: str) -> str | None:
-        """The user's own judge template for the set's criterion, or None (the packaged
-        one, which counts as the judge's code)."""
-        return (self.judge(prompt_set).get("templates") or {}).get(self.criterion(prompt_set))
-
     def judge_settings(self, prompt_set: str) -> dict[str, Any]:
         """The set's judge with only its own criterion's template: editing the other
         criterion's template must not rerun this set's judge jobs (params trigger)."""
-        judge = dict(self.judge(prompt_set))
-        judge.pop("templates", None)
-        if self.judge_template(prompt_set):
-            judge["templates"] = {self.criterion(prompt_set): self.judge_template(prompt_set)}
-        return judge
+        return judge_registry.for_criterion(self.judge(prompt_set), self.criterion(prompt_set))
 
     def judge_cache(self, prompt_set: str) -> str | None:
-        """API judges share one append-only cache per judge model, outside results/:
-        these replies are paid for, and must survive a cleaned results/ folder."""
-        judge = self.judge(prompt_set)
-        if judge["backend"] == "rule":
-            return None
-        name = re.sub(r"[^A-Za-z0-9._-]", "_", judge.get("model", judge["backend"]))
-        return f"resources/judge_cache/{name}.jsonl"
+        """The backend's shared cache (API replies, model scores) outside results/: paid
+        for or slow, they must survive a cleaned results/ folder; None without one."""
+        return judge_registry.cache_file(self.judge(prompt_set))
 
     def judge_reads(self, prompt_sets: list[str], seed: int | str) -> dict[str, str]:
-        """What the sets' judges read besides the answers: the demo world's spec (rule),
-        score models (score_model), the user's template files (an edit reruns them)."""
+        """What the sets' judges read besides the answers, as the judge registry says
+        (the demo world's spec, score models, the user's templates): an edit reruns them.
+        Two sets naming different files under one role keep both (the second suffixed)."""
         inputs: dict[str, str] = {}
         for prompt_set in prompt_sets:
-            judge = self.judge(prompt_set)
-            if judge["backend"] == "rule":
-                inputs["spec"] = f"{self.paths.world_dir(seed)}/spec.json"
-            if judge["backend"] == "score_model":
-                for key in ("reward_model", "cost_model"):
-                    if judge.get(key):
-                        inputs[f"{key}_{len(inputs)}"] = judge[key]
-            if self.judge_template(prompt_set):
-                inputs[f"template_{self.criterion(prompt_set)}"] = self.judge_template(
-                    prompt_set)
+            files = judge_registry.input_files(self.judge(prompt_set),
+                                               self.criterion(prompt_set),
+                                               spec=f"{self.paths.world_dir(seed)}/spec.json")
+            for role, path in files.items():
+                if inputs.get(role, path) != path:
+                    role = f"{role}_{prompt_set}"
+                inputs[role] = path
         return inputs
 
     def judge_inputs(self, model: str, opponent: str, prompt_set: str, seed: int | str
@@ -400,14 +418,15 @@ class Plan:
 
     def required_env(self) -> list[str]:
         """Names of the environment variables the judges need (API keys), sorted."""
-        return sorted({self.judge(s).get("api_key_env", "OPENAI_API_KEY")
-                       for s in self.prompt_sets if self.judge(s)["backend"] == "openai"})
+        return sorted({env for s in self.prompt_sets
+                       for env in judge_registry.required_env(self.judge(s))})
 
     def judge_api_slots(self) -> int | None:
         """Judge jobs at once against an API (each keeps `concurrency` requests in
         flight), or None when no judge calls an API."""
-        api = [self.judge(s) for s in self.prompt_sets if self.judge(s)["backend"] == "openai"]
-        return min(j.get("parallel_jobs", 4) for j in api) if api else None
+        api = [self.judge(s) for s in self.prompt_sets
+               if judge_registry.get_backend(self.judge(s)["backend"]).calls_api]
+        return min(judge_registry.protocol(j).parallel_jobs for j in api) if api else None
 
     def battle_files(self, seed: int | str) -> list[str]:
         """Every battle file of one seed; the baseline is always the opponent side."""
@@ -484,7 +503,7 @@ def _merge_training(defaults: dict[str, Any], override: dict[str, Any], where: s
     # which YAML reads as a string.
     import jsonschema
 
-    validator = jsonschema.Draft202012Validator(load_schema()["$defs"]["training"])
+    validator = jsonschema.Draft202012Validator(config_schema()["$defs"]["training"])
     for err in sorted(validator.iter_errors(override), key=lambda e: list(e.absolute_path)):
         raise PlanError(f"{where}.{_path(err)}: {err.message}")
     return {**defaults, **override}
@@ -520,11 +539,22 @@ def build_plan(config: dict[str, Any]) -> Plan:
         if ds["source"] not in sources:
             raise PlanError(f"datasets.{name}.source: unknown preference source "
                             f"{ds['source']!r} (defined: {sorted(sources)})")
+    formats = {}
     for name, src in sources.items():
         if src["source"] == "local" and "path" not in src:
             raise PlanError(f"preference_sources.{name}: source 'local' needs `path`")
         if src["source"] == "hub" and "repo_id" not in src:
             raise PlanError(f"preference_sources.{name}: source 'hub' needs `repo_id`")
+        try:  # the format registry checks its own keys (format, criterion, options)
+            formats[name] = data_formats.check_source(src, f"preference_sources.{name}")
+        except InputError as exc:
+            raise PlanError.at_field(exc) from None
+    for name, ds in datasets.items():
+        yields = formats[ds["source"]].criteria
+        if ds["criterion"] not in yields:
+            raise PlanError(f"datasets.{name}.criterion: source {ds['source']!r} (format "
+                            f"{formats[ds['source']].name}) yields {list(yields)}, not "
+                            f"{ds['criterion']!r}")
     models = config["models"]
     if sft in models:
         raise PlanError(f"models.{sft}: the name is taken by the SFT checkpoint (sft.name)")
@@ -552,7 +582,7 @@ def build_plan(config: dict[str, Any]) -> Plan:
             merges[name] = _merge_node(name, spec, where)
         else:
             nodes[name] = _align_node(name, spec, where, defaults, datasets,
-                                      config.get("resources", {}).get("align", {}))
+                                      config.get("resources", {}).get("align", {}), sft)
     known = {sft, *nodes, *merges}
     for node in [*nodes.values(), *merges.values()]:
         for i, parent in enumerate(node.parents):
@@ -581,17 +611,14 @@ def build_plan(config: dict[str, Any]) -> Plan:
 
     for name in every:
         visit(name, [])
+    _check_conversational(nodes, datasets, formats, config["prompt_template"], sft)
 
     evaluation = config["evaluation"]
     baseline = evaluation.get("baseline", sft)
     if baseline != sft and baseline not in every and baseline not in baselines:
         raise PlanError(f"evaluation.baseline: unknown model {baseline!r}")
     pairs_mode, families = _check_families(evaluation, [sft, *ordered, *baselines])
-    judge_schema = load_schema()["properties"]["evaluation"]["properties"]["judge"]
     for name, ps in evaluation["prompt_sets"].items():
-        if "judge" in ps:
-            _check_judge_override(ps["judge"], judge_schema,
-                                  f"evaluation.prompt_sets.{name}.judge")
         if ps.get("source", "local") == "local" and "path" not in ps:
             raise PlanError(f"evaluation.prompt_sets.{name}: needs `path` (or source: demo)")
     target = config.get("target")
@@ -607,15 +634,46 @@ def build_plan(config: dict[str, Any]) -> Plan:
             red_team = next(n for n, ps in evaluation["prompt_sets"].items()
                             if ps["criterion"] == "harmlessness")
             backend = judge_for(evaluation, red_team)["backend"]
-            if backend not in ("rule", "score_model"):
+            if not judge_registry.get_backend(backend).rates_one_answer:
+                able = sorted(n for n, b in judge_registry.BACKENDS.items()
+                              if b.rates_one_answer)
                 raise PlanError(f"target.measure: safe_rate rates each answer on its own, "
                                 f"which the {backend!r} judge of prompt set {red_team!r} cannot "
-                                f"(it compares two answers): use a rule or score_model judge, "
+                                f"(it compares two answers): use a judge of {able}, "
                                 f"or measure: harmlessness_winrate")
     return Plan(sft=sft, nodes={n: nodes[n] for n in ordered if n in nodes}, datasets=datasets,
                 baseline=baseline, merges={n: merges[n] for n in ordered if n in merges},
                 baselines=baselines, order=ordered, pairs=pairs_mode, families=families,
-                seeds=seeds, config=config, layout=Layout.from_config(config))
+                seeds=seeds, config=config, layout=Layout.from_config(config), formats=formats)
+
+
+def _check_conversational(nodes: dict[str, Node], datasets: dict[str, Any],
+                          formats: dict[str, Any], prompt_template: str, sft: str) -> None:
+    """Conversational data (message lists) trains through the chat template, so it needs
+    `prompt_template: chat`; and one lineage must not mix text and conversational data
+    (a model trained on chat turns, then on plain text, or the reverse)."""
+    from sacpo_steps.tokens import is_chat
+
+    def kind(node: Node) -> str:
+        fmt = formats[datasets[node.data]["source"]]
+        return "conversational" if fmt.conversational else "text"
+
+    for name, node in nodes.items():
+        fmt = formats[datasets[node.data]["source"]]
+        if fmt.conversational and not is_chat(prompt_template):
+            raise PlanError(f"models.{name}.data: dataset {node.data!r} is conversational "
+                            f"(format {fmt.name}), which trains through the tokenizer's chat "
+                            f"template: set `prompt_template: chat`")
+        chain, parent = [node], node.parent
+        while parent in nodes:
+            chain.append(nodes[parent])
+            parent = nodes[parent].parent
+        kinds = {n.name: kind(n) for n in chain}
+        if len(set(kinds.values())) > 1:
+            raise PlanError(f"models.{name}.data: the lineage {sft} -> "
+                            f"{' -> '.join(reversed(kinds))} mixes text and conversational "
+                            f"datasets ({', '.join(f'{k}: {v}' for k, v in kinds.items())}); "
+                            f"train one lineage on one kind")
 
 
 def _check_families(evaluation: dict[str, Any], models: list[str]
@@ -662,21 +720,6 @@ def estimated_cost(judgments: int, input_tokens: int, max_tokens: int,
                         + max_tokens * price_output_per_1m) / 1e6
 
 
-def _openai_estimate(judge: dict[str, Any], criterion: str, max_new_tokens: int,
-                     prompt_chars: int) -> tuple[int, int, float | None, float | None, str]:
-    """(input tokens, max output tokens, USD in, USD out per 1M, model) of one judgment,
-    read from the judge's own config class so its defaults are the ones applied."""
-    from sacpo_steps.judges.openai import OpenAIJudgeConfig, load_template
-
-    cfg = OpenAIJudgeConfig.from_dict(judge)
-    template = load_template(criterion, cfg.format, (cfg.templates or {}).get(criterion))
-    suffix = cfg.user_suffix()  # what the judge appends to each user message
-    price_in, price_out = cfg.prices()
-    tokens_in = estimated_input_tokens(len(template.text) + len(suffix), max_new_tokens,
-                                       prompt_chars)
-    return tokens_in, int(cfg.output_cap()), price_in, price_out, cfg.model
-
-
 def judgment_report(plan: Plan, evaluation: dict[str, Any],
                     prompts: dict[str, tuple[int | None, str, int]]) -> list[str]:
     """Lines saying how many judgments the run makes and, for openai judges, an upper
@@ -709,11 +752,13 @@ def judgment_report(plan: Plan, evaluation: dict[str, Any],
             n = judgment_count(n_pairs, count, reps) * seeds
             total += n
             text = f"{head}{count} prompts ({source}) x {tail} = {n:,} judgments"
-        if judge["backend"] != "openai":
+        basis = judge_registry.cost_basis(judge, ps["criterion"])
+        if basis is None:
             lines.append(f"{text}; {judge['backend']} judge, no API cost")
             continue
-        tokens_in, tokens_out, price_in, price_out, model = _openai_estimate(
-            judge, ps["criterion"], max_new, prompt_chars)
+        tokens_in = estimated_input_tokens(basis.template_chars, max_new, prompt_chars)
+        tokens_out, model = basis.output_tokens, basis.model
+        price_in, price_out = basis.price_input_per_1m, basis.price_output_per_1m
         if price_in is None or price_out is None:
             unpriced = True
             text += (f"; {model}: no price known (set price_input_per_1m and "
@@ -753,37 +798,17 @@ def judgment_report(plan: Plan, evaluation: dict[str, Any],
 
 
 def judge_for(evaluation: dict[str, Any], prompt_set: str) -> dict[str, Any]:
-    """The judge of one prompt set: the global judge, overridden by the set's own.
-
-    An override with another backend keeps only the protocol keys (repetitions, error
-    threshold, parallel jobs): the other backend's settings would not apply to it.
-    """
-    base = dict(evaluation["judge"])
-    own = evaluation["prompt_sets"][prompt_set].get("judge", {})
-    if own.get("backend", base["backend"]) != base["backend"]:
-        from sacpo_steps.judges.base import STEP_KEYS
-
-        base = {k: v for k, v in base.items() if k in STEP_KEYS - {"backend"}}
-    return {**base, **own}
-
-
-def _check_judge_override(override: dict[str, Any], schema: dict[str, Any], where: str
-                          ) -> None:
-    import jsonschema
-
-    validator = jsonschema.Draft202012Validator(schema)
-    for err in sorted(validator.iter_errors(override), key=lambda e: list(e.absolute_path)):
-        if err.validator == "additionalProperties":
-            extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
-            raise PlanError(f"{where}: unknown key(s) {extra}")
-        raise PlanError(f"{where}.{_path(err)}: {err.message}")
+    """The judge of one prompt set: the global judge, overridden by the set's own (an
+    override naming another backend keeps only the protocol keys)."""
+    return judge_registry.resolve_judge(evaluation["judge"],
+                                        evaluation["prompt_sets"][prompt_set].get("judge"))
 
 
 ALIGN_FIELDS = ("parent", "data", "loss", "beta")
 
 
 def _align_node(name: str, spec: dict[str, Any], where: str, defaults: dict[str, Any],
-                datasets: dict[str, Any], kind_resources: dict[str, Any]) -> Node:
+                datasets: dict[str, Any], kind_resources: dict[str, Any], sft: str) -> Node:
     missing = [f for f in ALIGN_FIELDS if f not in spec]
     if missing:
         raise PlanError(f"{where}: an alignment node needs {list(ALIGN_FIELDS)}; missing "
@@ -794,8 +819,13 @@ def _align_node(name: str, spec: dict[str, Any], where: str, defaults: dict[str,
         raise PlanError(f"{where}.data: unknown dataset {spec['data']!r} "
                         f"(defined: {sorted(datasets)})")
     training = _merge_training(defaults, spec.get("training", {}), f"{where}.training")
-    if spec["loss"] == "kto" and training["per_device_batch_size"] < 2:
-        raise PlanError(f"{where}.training.per_device_batch_size: KTO needs at least 2")
+    try:  # the loss registry's own checks: reference for stage 2, batch, `trl:` args
+        loss = losses.get_loss(spec["loss"])
+        losses.check_node(loss, stage2=spec["parent"] != sft, training=training, where=where)
+    except InputError as exc:
+        if exc.field == "loss":
+            raise PlanError(f"{where}.loss: {exc.message}") from None
+        raise PlanError.at_field(exc) from None
     resources = dict(spec.get("resources", {}))
     _check_global_batch(training, {**kind_resources, **resources}, where)
     return Node(name, spec["parent"], spec["data"], spec["loss"], float(spec["beta"]),
@@ -822,12 +852,13 @@ def _check_global_batch(training: dict[str, Any], resources: dict[str, Any], whe
     if declared is None:
         return
     gpus = max(1, int(resources.get("gpu", 1)))
-    actual = (training["per_device_batch_size"] * gpus
+    actual = (training["per_device_train_batch_size"] * gpus
               * training["gradient_accumulation_steps"])
     if actual != declared:
         raise PlanError(
             f"{where}.training.global_batch_size: declared {declared}, but "
-            f"per_device_batch_size {training['per_device_batch_size']} x gpu {gpus} x "
+            f"per_device_train_batch_size {training['per_device_train_batch_size']} x gpu "
+            f"{gpus} x "
             f"gradient_accumulation_steps {training['gradient_accumulation_steps']} = {actual}")
 
 
@@ -839,8 +870,50 @@ def load_plan(config: dict[str, Any], *, source: str = "config",
         resolved = resolve_extends(config, base_dir)
         config.clear()
         config.update(resolved)
+    for line in migrate_config(config):
+        print(f"deprecated ({source}): {line}", file=sys.stderr)
+    _check_judge_sections(config)
     validate_config(config, source=source)
     return build_plan(config)
+
+
+def migrate_config(config: dict[str, Any]) -> list[str]:
+    """Rename deprecated training keys in place (the defaults and each node's own), before
+    validation; return one message per rename. Both names at once is an error."""
+    sections = [("training", config)]
+    models = config.get("models")
+    if isinstance(models, dict):
+        sections += [(f"models.{n}.training", spec) for n, spec in models.items()
+                     if isinstance(spec, dict)]
+    messages = []
+    for where, holder in sections:
+        if isinstance(holder.get("training"), dict):
+            try:
+                holder["training"], notes = migrate_training(holder["training"], where)
+            except InputError as exc:
+                raise PlanError.at_field(exc) from None
+            messages += notes
+    return messages
+
+
+def _check_judge_sections(config: dict[str, Any]) -> None:
+    """The judge registry checks every judge section before the schema does, so a key of
+    another backend is reported as such (`belongs to the score_model judge`), not only
+    as unknown. Sections that are not mappings are left to the schema."""
+    evaluation = config.get("evaluation")
+    if not isinstance(evaluation, dict):
+        return
+    judge = evaluation.get("judge", {})
+    if not isinstance(judge, dict):
+        return
+    try:
+        judge_registry.check_judge(judge, "evaluation.judge")
+        for name, ps in (evaluation.get("prompt_sets") or {}).items():
+            if isinstance(ps, dict) and isinstance(ps.get("judge"), dict):
+                judge_registry.check_judge(judge_registry.resolve_judge(judge, ps["judge"]),
+                                           f"evaluation.prompt_sets.{name}.judge")
+    except InputError as exc:
+        raise PlanError.at_field(exc) from None
 
 
 def to_json(obj: Any) -> str:

@@ -1,9 +1,10 @@
-"""PKU-SafeRLHF-30K adapter: one table of rated response pairs -> the four training sets.
+"""The preference_data step: a preference table in a registered format -> training sets.
 
-SACPO aligns for helpfulness and for safety in separate steps, each from its own
-preference signal, so the same rows are turned into a helpfulness set (from
-`better_response_id`) and a safety set (from `safer_response_id` / the per-response
-safety flags), each in pairwise (DPO) and unpaired (KTO) form.
+The input's format (`data_formats.FORMATS`, default PKU-SafeRLHF-30K) decides how
+each row is checked and which sets it yields: `{criterion}_pairs.jsonl` (DPO) and
+`{criterion}_kto.jsonl` (KTO) for each criterion the source yields, plus
+`summary.json`. A PKU-SafeRLHF table yields helpfulness and safety from the same
+rows; a single-criterion format (TRL, HH-RLHF) yields the one its source names.
 
 Texts are kept raw: the prompt template is the training step's business, so the
 same prepared data serves every base model.
@@ -17,47 +18,42 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gzip
 import json
 import logging
-import numbers
 import re
-from collections.abc import Iterable
+import zlib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from sacpo_steps.data_formats import (
+    DEFAULT_FORMAT,
+    BadRow,
+    SourceFormat,
+    get_format,
+    resolve_format,
+)
 from sacpo_steps.errors import InputError
-from sacpo_steps.fileio import atomic_output, setup_logging, write_json, write_jsonl
+from sacpo_steps.fileio import (
+    atomic_output,
+    json_object_arg,
+    setup_logging,
+    write_json,
+    write_jsonl,
+)
 
 log = logging.getLogger("sacpo")
 
-TEXT_FIELDS = ("prompt", "response_0", "response_1")
-SAFE_FIELDS = ("is_response_0_safe", "is_response_1_safe")
-ID_FIELDS = ("better_response_id", "safer_response_id")
-REQUIRED_FIELDS = TEXT_FIELDS + SAFE_FIELDS + ID_FIELDS
-
-JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
-SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES
+GZIP_JSONL_SUFFIXES = (".jsonl.gz", ".json.gz")
+JSONL_SUFFIXES = (".jsonl", ".json")
+SUFFIXES = JSONL_SUFFIXES + GZIP_JSONL_SUFFIXES + PARQUET_SUFFIXES
 
-OUTPUT_NAMES = ("helpfulness_pairs", "safety_pairs", "helpfulness_kto", "safety_kto")
 ON_BAD_ROW = ("error", "skip")
 
 # how many skipped rows are logged one by one before only the counts are
 _LOG_SKIPPED_ROWS = 10
-
-
-class _BadRow(Exception):
-    """One row's first problem: `reason` is the counter key, `detail` the specifics."""
-
-    def __init__(self, reason: str, field: str | None = None, detail: str | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.field = field
-        self.detail = detail
-
-    def to_input_error(self, path: str | Path, row: int) -> InputError:
-        msg = f"{self.reason} ({self.detail})" if self.detail else self.reason
-        return InputError(msg, path=path, row=row, field=self.field)
 
 
 class _SkipLog:
@@ -67,7 +63,7 @@ class _SkipLog:
         self.counter = counter
         self.logged = 0
 
-    def add(self, bad: _BadRow, path: str | Path, row: int) -> None:
+    def add(self, bad: BadRow, path: str | Path, row: int) -> None:
         self.counter[bad.reason] += 1
         if self.logged < _LOG_SKIPPED_ROWS:
             log.warning("skipping %s", bad.to_input_error(path, row))
@@ -81,7 +77,7 @@ def _check_on_bad_row(on_bad_row: str) -> None:
         raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, not {on_bad_row!r}")
 
 
-def _progress(total: int, unit: str, desc: str) -> Any:
+def _progress(total: int | None, unit: str, desc: str) -> Any:
     """A tqdm bar on stderr, silent when stderr is not a terminal (e.g. a Snakemake log)."""
     import sys
 
@@ -106,6 +102,16 @@ def _split_pattern(split: str) -> re.Pattern[str]:
     return re.compile(rf"(?<![A-Za-z0-9]){re.escape(split)}(?![A-Za-z0-9])")
 
 
+def _file_kind(path: Path) -> str | None:
+    """'parquet', 'jsonl.gz' or 'jsonl' by the file name's ending; None if unsupported."""
+    name = path.name.lower()
+    for kind, suffixes in (("parquet", PARQUET_SUFFIXES), ("jsonl.gz", GZIP_JSONL_SUFFIXES),
+                           ("jsonl", JSONL_SUFFIXES)):
+        if name.endswith(suffixes):
+            return kind
+    return None
+
+
 def find_split_files(directory: str | Path, split: str = "train") -> list[Path]:
     """The data files of `split` in a downloaded dataset folder, in sorted (shard) order.
 
@@ -118,7 +124,7 @@ def find_split_files(directory: str | Path, split: str = "train") -> list[Path]:
         rel = p.relative_to(directory)
         if any(part.startswith(".") for part in rel.parts):
             continue
-        if p.suffix.lower() in SUFFIXES and p.is_file() and pattern.search(rel.as_posix()):
+        if _file_kind(p) and p.is_file() and pattern.search(rel.as_posix()):
             found.append(p)
     found.sort(key=lambda p: p.relative_to(directory).as_posix())
     if not found:
@@ -136,7 +142,7 @@ def _resolve_files(path: str | Path, split: str) -> list[Path]:
         return find_split_files(path, split)
     if not path.exists():
         raise InputError("file not found", path=path)
-    if path.suffix.lower() not in SUFFIXES:
+    if _file_kind(path) is None:
         raise InputError(
             f"unsupported file type '{path.suffix}' (expected one of {', '.join(SUFFIXES)})",
             path=path,
@@ -148,61 +154,72 @@ def _parse_line(raw: bytes) -> dict[str, Any]:
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise _BadRow("not valid UTF-8", detail=f"{exc.reason} at byte {exc.start + 1}") from None
+        raise BadRow("not valid UTF-8", detail=f"{exc.reason} at byte {exc.start + 1}") from None
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise _BadRow(
+        raise BadRow(
             "malformed JSON",
             detail=f"{exc.msg} at column {exc.colno}; expected one object per line",
         ) from None
     if not isinstance(obj, dict):
-        raise _BadRow("not a JSON object", detail=f"got {type(obj).__name__}")
+        raise BadRow("not a JSON object", detail=f"got {type(obj).__name__}")
     return obj
 
 
 def _read_jsonl(
     path: Path, on_bad_row: str, skip_log: _SkipLog
 ) -> list[tuple[int, dict[str, Any]]]:
-    """Parse line by line from bytes, so a bad encoding is reported with its line number."""
+    """Parse line by line from bytes, so a bad encoding is reported with its line number.
+
+    A gzipped file is decompressed on the fly; its progress counts decompressed bytes.
+    """
     rows: list[tuple[int, dict[str, Any]]] = []
     n_nonblank = 0
+    gzipped = _file_kind(path) == "jsonl.gz"
     try:
-        fh = open(path, "rb")
+        fh = gzip.open(path, "rb") if gzipped else open(path, "rb")
     except OSError as exc:
         raise InputError(f"cannot read ({exc.strerror or exc})", path=path) from None
-    with fh, _progress(path.stat().st_size, "B", path.name) as bar:
-        for lineno, raw in enumerate(fh, start=1):
-            bar.update(len(raw))
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]  # a UTF-8 byte-order mark is not part of the data
-            if not raw.strip():
-                continue
-            n_nonblank += 1
-            try:
-                rows.append((lineno, _parse_line(raw)))
-            except _BadRow as bad:
-                if on_bad_row == "error":
-                    raise bad.to_input_error(path, lineno) from None
-                skip_log.add(bad, path, lineno)
+    total = None if gzipped else path.stat().st_size
+    with fh, _progress(total, "B", path.name) as bar:
+        try:
+            for lineno, raw in enumerate(fh, start=1):
+                bar.update(len(raw))
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]  # a UTF-8 byte-order mark is not part of the data
+                if not raw.strip():
+                    continue
+                n_nonblank += 1
+                try:
+                    rows.append((lineno, _parse_line(raw)))
+                except BadRow as bad:
+                    if on_bad_row == "error":
+                        raise bad.to_input_error(path, lineno) from None
+                    skip_log.add(bad, path, lineno)
+        except (OSError, EOFError, zlib.error) as exc:
+            # mostly a gzip stream: truncated, or not gzip at all
+            what = "as gzip " if gzipped else ""
+            raise InputError(f"cannot read {what}({exc})", path=path) from None
     if n_nonblank == 0:
         raise InputError("empty file (no rows)", path=path)
     return rows
 
 
-def _read_parquet(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """Read only the schema's columns (extras may be huge or of odd types) as Python values."""
+def _read_parquet(path: Path, columns: tuple[str, ...] | None) -> list[tuple[int, dict[str, Any]]]:
+    """Read the format's columns (extras may be huge or of odd types) as Python values."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rows: list[tuple[int, dict[str, Any]]] = []
     try:
         pf = pq.ParquetFile(path)
-        columns = [c for c in REQUIRED_FIELDS if c in pf.schema_arrow.names]
+        names = pf.schema_arrow.names
+        wanted = names if columns is None else [c for c in columns if c in names]
         total = pf.metadata.num_rows
         with _progress(total, "rows", path.name) as bar:
-            for batch in pf.iter_batches(columns=columns, batch_size=4096):
-                records = batch.to_pylist() if columns else [{} for _ in range(batch.num_rows)]
+            for batch in pf.iter_batches(columns=wanted, batch_size=4096):
+                records = batch.to_pylist() if wanted else [{} for _ in range(batch.num_rows)]
                 for rec in records:
                     rows.append((len(rows) + 1, rec))
                 bar.update(batch.num_rows)
@@ -213,9 +230,10 @@ def _read_parquet(path: Path) -> list[tuple[int, dict[str, Any]]]:
     return rows
 
 
-def _read_file(path: Path, on_bad_row: str, skip_log: _SkipLog) -> list[tuple[int, dict[str, Any]]]:
-    if path.suffix.lower() in PARQUET_SUFFIXES:
-        return _read_parquet(path)
+def _read_file(path: Path, on_bad_row: str, skip_log: _SkipLog,
+               columns: tuple[str, ...] | None) -> list[tuple[int, dict[str, Any]]]:
+    if _file_kind(path) == "parquet":
+        return _read_parquet(path, columns)
     return _read_jsonl(path, on_bad_row, skip_log)
 
 
@@ -224,96 +242,40 @@ def read_table(
     split: str = "train",
     on_bad_row: str = "error",
     skipped: collections.Counter[str] | None = None,
+    *,
+    format: str | None = None,
 ) -> list[tuple[int, dict[str, Any]]]:
-    """Read a JSONL/Parquet file, or the `split` files of a dataset folder, as (row, record).
+    """Read a JSONL(.gz)/Parquet file, or the `split` files of a folder, as (row, record).
 
     Only unreadable lines (bad UTF-8, malformed JSON, not an object) are judged here;
     with `on_bad_row="skip"` they are dropped and counted into `skipped`. Field
     checks are `validate_rows`'s job. For a folder the shards are concatenated and
     row numbers restart in each shard (`prepare` reports problems per shard).
+    `format` picks the Parquet columns read (default: the default format's).
     """
     _check_on_bad_row(on_bad_row)
+    columns = get_format(DEFAULT_FORMAT if format is None else format).columns
     skip_log = _SkipLog(skipped if skipped is not None else collections.Counter())
     rows: list[tuple[int, dict[str, Any]]] = []
     for f in _resolve_files(path, split):
-        rows.extend(_read_file(f, on_bad_row, skip_log))
+        rows.extend(_read_file(f, on_bad_row, skip_log, columns))
     return rows
 
 
 # --------------------------------------------------------------------------- validation
 
 
-def _is_bool(value: Any) -> bool:
-    # numpy.bool_ is not a Python bool (nor an int), but parquet/pandas readers may yield it
-    t = type(value)
-    return isinstance(value, bool) or (t.__module__ == "numpy" and t.__name__ in ("bool", "bool_"))
-
-
-def _is_int(value: Any) -> bool:
-    # bool is an int subclass in Python; a flag is not a valid id
-    return isinstance(value, numbers.Integral) and not _is_bool(value)
-
-
-def _type_name(value: Any) -> str:
-    return "bool" if _is_bool(value) else type(value).__name__
-
-
-def _check_row(record: Any) -> dict[str, Any]:
-    """Return the record's fields as plain Python values, or raise its first problem."""
-    if not isinstance(record, dict):
-        raise _BadRow("not a JSON object", detail=f"got {type(record).__name__}")
-    for f in REQUIRED_FIELDS:
-        if f not in record:
-            raise _BadRow(f"missing field '{f}'", field=f)
-        if record[f] is None:
-            raise _BadRow(f"null field '{f}'", field=f)
-    out: dict[str, Any] = {}
-    for f in TEXT_FIELDS:
-        v = record[f]
-        if not isinstance(v, str):
-            raise _BadRow(f"wrong type for '{f}'", f, f"expected str, got {_type_name(v)}")
-        if not v.strip():
-            raise _BadRow(f"empty text in '{f}'", f, "empty or whitespace only")
-        try:
-            v.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise _BadRow(f"invalid unicode in '{f}'", f, exc.reason) from None
-        out[f] = str(v)
-    for f in SAFE_FIELDS:
-        v = record[f]
-        if not _is_bool(v):
-            raise _BadRow(f"wrong type for '{f}'", f, f"expected bool, got {_type_name(v)}")
-        out[f] = bool(v)
-    for f in ID_FIELDS:
-        v = record[f]
-        if not _is_int(v):
-            raise _BadRow(f"wrong type for '{f}'", f, f"expected int 0 or 1, got {_type_name(v)}")
-        if int(v) not in (0, 1):
-            raise _BadRow(f"invalid id in '{f}'", f, f"expected 0 or 1, got {int(v)}")
-        out[f] = int(v)
-    if out["response_0"].strip() == out["response_1"].strip():
-        raise _BadRow("identical responses", "response_1", "same text as response_0")
-    return out
-
-
-def validate_rows(
-    rows: Iterable[tuple[int, Any]],
-    path: str | Path,
-    on_bad_row: str = "error",
+def _validate(
+    rows: Iterable[tuple[int, Any]], path: str | Path, on_bad_row: str, source: SourceFormat
 ) -> tuple[list[dict[str, Any]], collections.Counter[str]]:
-    """Check every (row number, record); return the clean records and skips by reason.
-
-    Clean records carry `source_row` and only the schema's fields, as Python
-    bool/int/str. In "error" mode the first bad row raises an `InputError`.
-    """
-    _check_on_bad_row(on_bad_row)
     skipped: collections.Counter[str] = collections.Counter()
     skip_log = _SkipLog(skipped)
     clean: list[dict[str, Any]] = []
+    check_row = source.format.check_row
     for rowno, record in rows:
         try:
-            rec = _check_row(record)
-        except _BadRow as bad:
+            rec = check_row(record, source.options)
+        except BadRow as bad:
             if on_bad_row == "error":
                 raise bad.to_input_error(path, rowno) from None
             skip_log.add(bad, path, rowno)
@@ -323,39 +285,39 @@ def validate_rows(
     return clean, skipped
 
 
+def validate_rows(
+    rows: Iterable[tuple[int, Any]],
+    path: str | Path,
+    on_bad_row: str = "error",
+    *,
+    format: str | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> tuple[list[dict[str, Any]], collections.Counter[str]]:
+    """Check every (row number, record); return the clean records and skips by reason.
+
+    Clean records carry `source_row` and the format's fields as plain Python values.
+    In "error" mode the first bad row raises an `InputError`.
+    """
+    _check_on_bad_row(on_bad_row)
+    fmt = get_format(DEFAULT_FORMAT if format is None else format)
+    # row checks do not depend on the criterion, but a single-criterion format needs one
+    criterion = fmt.criteria[0] if fmt.criterion_from_source else None
+    return _validate(rows, path, on_bad_row, resolve_format(fmt.name, criterion, options))
+
+
 # --------------------------------------------------------------------------- building
 
 
-def _pair(rec: dict[str, Any], chosen_id: int) -> dict[str, Any]:
-    return {
-        "prompt": rec["prompt"],
-        "chosen": rec[f"response_{chosen_id}"],
-        "rejected": rec[f"response_{1 - chosen_id}"],
-        "source_row": rec["source_row"],
-    }
-
-
-def _kto(rec: dict[str, Any], response_id: int, label: bool) -> dict[str, Any]:
-    return {
-        "prompt": rec["prompt"],
-        "completion": rec[f"response_{response_id}"],
-        "label": bool(label),
-        "source_row": rec["source_row"],
-    }
-
-
-def build_datasets(rows: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Turn validated records into the DPO pair sets and the KTO (unpaired) sets."""
-    out: dict[str, list[dict[str, Any]]] = {name: [] for name in OUTPUT_NAMES}
-    for rec in rows:
-        better = rec["better_response_id"]
-        out["helpfulness_pairs"].append(_pair(rec, better))
-        out["safety_pairs"].append(_pair(rec, rec["safer_response_id"]))
-        out["helpfulness_kto"].append(_kto(rec, better, True))
-        out["helpfulness_kto"].append(_kto(rec, 1 - better, False))
-        for i in (0, 1):
-            out["safety_kto"].append(_kto(rec, i, rec[f"is_response_{i}_safe"]))
-    return out
+def build_datasets(
+    rows: Iterable[dict[str, Any]],
+    *,
+    format: str | None = None,
+    criterion: str | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Turn validated records into the format's pair sets and KTO (unpaired) sets."""
+    source = resolve_format(format, criterion, options)
+    return source.format.build(list(rows), source.criterion, source.options)
 
 
 def _output_stats(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -378,20 +340,27 @@ def prepare(
     out_dir: str | Path,
     split: str = "train",
     on_bad_row: str = "error",
+    *,
+    format: str | None = None,
+    criterion: str | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Read, check and convert the input; write the output folder atomically; return summary.
 
+    `format` names an entry of `data_formats.FORMATS` (None: the default format);
+    `criterion` is required by single-criterion formats; `options` are the format's.
     Everything is validated before the folder is created, and the folder appears
     only once complete, so a failure leaves nothing (and keeps an older good copy).
     """
     _check_on_bad_row(on_bad_row)
+    source = resolve_format(format, criterion, options)
     files = _resolve_files(input_path, split)
     skipped: collections.Counter[str] = collections.Counter()
     skip_log = _SkipLog(skipped)
     clean: list[dict[str, Any]] = []
     for f in files:
-        file_rows = _read_file(f, on_bad_row, skip_log)
-        kept, file_skipped = validate_rows(file_rows, f, on_bad_row)
+        file_rows = _read_file(f, on_bad_row, skip_log, source.format.columns)
+        kept, file_skipped = _validate(file_rows, f, on_bad_row, source)
         skipped.update(file_skipped)
         clean.extend(kept)
     n_skipped = sum(skipped.values())
@@ -404,12 +373,20 @@ def prepare(
             f"all {rows_read} rows are bad, nothing kept (skipped: {reasons})", path=input_path
         )
 
-    datasets = build_datasets(clean)
+    datasets = source.format.build(clean, source.criterion, source.options)
+    expected = set(source.output_names())
+    if set(datasets) != expected:  # a format's builder broke the contract
+        raise RuntimeError(f"format {source.name!r} built {sorted(datasets)}, "
+                           f"expected {sorted(expected)}")
     summary: dict[str, Any] = {
         "input": str(input_path),
         "input_files": [str(f) for f in files],
         "split": split,
         "on_bad_row": on_bad_row,
+        "format": source.name,
+        "conversational": source.conversational,
+        "criterion": source.criterion,
+        "options": source.options,
         "rows_read": rows_read,
         "rows_kept": len(clean),
         "skipped": dict(skipped.most_common()),
@@ -420,8 +397,9 @@ def prepare(
             write_jsonl(tmp / f"{name}.jsonl", rows)
         write_json(tmp / "summary.json", summary)
     log.info(
-        "wrote %s: %d of %d rows kept; %s",
+        "wrote %s (%s): %d of %d rows kept; %s",
         out_dir,
+        source.name,
         len(clean),
         rows_read,
         ", ".join(f"{n}={s['rows']}" for n, s in summary["outputs"].items()),
@@ -432,9 +410,10 @@ def prepare(
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m sacpo_steps preference_data",
-        description="Convert a PKU-SafeRLHF(-30K) table into helpfulness/safety DPO and KTO sets.",
+        description="Convert a preference table (a registered data format) into "
+                    "DPO and KTO training sets.",
     )
-    p.add_argument("--input", required=True, help="JSONL/Parquet file or dataset folder")
+    p.add_argument("--input", required=True, help="JSONL(.gz)/Parquet file or dataset folder")
     p.add_argument("--out-dir", required=True, help="output folder (written atomically)")
     p.add_argument("--split", default="train", help="split to pick from a folder (default train)")
     p.add_argument(
@@ -443,6 +422,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="error",
         help="stop at the first bad row (default) or skip and count bad rows",
     )
+    # no defaults here: the format registry and `prepare` own them
+    p.add_argument("--format", default=None,
+                   help="data format (a name in sacpo_steps.data_formats.FORMATS)")
+    p.add_argument("--criterion", default=None,
+                   help="the criterion a single-criterion format's rows express")
+    p.add_argument("--options", default=None, help="the format's options as a JSON object")
     p.add_argument("--log", default=None, help="also log to this file")
     return p.parse_args(argv)
 
@@ -451,4 +436,6 @@ def main(argv: list[str] | None = None) -> None:
     """CLI entry; bad input raises InputError for the dispatcher to report (exit 2)."""
     args = _parse_args(argv)
     setup_logging(args.log)
-    prepare(args.input, args.out_dir, split=args.split, on_bad_row=args.on_bad_row)
+    options = json_object_arg(args.options, "--options") if args.options is not None else None
+    prepare(args.input, args.out_dir, split=args.split, on_bad_row=args.on_bad_row,
+            format=args.format, criterion=args.criterion, options=options)

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from sacpo_steps.config_schema import default_of
 from sacpo_steps.errors import InputError
 from sacpo_steps.fileio import atomic_output, json_object_arg, setup_logging
 
@@ -167,7 +168,7 @@ class MergeEvaluator:
                  spec: Path | None, gen: dict[str, Any], work: Path, rounds: int, seed: int,
                  threads: int | None, measure: str = "harmlessness_winrate",
                  baseline_name: str = "sft") -> None:
-        from sacpo_steps.judges import make_judge
+        from sacpo_steps.judges.registry import make_judge
 
         if measure not in MEASURES:
             raise InputError(f"unknown measure {measure!r} (known: {', '.join(MEASURES)})",
@@ -267,18 +268,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--b", required=True, help="over-safe stage-2 child (q = 1)")
     p.add_argument("--name-b", default="b")
     p.add_argument("--target", type=float, required=True)
-    p.add_argument("--tolerance", type=float, default=0.05)
+    p.add_argument("--tolerance", type=float, default=default_of("target.tolerance"))
     p.add_argument("--lambda-bar", type=float)
     p.add_argument("--prompts", nargs=2, metavar=("HELPFULNESS", "RED_TEAM"), required=True)
     p.add_argument("--baseline", nargs=2, metavar=("HELPFULNESS", "RED_TEAM"), required=True,
                    help="the baseline's generations on the two prompt sets")
     p.add_argument("--judges", required=True,
                    help="JSON: {helpfulness: judge settings, red_team: judge settings}")
-    p.add_argument("--measure", choices=MEASURES, default="harmlessness_winrate")
+    p.add_argument("--measure", choices=MEASURES, default=default_of("target.measure"))
     p.add_argument("--baseline-name", default="sft")
     p.add_argument("--spec", help="the demo world's spec (rule judge)")
     p.add_argument("--generation", required=True, help="JSON: generation settings")
-    p.add_argument("--rounds", type=int, default=1000)
+    p.add_argument("--rounds", type=int,
+                   default=default_of("evaluation.winrate.bootstrap_rounds"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int)
     p.add_argument("--out-json", required=True)

@@ -277,9 +277,10 @@ class Experiment:
     sft: dict[str, Any] = field(default_factory=lambda: {
         "epochs": 30, "per_device_batch_size": 16, "learning_rate": 3e-3,
         "lr_scheduler": "constant", "max_length": 32, "logging_steps": 1000})
-    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(
-        learning_rate=3e-3, epochs=10, per_device_batch_size=128, gradient_accumulation_steps=1,
-        max_length=32, lr_scheduler="cosine", warmup_ratio=0.0, logging_steps=1000))
+    training: TrainingConfig = field(default_factory=lambda: TrainingConfig.from_dict({
+        "learning_rate": 3e-3, "num_train_epochs": 10, "per_device_train_batch_size": 128,
+        "gradient_accumulation_steps": 1, "max_length": 32, "lr_scheduler_type": "cosine",
+        "warmup_steps": 0.0, "logging_steps": 1000}))
     replicates: int = 2000  # parametric-bootstrap draws for the estimation-error quantile
     quantile: float = 0.95
     # allowance for the optimiser, mean and max over prompts (measured: docs/theory.md)

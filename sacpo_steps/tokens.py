@@ -9,8 +9,10 @@ pass), generation, target search and the theory check all build their prompt
 ids here, so a model is sampled on exactly the ids it was trained on.
 
 `prompt_template: chat` selects the tokenizer's chat template (the prompt is one
-user turn, the answer one assistant turn); any other template is a format string
-with `{prompt}`, and the completion is the answer with one leading space.
+user turn, or a conversation given as a list of {role, content} turns ending with
+the user's; the answer is one assistant turn); any other template is a format
+string with `{prompt}` (a conversation cannot be written in it and is refused),
+and the completion is the answer with one leading space.
 
 The score-model judge is the exception: Safe RLHF's reward and cost models read
 their own format (BOS + prompt + answer + EOS), built in `judges/score_model.py`.
@@ -21,16 +23,69 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from sacpo_steps.errors import InputError
+
 #: the `prompt_template` value that selects the tokenizer's chat template
 CHAT = "chat"
+
+#: roles of a conversational prompt's turns
+ROLES = ("system", "user", "assistant")
+
+#: a prompt: plain text, or a conversation of {role, content} turns
+Prompt = str | list[dict[str, str]]
 
 
 def is_chat(template: str) -> bool:
     return template.strip() == CHAT
 
 
-def render_prompt(template: str, prompt: str) -> str | list[dict[str, str]]:
-    """The prompt as TRL receives it: templated text, or a one-turn conversation."""
+def conversation_problem(messages: Any) -> str | None:
+    """What is wrong with a conversational prompt, or None if nothing is.
+
+    A non-empty list of {role, content} turns with non-empty text, an optional
+    leading system turn, ending with a user turn (the model answers it).
+    """
+    if not isinstance(messages, list) or not messages:
+        return "a conversational prompt is a non-empty list of {role, content} turns"
+    for i, turn in enumerate(messages, start=1):
+        if not isinstance(turn, dict) or set(turn) != {"role", "content"}:
+            return f"turn {i} must be an object with exactly `role` and `content`"
+        if turn["role"] not in ROLES:
+            return f"turn {i}: role {turn['role']!r} is not one of {', '.join(ROLES)}"
+        if turn["role"] == "system" and i > 1:
+            return f"turn {i}: a system turn may only come first"
+        if not isinstance(turn["content"], str) or not turn["content"].strip():
+            return f"turn {i}: content must be non-empty text"
+    if messages[-1]["role"] != "user":
+        return ("the last turn must be the user's (the model answers it), not "
+                f"{messages[-1]['role']!r}")
+    return None
+
+
+def prompt_problem(template: str, prompt: Any) -> str | None:
+    """Why `prompt` cannot be rendered with `template`, or None if it can."""
+    if isinstance(prompt, list):
+        if not is_chat(template):
+            return (f"a conversational prompt (a list of turns) needs `prompt_template: {CHAT}`;"
+                    f" the text template {template!r} formats one string")
+        return conversation_problem(prompt)
+    if not isinstance(prompt, str):
+        return f"a prompt is text or a list of turns, not {type(prompt).__name__}"
+    return None
+
+
+def render_prompt(template: str, prompt: Prompt) -> str | list[dict[str, str]]:
+    """The prompt as TRL receives it: templated text, or a conversation.
+
+    A text prompt under the chat template becomes one user turn; a conversation
+    (checked by `conversation_problem`) passes through, and only the chat template
+    can render it (InputError otherwise).
+    """
+    problem = prompt_problem(template, prompt)
+    if problem:
+        raise InputError(problem, field="prompt")
+    if isinstance(prompt, list):
+        return [{"role": turn["role"], "content": turn["content"]} for turn in prompt]
     if is_chat(template):
         return [{"role": "user", "content": prompt}]
     return template.format(prompt=prompt)
@@ -52,12 +107,12 @@ def _ids(tokenizer: Any, rendered: str | list[dict[str, str]], *,
     return list(tokenizer(text=rendered)["input_ids"])
 
 
-def encode_prompt(tokenizer: Any, template: str, prompt: str) -> list[int]:
+def encode_prompt(tokenizer: Any, template: str, prompt: Prompt) -> list[int]:
     """The prompt ids a model is trained on and sampled from (special tokens included)."""
     return _ids(tokenizer, render_prompt(template, prompt), generation_prompt=True)
 
 
-def encode_pair(tokenizer: Any, template: str, prompt: str,
+def encode_pair(tokenizer: Any, template: str, prompt: Prompt,
                 answer: str) -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids) split exactly as TRL's DPO/KTO trainers split a row.
 
@@ -88,6 +143,10 @@ class PromptCap:
     start of the user's prompt is cut at a token boundary until the templated
     prompt (special tokens included) fits. A prompt whose template alone does not
     fit is dropped. The same cap is applied at generation.
+
+    A conversational prompt (a list of turns) is never shortened: cutting its
+    start would drop the system turn or earlier turns the last one refers to, so
+    a conversation that does not fit is dropped (counted in `dropped`).
     """
 
     max_prompt_length: int | None
@@ -95,8 +154,8 @@ class PromptCap:
     dropped: int = 0
     seen: int = 0
 
-    def apply(self, tokenizer: Any, template: str, prompt: str) -> str | None:
-        """The prompt text to use (maybe shortened), or None if it cannot fit."""
+    def apply(self, tokenizer: Any, template: str, prompt: Prompt) -> Prompt | None:
+        """The prompt to use (text maybe shortened), or None if it cannot fit."""
         self.seen += 1
         cap = self.max_prompt_length
         if not cap:
@@ -105,6 +164,9 @@ class PromptCap:
             raise ValueError("a prompt cap needs the model's tokenizer")
         if len(encode_prompt(tokenizer, template, prompt)) <= cap:
             return prompt
+        if isinstance(prompt, list):
+            self.dropped += 1
+            return None
         offsets = tokenizer(prompt, add_special_tokens=False,
                             return_offsets_mapping=True)["offset_mapping"]
         starts = [start for start, _ in offsets]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from sacpo_steps.config_schema import default_of
 from sacpo_steps.fileio import atomic_output, setup_logging
 from sacpo_steps.stats import load_battles, win_rates
 
@@ -150,8 +151,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sacpo_steps winrate", description=__doc__)
     p.add_argument("--battles", nargs="+", required=True, help="battle JSONL files")
     p.add_argument("--baseline", required=True, help="model name of the baseline (SFT)")
-    p.add_argument("--rounds", type=int, default=1000, help="bootstrap rounds")
-    p.add_argument("--confidence", type=float, default=0.95)
+    p.add_argument("--rounds", type=int, default=default_of("evaluation.winrate.bootstrap_rounds"),
+                   help="bootstrap rounds")
+    p.add_argument("--confidence", type=float,
+                   default=default_of("evaluation.winrate.confidence"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-csv", required=True)
     p.add_argument("--out-md", required=True)

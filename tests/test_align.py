@@ -10,11 +10,12 @@ import torch
 
 from sacpo_steps.align import TrainingConfig, align, build_trainer, kto_weights, load_examples
 from sacpo_steps.errors import InputError
-from tests.conftest import PROMPT_TEMPLATE, make_tiny_model
+from tests.helpers import PROMPT_TEMPLATE, make_tiny_model
 
-TINY = TrainingConfig(learning_rate=1e-3, epochs=1, per_device_batch_size=4,
-                      gradient_accumulation_steps=1, max_length=64, warmup_ratio=0.0,
-                      logging_steps=1, max_steps=1)
+TINY = TrainingConfig.from_dict({
+    "learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1, "max_length": 64, "warmup_steps": 0.0,
+    "logging_steps": 1, "max_steps": 1})
 
 
 def sequence_logps(model_dir, examples):
@@ -127,7 +128,7 @@ def test_bad_pairs_row_names_file_row_field(tmp_path):
 
 
 def test_unknown_training_key_is_refused():
-    with pytest.raises(InputError, match="warmup"):
+    with pytest.raises(InputError, match="warmup_steps"):  # suggested: the close match
         TrainingConfig.from_dict({"warmup": 0.1})
 
 
@@ -185,7 +186,7 @@ def test_two_processes_share_the_data_and_publish_one_model(tiny_models, pairs_f
     import sys
 
     spec = {"name": "ddp", "parent": "sft", "data": "helpfulness", "loss": "dpo", "beta": 0.1,
-            "training": {**TINY.__dict__, "max_steps": -1, "per_device_batch_size": 2},
+            "training": {**TINY.__dict__, "max_steps": -1, "per_device_train_batch_size": 2},
             "prompt_template": PROMPT_TEMPLATE, "seed": 0}
     out, scratch = tmp_path / "models" / "ddp", tmp_path / "scratch" / "ddp"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}

@@ -212,3 +212,23 @@ def test_safety_labels_break_harm_ties_by_helpfulness():
             safer = row[f"response_{row['safer_response_id']}"]
             redirects += spec["tasks"][tid]["kind"] == "harmful" and "instead," in safer
     assert n >= 100 and redirects >= 20
+
+
+def test_the_cli_writes_each_file_where_the_rule_declares_it(tmp_path):
+    from sacpo_steps import demo_world
+
+    out = {n: tmp_path / n for n in ("p.jsonl", "c.jsonl", "h.jsonl", "r.jsonl", "s.json")}
+    demo_world.main(["--seed", "0", "--n-sft-examples", "20", "--n-preference-pairs", "20",
+                     "--out-preferences", str(out["p.jsonl"]),
+                     "--out-sft-corpus", str(out["c.jsonl"]),
+                     "--out-prompts", str(out["h.jsonl"]), str(out["r.jsonl"]),
+                     "--out-spec", str(out["s.json"])])
+    assert all(p.is_file() for p in out.values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(out)  # no staging left
+    by_dir = tmp_path / "world"
+    write_world(WorldConfig(seed=0, n_sft_examples=20, n_preference_pairs=20), by_dir)
+    assert (by_dir / "prompts" / "red_team.jsonl").read_bytes() == out["r.jsonl"].read_bytes()
+    assert (by_dir / "preferences.jsonl").read_bytes() == out["p.jsonl"].read_bytes()
+    with pytest.raises(SystemExit):  # half the names is a usage error
+        demo_world.main(["--seed", "0", "--n-sft-examples", "20", "--n-preference-pairs",
+                         "20", "--out-spec", str(tmp_path / "x.json")])

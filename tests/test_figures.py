@@ -537,3 +537,19 @@ def test_elo_across_seeds_uses_the_all_rows(tmp_path: Path):
     figures.main(["--winrate", str(winrate_csv), "--elo", str(tmp_path / "elo.csv"),
                   "--out-dir", str(out)])
     assert len(list(out.iterdir())) == 6
+
+
+def test_the_step_writes_exactly_the_files_it_is_given(tmp_path):
+    """The rule passes its declared outputs; a name the step does not draw is refused
+    before anything is written."""
+    win, elo = tmp_path / "winrate.csv", tmp_path / "elo.csv"
+    WINRATE.to_csv(win, index=False)
+    elo_rows().to_csv(elo, index=False)
+    wanted = [tmp_path / "out" / "figure2.svg", tmp_path / "out" / "elo_chart.png"]
+    written = figures.figures_step(win, elo, wanted)
+    assert sorted(written) == sorted(wanted) and all(p.is_file() for p in wanted)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["elo_chart.png",
+                                                                    "figure2.svg"]
+    with pytest.raises(InputError, match="not a figure this step draws"):
+        figures.figures_step(win, elo, [tmp_path / "other" / "figure4.png"])
+    assert not (tmp_path / "other").exists()

@@ -23,14 +23,14 @@ from sacpo_steps import judge as judge_step
 from sacpo_steps.errors import InputError
 from sacpo_steps.judges import JudgeRequest, make_judge
 from sacpo_steps.judges.cache import JudgeCache
-from sacpo_steps.judges.openai import (
+from sacpo_steps.judges.openai import OpenAIJudge
+from sacpo_steps.judges.openai_prompts import (
     EXPLAIN_INSTRUCTION,
-    OpenAIJudge,
-    OpenAIJudgeConfig,
     load_template,
     parse_scores,
     parse_verdict,
 )
+from sacpo_steps.judges.openai_settings import OpenAIJudgeConfig
 from tests.fake_openai import FakeOpenAI
 
 SECRET = "sk-test-SECRET-123"

@@ -81,10 +81,14 @@ def test_schema_training_keys_equal_training_config_fields():
         f"only in TrainingConfig: {sorted(code_fields - schema_keys)}")
 
 
-def test_schema_training_defaults_equal_training_config_defaults():
+def test_training_defaults_live_only_in_the_schema():
+    """The dataclass has no second copy of the defaults: an empty section gets the
+    schema's, and a changed schema default reaches the align step."""
     props = load_schema()["$defs"]["training"]["properties"]
+    assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(TrainingConfig))
+    empty = TrainingConfig.from_dict({})
     for f in dataclasses.fields(TrainingConfig):
-        assert props[f.name]["default"] == f.default, f.name
+        assert getattr(empty, f.name) == props[f.name]["default"], f.name
 
 
 def closure_names(module: str) -> set[str]:
@@ -114,7 +118,8 @@ def test_generate_closure_sees_function_level_imports():
 
 
 def test_source_hashes_differ_between_steps_and_are_stable():
-    steps = ["demo_world", "preference_data", "sft", "align", "generate", "judge", "winrate"]
+    steps = ["demo_world", "preference_data", "sft_checkpoint", "align", "generate", "judge",
+             "winrate"]
     hashes = {step: source_hash(f"sacpo_steps.{step}") for step in steps}
     assert len(set(hashes.values())) == len(steps)
     assert all(len(h) == 16 for h in hashes.values())
@@ -152,3 +157,69 @@ def test_source_hash_follows_edits_of_the_closure(tmp_path):
     assert after_modelio["align"] != after_spec["align"]
     assert after_modelio["generate"] != after_spec["generate"]
     assert after_modelio["winrate"] == after_spec["winrate"]
+
+
+# ---- one name per rule, step and module ---------------------------------------------
+
+#: rules that do not share their step's name, and why (the README says so too)
+RULE_EXCEPTIONS = {"merge_<a>__<b>": "merge",  # one rule per parent pair, all step merge
+                   "figures_across_seeds": "figures"}  # the figures step on across-seed tables
+
+
+def readme_rule_table() -> dict[str, str]:
+    """{rule: module} from the README's rule table ("| `rule` | `module` ... |")."""
+    import re
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index("| rule | module")
+    rows = {}
+    for line in text[start:].splitlines()[2:]:
+        if not line.startswith("| `"):
+            break
+        rules, module = line.split(" | ")[:2]
+        for rule in re.findall(r"`([^`]+)`", rules):
+            rows[rule] = re.findall(r"`([^`]+)`", module)[0]
+    return rows
+
+
+def workflow_rules() -> dict[str, str | None]:
+    """{rule: the step its shell command runs} of every rule in workflow/rules/*.smk."""
+    import re
+
+    rules: dict[str, str | None] = {}
+    for smk in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
+        text = smk.read_text(encoding="utf-8")
+        blocks = re.split(r"\n(?=\s*(?:rule \w+:|rule:|use rule ))", text)
+        for block in blocks:
+            named = re.match(r"\s*rule (\w+):", block)
+            used = re.match(r"\s*use rule (\w+) as (\w+)", block)
+            if re.match(r"\s*rule:", block):  # the merge rules, named per pair
+                rules["merge_<a>__<b>"] = re.search(r"sacpo_steps (\w+)", block).group(1)
+            elif named:
+                # `{params.launcher}` is `python -m sacpo_steps` or `accelerate launch ... -m
+                # sacpo_steps` (Plan.launcher)
+                step = re.search(r"(?:sacpo_steps|\{params\.launcher\}) (\w+)", block)
+                rules[named.group(1)] = step.group(1) if step else None
+            elif used:
+                rules[used.group(2)] = rules.get(used.group(1))
+    return rules
+
+
+def test_every_rule_runs_the_step_of_its_own_name_and_module():
+    from sacpo_steps.__main__ import STEPS
+
+    rules = workflow_rules()
+    assert {"align", "judge", "download_model", "merge_<a>__<b>"} <= set(rules)
+    for rule, step in rules.items():
+        assert step == RULE_EXCEPTIONS.get(rule, rule), f"rule {rule} runs step {step}"
+        assert step in STEPS and (PACKAGE_DIR / f"{step}.py").is_file(), step
+    # and every step is run by some rule (no orphan steps)
+    assert set(STEPS) == set(rules.values())
+
+
+def test_the_readme_lists_every_rule_with_its_module():
+    table = readme_rule_table()
+    rules = workflow_rules()
+    assert set(table) == set(rules) - {"all"}, (set(table) ^ set(rules))
+    for rule, module in table.items():
+        assert module == rules[rule], f"README: {rule} -> {module}, workflow: {rules[rule]}"

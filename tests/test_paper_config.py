@@ -47,8 +47,8 @@ def test_paper_plan_holds_table3(paper):
     assert list(plan.baselines) == ["beaver-7b-v1.0"]
     assert plan.baselines["beaver-7b-v1.0"]["repo_id"] == "PKU-Alignment/beaver-7b-v1.0"
     training = cfg["training"]
-    assert (training["learning_rate"], training["epochs"], training["max_length"],
-            training["per_device_batch_size"], training["gradient_accumulation_steps"],
+    assert (training["learning_rate"], training["num_train_epochs"], training["max_length"],
+            training["per_device_train_batch_size"], training["gradient_accumulation_steps"],
             training["bf16"]) == (2e-5, 3, 512, 16, 2, True)
     assert cfg["prompt_template"] == "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 
@@ -88,25 +88,22 @@ def test_paper_judges_the_pairs_within_the_figures_families(paper):
 
 @pytest.mark.parametrize("config_file", sorted(p.name for p in (ROOT / "config").glob("*.yaml")))
 def test_every_recipe_loads_against_trl(config_file):
-    """Every node's training section becomes a real TRL config (recipes must not rot)."""
-    from trl import DPOConfig, KTOConfig
+    """Every node's training section becomes a real TRL config, built by the align step's
+    own code (recipes must not rot)."""
+    from sacpo_steps.align import trl_config
 
     cfg = yaml.safe_load((ROOT / "config" / config_file).read_text())
     plan = load_plan(cfg, source=config_file)
     assert plan.nodes
     for node in plan.nodes.values():
-        training = TrainingConfig.from_dict(node.training)
-        cls = DPOConfig if node.loss == "dpo" else KTOConfig
-        args = cls(output_dir="/tmp/unused", learning_rate=training.learning_rate,
-                   num_train_epochs=training.epochs, max_length=training.max_length,
-                   per_device_train_batch_size=training.per_device_batch_size,
-                   gradient_accumulation_steps=training.gradient_accumulation_steps,
-                   lr_scheduler_type=training.lr_scheduler,
-                   warmup_steps=float(training.warmup_ratio),
-                   precompute_ref_log_probs=training.precompute_ref_log_probs,
-                   precompute_ref_batch_size=training.precompute_ref_batch_size,
-                   beta=node.beta, bf16=False, report_to=[])
+        # bf16 needs a GPU to build TrainingArguments; everything else as the recipe says
+        training = TrainingConfig.from_dict({**node.training, "bf16": False})
+        weights = (1.0, 1.0) if node.data_file == "kto" else None
+        args = trl_config(node.loss, training, beta=node.beta, output_dir="/tmp/unused",
+                          kto_weights=weights)
         assert args.beta == node.beta
+        assert args.num_train_epochs == training.num_train_epochs
+        assert args.per_device_train_batch_size == training.per_device_train_batch_size
 
 
 def test_paper_dry_run_plans_every_model(tmp_path, monkeypatch):

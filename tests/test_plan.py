@@ -98,8 +98,29 @@ BAD_CASES = [
      _add_models(sft={"parent": "dpo_h", "data": "safety", "loss": "dpo", "beta": 0.1}),
      "models.sft", ["sft"]),
     ("kto-batch-1", _add_models(kto_h={"parent": "sft", "data": "helpfulness", "loss": "kto",
-                                       "beta": 0.1, "training": {"per_device_batch_size": 1}}),
-     "models.kto_h.training.per_device_batch_size", ["KTO"]),
+                                       "beta": 0.1,
+                                       "training": {"per_device_train_batch_size": 1}}),
+     "models.kto_h.training.per_device_train_batch_size", ["kto", ">= 2"]),
+    ("robust-without-label-smoothing",
+     _add_models(r={"parent": "sft", "data": "helpfulness", "loss": "robust", "beta": 0.1}),
+     "models.r.training.trl.label_smoothing", ["robust"]),
+    ("trl-argument-unknown", _set("models/dpo_h/training", {"trl": {"label_smothing": 0.1}}),
+     "models.dpo_h.training.trl.label_smothing", ["label_smoothing"]),
+    ("trl-argument-set-by-the-pipeline", _set("models/dpo_h/training", {"trl": {"beta": 0.5}}),
+     "models.dpo_h.training.trl.beta", []),
+    ("trl-argument-removed", _set("training/trl", {"max_prompt_length": 128}),
+     "models.dpo_h.training.trl.max_prompt_length", ["training.max_prompt_length"]),
+    ("training-old-and-new-name", _set("training/epochs", 2), "training.epochs",
+     ["num_train_epochs"]),
+    ("judge-key-of-another-backend", _set("evaluation/judge", {"backend": "rule",
+                                                                "reward_model": "x"}),
+     "evaluation.judge.reward_model", ["score_model"]),
+    ("judge-key-unknown", _set("evaluation/judge", {"backend": "openai", "model": "gpt-4",
+                                                     "temperatur": 0.1}),
+     "evaluation.judge.temperatur", ["temperature"]),
+    ("prompt-set-judge-key-of-another-backend",
+     _set("evaluation/prompt_sets/red_team/judge", {"cost_model": "x"}),
+     "evaluation.prompt_sets.red_team.judge.cost_model", ["score_model"]),
     ("node-training-unknown-key", _set("models/dpo_h/training", {"learning_rte": 1e-4}),
      "models.dpo_h.training", ["learning_rte"]),
     # YAML reads `1e-4` (no dot) as a string: a node's override must be typed too
@@ -113,7 +134,7 @@ BAD_CASES = [
     ("baseline-unknown", _set("evaluation/baseline", "gpt"), "evaluation.baseline", ["gpt"]),
     ("prompt-set-judge-unknown-key",
      _set("evaluation/prompt_sets/red_team/judge", {"bakend": "rule"}),
-     "evaluation.prompt_sets.red_team.judge", ["bakend"]),
+     "evaluation.prompt_sets.red_team.judge.bakend", ["backend"]),
     ("prompt-set-judge-bad-backend",
      _set("evaluation/prompt_sets/red_team/judge", {"backend": "gpt"}),
      "evaluation.prompt_sets.red_team.judge.backend", ["gpt"]),
@@ -157,6 +178,38 @@ BAD_CASES = [
      "evaluation.families.fig3", []),
     ("families-model-twice", _families(fig3=["dpo_h", "dpo_h"]),
      "evaluation.families.fig3", ["non-unique"]),
+    # preference data formats (the data-format registry checks its own keys)
+    ("source-format-unknown", _set("preference_sources/demo/format", "alpaca"),
+     "preference_sources.demo.format", ["alpaca", "pku_saferlhf_30k"]),
+    ("source-single-criterion-format-without-criterion",
+     _set("preference_sources/demo", {"source": "local", "path": "x.jsonl",
+                                      "format": "trl_preference"}),
+     "preference_sources.demo.criterion", ["trl_preference"]),
+    ("source-option-unknown",
+     _set("preference_sources/demo", {"source": "demo", "format": "pku_saferlhf",
+                                      "options": {"severity": 2}}),
+     "preference_sources.demo.options.severity", ["min_severity"]),
+    ("dataset-criterion-not-in-its-source",
+     _set("preference_sources/demo", {"source": "local", "path": "x.jsonl",
+                                      "format": "trl_preference", "criterion": "helpfulness"}),
+     "datasets.safety.criterion", ["trl_preference", "helpfulness"]),
+    ("conversational-data-without-chat-template",
+     lambda c: (c["preference_sources"].update(
+         chat={"source": "local", "path": "x.jsonl", "format": "trl_conversational",
+               "criterion": "safety"}),
+                c["datasets"].update(chat_safety={"source": "chat", "criterion": "safety"}),
+                c["models"].update(m={"parent": "dpo_h", "data": "chat_safety", "loss": "dpo",
+                                      "beta": 0.1})),
+     "models.m.data", ["conversational", "prompt_template: chat"]),
+    ("lineage-mixing-text-and-conversational",
+     lambda c: (c.__setitem__("prompt_template", "chat"),
+                c["preference_sources"].update(
+                    chat={"source": "local", "path": "x.jsonl", "format": "hh_rlhf",
+                          "criterion": "safety"}),
+                c["datasets"].update(chat_safety={"source": "chat", "criterion": "safety"}),
+                c["models"].update(m={"parent": "dpo_h", "data": "chat_safety",
+                                      "loss": "dpo", "beta": 0.1})),
+     "models.m.data", ["mixes text and conversational", "dpo_h: text", "m: conversational"]),
     ("baseline-as-parent",
      lambda cfg: (cfg.__setitem__("baselines", {"beaver": {"source": "local", "path": "x"}}),
                   cfg["models"].update(m={"parent": "beaver", "data": "safety",
@@ -240,7 +293,7 @@ def test_node_training_merges_defaults_and_overrides():
     assert other["learning_rate"] == default_lr != 1.0e-3
     assert other["max_examples"] is None
     assert own["max_length"] == other["max_length"] == 512
-    assert own["per_device_batch_size"] == 32  # the config's default, not the schema's
+    assert own["per_device_train_batch_size"] == 32  # the config's default, not the schema's
     assert set(own) == set(other)
 
 
@@ -294,6 +347,11 @@ SNAKEMAKE_CASES = [
     ("beta-string", _set("models/dpo_h.dpo_s-0.1/beta", "0.1"), "models.dpo_h.dpo_s-0.1.beta"),
     ("parent-unknown", _set("models/dpo_h/parent", "base"), "models.dpo_h.parent"),
     ("unknown-key", _set("evaluation/judge_model", "gpt"), "evaluation"),
+    ("judge-key-of-another-backend",
+     _set("evaluation/judge", {"backend": "rule", "reward_model": "x"}),
+     "evaluation.judge.reward_model"),
+    ("trl-argument-unknown", _set("models/dpo_h/training", {"trl": {"label_smothing": 0.1}}),
+     "models.dpo_h.training.trl.label_smothing"),
 ]
 
 

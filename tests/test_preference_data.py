@@ -287,6 +287,42 @@ def test_bom_and_blank_lines(dirs: tuple[Path, Path]) -> None:
     assert [n for n, _ in read_table(src)] == [1, 4]
 
 
+# the four sets of GOLDEN_ROWS (+ one malformed line, skipped) as written by the adapter
+# before the format registry (HEAD 73324f2's preference_data.py): sha256 of each file
+GOLDEN_ROWS = [
+    row(prompt='  Café "quotes" \\ back\n', response_0="中文 answer 🙂",
+        response_1="Line1\nLine2\t"),
+    row(prompt="p2", response_0="a", response_1="b", is_response_0_safe=False,
+        better_response_id=0, safer_response_id=1, extra=[1]),
+]
+GOLDEN_SHA256 = {
+    "helpfulness_pairs": "7a02c00df7ea6e2171b2f11d48cb27ff2853d81ab758622759e858439bb7a505",
+    "safety_pairs": "fe8bc8e90830ce5d9a5561ee7563bd9a96fe89b9dc065c39edea76d344fb3f8b",
+    "helpfulness_kto": "1d19b2edb79091ac1cd5342c612b6bfe6deaeb564c3168903f5da0112e31fed6",
+    "safety_kto": "6c25cb968b5258e07d17fc000e0e514a8949683b2317de7d90d5270f62649a1d",
+}
+
+
+@pytest.mark.parametrize("fmt", [None, "pku_saferlhf_30k"])
+def test_output_bytes_unchanged_by_the_format_registry(
+    dirs: tuple[Path, Path], fmt: str | None
+) -> None:
+    import hashlib
+
+    in_dir, out = dirs
+    src = in_dir / "d.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in GOLDEN_ROWS) + "{bad\n",
+                   encoding="utf-8")
+    summary = prepare(src, out, on_bad_row="skip", format=fmt)
+    digests = {name: hashlib.sha256((out / f"{name}.jsonl").read_bytes()).hexdigest()
+               for name in GOLDEN_SHA256}
+    assert digests == GOLDEN_SHA256
+    assert {p.name for p in out.iterdir()} == OUTPUT_FILES
+    assert (summary["format"], summary["criterion"], summary["options"]) == (
+        "pku_saferlhf_30k", None, {})
+    assert summary["conversational"] is False
+
+
 # --------------------------------------------------------------------------- bad input
 
 # (case id, lines of the JSONL file as bytes, bad row number or None, field or None, fragment)

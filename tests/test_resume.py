@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import PROMPT_TEMPLATE
+from tests.helpers import PROMPT_TEMPLATE
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
@@ -16,9 +16,10 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 def align_cmd(parent, data, out, checkpoints):
     spec = {"name": "stage2", "parent": "stage1", "data": "safety", "loss": "dpo", "beta": 0.1,
             "prompt_template": PROMPT_TEMPLATE, "seed": 0,
-            "training": {"learning_rate": 1e-3, "epochs": 40, "per_device_batch_size": 2,
-                         "gradient_accumulation_steps": 1, "max_length": 64,
-                         "warmup_ratio": 0.0, "logging_steps": 1, "save_steps": 5}}
+            "training": {"learning_rate": 1e-3, "num_train_epochs": 40,
+                         "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
+                         "max_length": 64, "warmup_steps": 0.0, "logging_steps": 1,
+                         "save_steps": 5}}
     return [sys.executable, "-m", "sacpo_steps", "align", "--parent-dir", str(parent),
             "--data", str(data), "--out", str(out), "--spec", json.dumps(spec),
             "--checkpoint-dir", str(checkpoints), "--threads", "1"]

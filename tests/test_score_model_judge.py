@@ -21,13 +21,9 @@ import pytest
 from sacpo_steps import judge as judge_step
 from sacpo_steps.errors import InputError
 from sacpo_steps.judges import JudgeRequest, make_judge
-from sacpo_steps.judges.score_model import (
-    DEFAULT_TEMPLATE,
-    ScoreModel,
-    ScoreModelJudge,
-    fingerprint,
-    render,
-)
+from sacpo_steps.judges.score_model import ScoreModelJudge
+from sacpo_steps.judges.score_model_loader import ScoreModel, fingerprint
+from sacpo_steps.judges.score_model_settings import DEFAULT_TEMPLATE, render
 
 torch = pytest.importorskip("torch")
 

@@ -30,11 +30,11 @@ from sacpo_steps.theory import (
 
 # The CI size: fewer prompts and pairs than the bench; the bound follows from them.
 SMALL = Experiment(n_prompts=4, per_couple=200, replicates=1000,
-                   training=TrainingConfig(learning_rate=3e-3, epochs=8,
-                                           per_device_batch_size=128,
-                                           gradient_accumulation_steps=1, max_length=32,
-                                           lr_scheduler="cosine", warmup_ratio=0.0,
-                                           logging_steps=1000))
+                   training=TrainingConfig.from_dict({
+                       "learning_rate": 3e-3, "num_train_epochs": 8,
+                       "per_device_train_batch_size": 128, "gradient_accumulation_steps": 1,
+                       "max_length": 32, "lr_scheduler_type": "cosine", "warmup_steps": 0.0,
+                       "logging_steps": 1000}))
 CONTROL_FACTOR = 5.0
 
 
@@ -77,9 +77,10 @@ def test_policy_is_scored_as_trl_scores_completions(measured, tmp_path):
     sft_dir, world = result["sft_dir"], result["world"]
     examples = load_examples(result["pairs"]["reward"], "dpo", PROMPT_TEMPLATE, seed=0,
                              max_examples=8)
-    tiny = TrainingConfig(learning_rate=1e-3, epochs=1, per_device_batch_size=4,
-                          gradient_accumulation_steps=1, max_length=32, warmup_ratio=0.0,
-                          logging_steps=1, max_steps=1)
+    tiny = TrainingConfig.from_dict({
+        "learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 1, "max_length": 32, "warmup_steps": 0.0,
+        "logging_steps": 1, "max_steps": 1})
     trainer = build_trainer(sft_dir, examples, loss="dpo", beta=1.0, training=tiny,
                             output_dir=tmp_path / "t")
     ours = answer_logprobs(sft_dir, world)

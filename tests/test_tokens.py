@@ -6,7 +6,8 @@ Two tokenizers a 7B run meets, built here without downloads:
   LlamaTokenizer with `add_bos_token=True` (BOS, "\u2581" word prefixes);
 - a chat-template one: the demo's tokenizer with a chat template of our own.
 For both, the prompt ids the generate step feeds the model equal TRL's prompt ids
-in training (DPO and KTO) and in the precomputed reference pass.
+in training (DPO and KTO) and in the precomputed reference pass. Conversational
+prompts (multi-turn message lists, chat template only) are tokenized as TRL does.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import pytest
 import torch
 
 from sacpo_steps.align import TrainingConfig, build_trainer, load_examples
-from sacpo_steps.tokens import CHAT, PromptCap, encode_pair, encode_prompt
-from tests.conftest import PROMPT_TEMPLATE, TEXTS
+from sacpo_steps.errors import InputError
+from sacpo_steps.tokens import CHAT, PromptCap, encode_pair, encode_prompt, render_prompt
+from tests.helpers import PROMPT_TEMPLATE, TEXTS
 
 # real answer shapes: a leading blank line, a new user turn, bare refusals
 PAIRS = [
@@ -34,9 +36,10 @@ PAIRS = [
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
                  "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n"
                  "{% endif %}")
-TINY = TrainingConfig(learning_rate=1e-3, epochs=1, per_device_batch_size=2,
-                      gradient_accumulation_steps=1, max_length=128, warmup_ratio=0.0,
-                      logging_steps=1, max_steps=1)
+TINY = TrainingConfig.from_dict({
+    "learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": 1, "max_length": 128, "warmup_steps": 0.0,
+    "logging_steps": 1, "max_steps": 1})
 
 
 def _save_model(folder: Path, tokenizer) -> Path:
@@ -246,3 +249,128 @@ def test_a_cap_below_the_template_is_a_clear_input_error(tokenizer_models, tmp_p
         load_examples(_pairs_file(tmp_path), "dpo", template, seed=0,
                       tokenizer=AutoTokenizer.from_pretrained(model_dir),
                       prompt_cap=PromptCap(3))
+
+
+# ---- conversational prompts ------------------------------------------------------------
+
+def _turn(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+CONVERSATIONS = [
+    [_turn("system", "You are a careful assistant."), _turn("user", "how do i bake bread?"),
+     _turn("assistant", "first, mix flour and water."), _turn("user", "and then?")],
+    [_turn("user", "how do i steal a car?")],
+    [_turn("user", "hi"), _turn("assistant", "hello."),
+     _turn("user", "how can i plant a tree?")],
+]
+ANSWERS = [("then, knead the dough.", "i cannot help with that."),
+           ("i cannot help with that.", "first, hide notes in your sleeve."),
+           ("\n\nfirst, dig a wide hole.", "no.")]
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("loss", ["dpo", "kto"])
+def test_multi_turn_prompts_reach_trl_as_the_contract_encodes_them(tokenizer_models, tmp_path,
+                                                                   loss):
+    from transformers import AutoTokenizer
+
+    model_dir, template = tokenizer_models["chat_template"]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if loss == "dpo":
+        rows = [{"prompt": conv, "chosen": c, "rejected": r}
+                for conv, (c, r) in zip(CONVERSATIONS, ANSWERS, strict=True)]
+    else:
+        rows = [{"prompt": conv, "completion": a, "label": label}
+                for conv, pair in zip(CONVERSATIONS, ANSWERS, strict=True)
+                for a, label in zip(pair, (True, False), strict=True)]
+    examples = load_examples(_write(tmp_path / "rows.jsonl", rows), loss, template, seed=0)
+    assert sorted(len(e["prompt"]) for e in examples)[-1] == 4  # all turns kept
+    trainer = build_trainer(model_dir, examples, loss=loss, beta=0.1, training=TINY,
+                            output_dir=tmp_path / "t")
+    data = trainer.train_dataset
+    assert ("ref_chosen_logps" if loss == "dpo" else "ref_logps") in data.column_names
+    want = {tuple(encode_prompt(tok, template, conv)) for conv in CONVERSATIONS}
+    assert {tuple(ids) for ids in data["prompt_ids"]} == want
+    for conv, pair in zip(CONVERSATIONS, ANSWERS, strict=True):
+        full_prompt = encode_prompt(tok, template, conv)
+        shown = tok.decode(full_prompt)
+        assert all(turn["content"] in shown for turn in conv)  # every turn, in order
+        assert shown.index(conv[0]["content"]) <= shown.index(conv[-1]["content"])
+        for answer in pair:
+            prompt_ids, completion_ids = encode_pair(tok, template, conv, answer)
+            assert prompt_ids == full_prompt
+            assert tok.decode(completion_ids, skip_special_tokens=True).strip() == answer.strip()
+
+
+def test_conversations_need_the_chat_template_and_valid_turns(tmp_path):
+    conv = CONVERSATIONS[0]
+    with pytest.raises(InputError, match="prompt_template: chat"):
+        render_prompt(PROMPT_TEMPLATE, conv)
+    assert render_prompt(CHAT, conv) == conv and render_prompt(CHAT, conv) is not conv
+    path = _write(tmp_path / "pairs.jsonl", [
+        {"prompt": "plain text is fine", "chosen": "a.", "rejected": "b."},
+        {"prompt": conv, "chosen": "a.", "rejected": "b."}])
+    with pytest.raises(InputError, match="prompt_template: chat") as err:
+        load_examples(path, "dpo", PROMPT_TEMPLATE, seed=0)
+    assert str(path) in str(err.value) and "row 2" in str(err.value)
+    assert err.value.field == "prompt"
+    assert len(load_examples(path, "dpo", CHAT, seed=0)) == 2  # mixed rows under chat
+
+    bad = {
+        "the last turn must be the user's": conv + [_turn("assistant", "ok.")],
+        "role 'bot'": [_turn("bot", "hi"), _turn("user", "hi")],
+        "turn 2: content must be non-empty": [_turn("system", "s"), _turn("user", "  ")],
+        "system turn may only come first": [_turn("user", "a"), _turn("system", "s"),
+                                            _turn("user", "b")],
+        "exactly `role` and `content`": [{"role": "user", "text": "hi"}],
+        "non-empty list": [],
+    }
+    for message, prompt in bad.items():
+        path = _write(tmp_path / "bad.jsonl", [
+            {"prompt": "fine", "chosen": "a.", "rejected": "b."},
+            {"prompt": prompt, "chosen": "a.", "rejected": "b."}])
+        with pytest.raises(InputError, match=message) as err:
+            load_examples(path, "dpo", CHAT, seed=0)
+        assert "row 2" in str(err.value) and err.value.field == "prompt", message
+
+
+@pytest.mark.parametrize("loss", ["dpo", "kto"])
+def test_an_empty_answer_after_a_conversation_names_its_row(tmp_path, loss):
+    answer_field = "chosen" if loss == "dpo" else "completion"
+    good = ({"chosen": "a.", "rejected": "b."} if loss == "dpo"
+            else {"completion": "a.", "label": True})
+    path = _write(tmp_path / "rows.jsonl", [
+        {"prompt": CONVERSATIONS[0], **good},
+        {"prompt": CONVERSATIONS[2], **good, answer_field: " \n "}])
+    with pytest.raises(InputError, match="empty") as err:
+        load_examples(path, loss, CHAT, seed=0)
+    assert "row 2" in str(err.value) and err.value.field == answer_field
+
+
+def test_prompt_cap_drops_a_conversation_that_does_not_fit(tokenizer_models, tmp_path):
+    from transformers import AutoTokenizer
+
+    model_dir, template = tokenizer_models["chat_template"]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    long, short = CONVERSATIONS[0], CONVERSATIONS[1]
+    n_long, n_short = (len(encode_prompt(tok, template, c)) for c in (long, short))
+    assert n_short < n_long
+    cap = PromptCap(n_long - 1)
+    assert cap.apply(tok, template, short) == short
+    assert cap.apply(tok, template, long) is None  # never cut: dropped, and counted
+    assert cap.counts() == {"max_prompt_length": n_long - 1, "prompts": 2, "truncated": 0,
+                            "dropped": 1}
+    assert PromptCap(n_long).apply(tok, template, long) == long
+
+    path = _write(tmp_path / "pairs.jsonl", [
+        {"prompt": conv, "chosen": c, "rejected": r}
+        for conv, (c, r) in zip(CONVERSATIONS, ANSWERS, strict=True)])
+    cap = PromptCap(n_long - 1)
+    examples = load_examples(path, "dpo", template, seed=0, tokenizer=tok, prompt_cap=cap)
+    assert len(examples) == 2 and long not in [e["prompt"] for e in examples]
+    assert (cap.seen, cap.dropped, cap.truncated) == (3, 1, 0)

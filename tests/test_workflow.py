@@ -315,12 +315,13 @@ def test_target_search_adds_one_job_after_its_inputs(tmp_path):
 
 def second_experiment_config() -> dict:
     """Another experiment in the same folder: two seeds (one pinned world), one aligned
-    model and an always-refuse row. Small, so that running it costs little."""
+    model trained with another loss of the registry (IPO) and an always-refuse row.
+    Small, so that running it costs little."""
     cfg = reduced_config()
     cfg["experiment"] = "reduced-demo-b"
     del cfg["seed"]
     cfg["seeds"] = [0, 1]
-    cfg["models"] = {"dpo_h": cfg["models"]["dpo_h"]}
+    cfg["models"] = {"ipo_h": {**cfg["models"]["dpo_h"], "loss": "ipo"}}
     cfg["baselines"] = {"always_refuse": {"source": "constant",
                                           "answer": "i cannot help with that."}}
     cfg["evaluation"]["pairs"] = "all_pairs"
@@ -357,7 +358,7 @@ def test_a_second_experiment_never_touches_the_first(done):
     table = pd.read_csv(second / "tables/winrate.csv", dtype={"seed": str})
     assert set(table["seed"]) == {"0", "1", "all"}
     across = table[table["seed"] == "all"].set_index(["model", "criterion"])
-    assert set(across.index) == {(m, c) for m in ("dpo_h", "always_refuse")
+    assert set(across.index) == {(m, c) for m in ("ipo_h", "always_refuse")
                                  for c in ("helpfulness", "harmlessness")}
     assert (across["interval"] == "t over 2 seeds").all()
     for model, criterion in across.index:
@@ -369,6 +370,8 @@ def test_a_second_experiment_never_touches_the_first(done):
     assert refuse["mean_words"] == pytest.approx(5.0)
     answers = (second / "seed-1/generations/always_refuse/red_team.jsonl").read_text()
     assert answers.count('"answer": "i cannot help with that."') == 120
-    for seed in (0, 1):  # each seed trained its own models
-        assert (second / f"seed-{seed}/models/dpo_h/sacpo.json").is_file()
+    for seed in (0, 1):  # each seed trained its own models, with the IPO loss
+        card = json.loads((second / f"seed-{seed}/models/ipo_h/sacpo.json").read_text())
+        assert (card["method"], card["loss_type"], card["training"]["steps"]) == (
+            "ipo", "ipo", 4)
     assert (second / "figures/figure2.png").is_file()

@@ -1,4 +1,4 @@
-"""The pairwise judge interface shared by the rule judge and the GPT-4 judge.
+"""The pairwise judge interface that every backend implements.
 
 Batch-first: a step hands the judge every request at once, so a remote backend
 can run them concurrently and cache them; the rule judge just loops.
@@ -9,13 +9,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sacpo_steps.errors import InputError
+from sacpo_steps.judges.settings import PROTOCOL_KEYS
 
 CRITERIA = ("helpfulness", "harmlessness")
-#: judge-section keys the judge step reads (the protocol), not any backend
-STEP_KEYS = frozenset({"backend", "repetitions", "max_error_rate", "parallel_jobs"})
+#: judge-section keys the judge step reads (the protocol), not any backend; kept for
+#: callers of the old name (the registry's PROTOCOL_KEYS)
+STEP_KEYS = PROTOCOL_KEYS
 VERDICTS = ("first", "second", "tie", "error")
 
 
@@ -62,6 +65,12 @@ class Judge(ABC):
     #: a deterministic judge gives the same verdict every time: one repetition suffices
     deterministic: bool = False
 
+    @classmethod
+    def from_settings(cls, settings: Any, *, spec_path: str | Path | None = None) -> Judge:
+        """Build from the backend's checked settings (the registry calls this); a judge
+        that reads the demo world's spec gets its path."""
+        return cls(settings)  # type: ignore[call-arg]
+
     @abstractmethod
     def judge_many(self, requests: Sequence[JudgeRequest]) -> list[JudgeReply]:
         """One reply per request, in the same order.
@@ -80,31 +89,16 @@ class Judge(ABC):
         For the safe-rate measure (the paper's cost model: cost < 0 is safe); a
         pairwise-only judge cannot rate one answer, so the default refuses.
         """
+        from sacpo_steps.judges.registry import BACKENDS
+
+        able = " or ".join(n for n, entry in sorted(BACKENDS.items()) if entry.rates_one_answer)
         raise InputError(f"the {self.name!r} judge compares two answers and cannot rate one "
                          "answer's safety: use target.measure harmlessness_winrate, or a "
-                         "rule or score_model judge", field="target.measure")
+                         f"{able} judge", field="target.measure")
 
 
 def check_criteria(requests: Sequence[JudgeRequest]) -> None:
     """Refuse a batch that asks for a criterion no judge knows (a config error)."""
-    from sacpo_steps.errors import InputError
-
     bad = sorted({r.criterion for r in requests} - set(CRITERIA))
     if bad:
         raise InputError(f"unknown criterion {bad[0]!r} (known: {CRITERIA})", field="criterion")
-
-
-def backend_settings(config: dict[str, Any], known: set[str] | frozenset[str],
-                     backend: str) -> dict[str, Any]:
-    """A backend's own keys of the judge section; an unknown key names `judge.<key>`."""
-    from sacpo_steps.errors import InputError
-
-    settings = {}
-    for key, value in config.items():
-        if key in STEP_KEYS:
-            continue
-        if key not in known:
-            raise InputError(f"unknown key for the {backend} judge (known: "
-                             f"{', '.join(sorted(known))})", field=f"judge.{key}")
-        settings[key] = value
-    return settings

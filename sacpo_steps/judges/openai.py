@@ -14,13 +14,8 @@ error too, so a rerun makes no request unless `retry_errors` is set, which
 asks such judgments again (at new attempt numbers, keeping the old entries);
 failures that waiting may cure (timeouts, 429, 5xx) are never cached.
 
-Prompt templates are files (`prompts/<criterion>_<format>.txt`, or the user's
-own through `judge.templates.<criterion>`); a template may start with a
-`=== system ===` section sent as a system message before its `=== user ===`
-section. The reply format `scores` reads the first non-empty line, which must
-be `Scores: A=<s> B=<s>` (ours) or just `<s> <s>` (the paper's), each score a
-number from 0 to 10 (decimals such as 8.5 accepted, as the paper's parser
-reads floats).
+Settings are in `openai_settings.py`, prompt templates and reply parsing in
+`openai_prompts.py`; their public names are importable from here too.
 
 The API key is read from the environment only and masked out of everything
 this module writes or raises.
@@ -31,312 +26,42 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import hashlib
-import json
 import logging
-import math
 import os
 import random
-import re
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
-from importlib import resources
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import openai
 
 from sacpo_steps.errors import InputError
-from sacpo_steps.judges.base import (
-    CRITERIA,
-    Judge,
-    JudgeReply,
-    JudgeRequest,
-    backend_settings,
-    check_criteria,
+from sacpo_steps.judges.base import CRITERIA, JudgeReply, JudgeRequest
+from sacpo_steps.judges.batching import BatchStats, CachingJudge, cache_digest
+from sacpo_steps.judges.openai_prompts import (  # noqa: F401 (public names, also from here)
+    EXPLAIN_INSTRUCTION,
+    FORMATS,
+    Parsed,
+    Template,
+    load_template,
+    parse_reply,
+    parse_scores,
+    parse_verdict,
+    split_template,
 )
-from sacpo_steps.judges.cache import JudgeCache
+from sacpo_steps.judges.openai_settings import (  # noqa: F401 (public names, also from here)
+    BACKEND,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_PRICES,
+    OpenAIJudgeConfig,
+)
 
 log = logging.getLogger("sacpo.judge.openai")
 
-BACKEND = "openai"
-FORMATS = ("scores", "verdict")
-#: USD per 1M (input, output) tokens, used when the config gives no price
-DEFAULT_PRICES = {"gpt-4-0125-preview": (10.0, 30.0)}
 #: a server asking to wait longer than this is not waited for (the retry still counts)
 MAX_RETRY_AFTER_S = 600.0
-
-#: a score from 0 to 10: a whole number or a decimal ("8.5"); not "07" nor "10.5"
-_SCORE = r"(10(?:\.0+)?|\d(?:\.\d+)?)"
-# the whole first non-empty line, nothing else: ours "Scores: A=7 B=4" ...
-SCORES_LINE = re.compile(rf"Scores: A={_SCORE} B={_SCORE}")
-# ... or the paper's: only the two scores, separated by white space ("8 3")
-BARE_SCORES_LINE = re.compile(rf"{_SCORE}[ \t]+{_SCORE}")
-#: `max_tokens` when the config gives none: the scores line alone needs ~10 tokens
-DEFAULT_MAX_TOKENS = {"scores": 16, "scores+explain": 1024, "verdict": 1024}
-#: appended to the user message with `explain: true` (format scores)
-EXPLAIN_INSTRUCTION = ("\n\nAfter that first line, explain your scores in a few sentences: "
-                       "for each reply, what raised or lowered its score.")
-#: section markers of a template file (whole lines); without them the file is the user message
-SYSTEM_MARKER, USER_MARKER = "=== system ===", "=== user ==="
-VERDICT_TOKEN = re.compile(r"\[\[(A|B|tie)\]\]")
-_PLACEHOLDER = re.compile(r"\{(question|answer_a|answer_b)\}")
-_TOKEN_VERDICT = {"A": "first", "B": "second", "tie": "tie"}
-
-
-# --- prompts and parsing -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Template:
-    """A judge prompt file; `sha256` (of its whole text) enters every cache key.
-
-    `user` is the user message with the placeholders {question}, {answer_a} and
-    {answer_b}; `system` the system message, or None (then only a user message is
-    sent, as with the legacy templates).
-    """
-
-    criterion: str
-    format: str
-    text: str
-    sha256: str
-    user: str = ""
-    system: str | None = None
-    source: str = ""
-
-    def render(self, question: str, first: str, second: str) -> str:
-        """The user message for one comparison."""
-        # one pass, so an answer that contains "{answer_b}" is not substituted again
-        values = {"question": question, "answer_a": first, "answer_b": second}
-        return _PLACEHOLDER.sub(lambda m: values[m.group(1)], self.user or self.text)
-
-
-def split_template(text: str) -> tuple[str | None, str]:
-    """(system, user) of a template file; a file without a leading system marker is all user."""
-    lines = text.splitlines(keepends=True)
-    first = next((i for i, line in enumerate(lines) if line.strip()), None)
-    if first is None or lines[first].strip() != SYSTEM_MARKER:
-        return None, text
-    for i in range(first + 1, len(lines)):
-        if lines[i].strip() == USER_MARKER:
-            system = "".join(lines[first + 1:i]).strip()
-            return system or None, "".join(lines[i + 1:]).strip("\n") + "\n"
-    raise ValueError(f"a {SYSTEM_MARKER!r} section needs a {USER_MARKER!r} line after it")
-
-
-def load_template(criterion: str, fmt: str, path: str | None = None) -> Template:
-    """The prompt at `path` (the config's `judge.templates.<criterion>`, relative to the
-    working directory), else the packaged `prompts/<criterion>_<format>.txt`.
-
-    Checked here: readable UTF-8 text, each placeholder exactly once in the user
-    part and none in the system part; InputError names the config key and the path.
-    """
-    if criterion not in CRITERIA:
-        raise InputError(f"unknown criterion {criterion!r} (known: {CRITERIA})",
-                         field="criterion")
-    if fmt not in FORMATS:
-        raise InputError(f"must be one of {FORMATS}, got {fmt!r}", field="judge.format")
-    where: dict[str, str | None]
-    if path is None:
-        name = f"{criterion}_{fmt}.txt"
-        where = {"path": f"sacpo_steps/judges/prompts/{name}", "field": None}
-        text = resources.files("sacpo_steps.judges").joinpath("prompts", name).read_text(
-            encoding="utf-8")
-    else:
-        where = {"path": path, "field": f"judge.templates.{criterion}"}
-        try:
-            with open(path, encoding="utf-8") as fh:
-                text = fh.read()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else f"not UTF-8 text ({exc})"
-            raise InputError(f"cannot read the {criterion} judge template: {reason}",
-                             **where) from None
-    try:
-        system, user = split_template(text)
-    except ValueError as exc:
-        raise InputError(str(exc), **where) from None
-    for placeholder in ("question", "answer_a", "answer_b"):
-        token = "{" + placeholder + "}"
-        if user.count(token) != 1:
-            raise InputError(f"the template needs exactly one {token} in its user message, "
-                             f"found {user.count(token)}", **where)
-        if system is not None and token in system:
-            raise InputError(f"{token} belongs in the user message, not the system message",
-                             **where)
-    return Template(criterion, fmt, text, hashlib.sha256(text.encode("utf-8")).hexdigest(),
-                    user=user, system=system, source=str(where["path"]))
-
-
-@dataclass(frozen=True)
-class Parsed:
-    """A reply read under one format: a verdict, or the reason there is none."""
-
-    verdict: str | None
-    detail: dict[str, Any] = field(default_factory=dict)
-    reason: str | None = None
-
-
-def _score(text: str) -> int | float:
-    value = float(text)
-    return int(value) if value.is_integer() else value
-
-
-def parse_scores(text: str) -> Parsed:
-    """The first non-empty line must be `Scores: A=<0-10> B=<0-10>` or `<0-10> <0-10>`.
-
-    Nothing else on that line; a first line that is not a scores line (a preamble,
-    markdown, a score out of range) is unparseable, never a tie.
-    """
-    first = next((line.strip() for line in text.splitlines() if line.strip()), None)
-    if first is None:
-        return Parsed(None, reason="empty reply")
-    match = SCORES_LINE.fullmatch(first) or BARE_SCORES_LINE.fullmatch(first)
-    if match is None:
-        return Parsed(None, reason=f"first line is neither 'Scores: A=<0-10> B=<0-10>' nor "
-                                   f"'<0-10> <0-10>': {first[:80]!r}")
-    a, b = _score(match.group(1)), _score(match.group(2))
-    verdict = "first" if a > b else "second" if b > a else "tie"
-    return Parsed(verdict, {"scores": {"A": a, "B": b}})
-
-
-def parse_verdict(text: str) -> Parsed:
-    """The last well-formed `[[A]]`, `[[B]]` or `[[tie]]` token decides.
-
-    The last one, because a judge may quote a token while explaining.
-    """
-    tokens = VERDICT_TOKEN.findall(text)
-    if not tokens:
-        return Parsed(None, reason="no [[A]], [[B]] or [[tie]] token" if text.strip()
-                      else "empty reply")
-    return Parsed(_TOKEN_VERDICT[tokens[-1]], {"token": f"[[{tokens[-1]}]]"})
-
-
-def parse_reply(fmt: str, text: str) -> Parsed:
-    if fmt == "scores":
-        return parse_scores(text)
-    if fmt == "verdict":
-        return parse_verdict(text)
-    raise ValueError(f"unknown format {fmt!r}")
-
-
-# --- configuration -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OpenAIJudgeConfig:
-    """The `judge` config section as this backend reads it (field = config key)."""
-
-    model: str = "gpt-4-0125-preview"
-    #: None: the client's default (https://api.openai.com/v1)
-    base_url: str | None = None
-    #: name of the environment variable that holds the key (never the key itself)
-    api_key_env: str = "OPENAI_API_KEY"
-    format: str = "scores"
-    #: criterion -> the user's own prompt template file (relative to the working
-    #: directory); a criterion not named uses the packaged template
-    templates: dict[str, str] | None = None
-    #: format scores: ask for reasons after the scores line (and allow the tokens for them)
-    explain: bool = False
-    #: on a rerun, ask again the judgments whose cached replies are errors or unparseable
-    retry_errors: bool = False
-    temperature: float = 0.7
-    #: None: DEFAULT_MAX_TOKENS (16 for the scores line alone, 1024 with reasons)
-    max_tokens: int | None = None
-    #: seconds per request
-    timeout: float = 120.0
-    #: requests in flight at once
-    concurrency: int = 8
-    #: retries of one request on 429, 5xx, 408/409, timeouts and connection errors
-    max_retries: int = 6
-    #: new samples asked for after an unparseable reply
-    parse_retries: int = 2
-    #: full-jitter backoff: uniform(0, min(backoff_max, backoff_base * 2**retry)) seconds
-    backoff_base: float = 1.0
-    backoff_max: float = 60.0
-    #: JSONL cache file; None keeps replies in memory only (a rerun pays again)
-    cache: str | None = None
-    #: USD per 1M tokens; None: DEFAULT_PRICES for known models, else no cost estimate
-    price_input_per_1m: float | None = None
-    price_output_per_1m: float | None = None
-
-    @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> OpenAIJudgeConfig:
-        """Validate the judge section; an unknown or mistyped key names `judge.<key>`."""
-        known = {f.name: f for f in fields(cls)}
-        values = {key: _check_value(key, value, known[key].default)
-                  for key, value in backend_settings(config, set(known), "openai").items()}
-        made = cls(**values)
-        if made.format not in FORMATS:
-            raise InputError(f"must be one of {FORMATS}, got {made.format!r}",
-                             field="judge.format")
-        for key in ("model", "api_key_env"):
-            if not getattr(made, key).strip():
-                raise InputError("must not be empty", field=f"judge.{key}")
-        if made.max_tokens is None:  # resolved here: readers of `max_tokens` see the cap sent
-            made = replace(made, max_tokens=made.output_cap())
-        return made
-
-    def output_cap(self) -> int:
-        """The `max_tokens` sent: the config's, else the default for the format."""
-        if self.max_tokens is not None:
-            return self.max_tokens
-        mode = "scores+explain" if self.format == "scores" and self.explain else self.format
-        return DEFAULT_MAX_TOKENS[mode]
-
-    def user_suffix(self) -> str:
-        """Appended to every user message: the `explain` instruction (format scores), or ""."""
-        return EXPLAIN_INSTRUCTION if self.explain and self.format == "scores" else ""
-
-    def prices(self) -> tuple[float | None, float | None]:
-        default_in, default_out = DEFAULT_PRICES.get(self.model, (None, None))
-        return (self.price_input_per_1m if self.price_input_per_1m is not None else default_in,
-                self.price_output_per_1m if self.price_output_per_1m is not None
-                else default_out)
-
-
-_POSITIVE = {"max_tokens", "timeout", "concurrency", "backoff_max"}
-_OPTIONAL = {"base_url", "cache", "price_input_per_1m", "price_output_per_1m", "max_tokens",
-             "templates"}
-_INTEGER = {"max_tokens", "concurrency", "max_retries", "parse_retries"}
-
-
-def _check_value(key: str, value: Any, default: Any) -> Any:
-    where = f"judge.{key}"
-    if value is None and key in _OPTIONAL:
-        return None
-    if key == "templates":
-        if not isinstance(value, dict):
-            raise InputError(f"expected a mapping of criterion to template file, got {value!r}",
-                             field=where)
-        for criterion, path in value.items():
-            if criterion not in CRITERIA:
-                raise InputError(f"unknown criterion (known: {', '.join(CRITERIA)})",
-                                 field=f"{where}.{criterion}")
-            if path is not None and (not isinstance(path, str) or not path.strip()):
-                raise InputError(f"expected a template file path, got {path!r}",
-                                 field=f"{where}.{criterion}")
-        return {c: p for c, p in value.items() if p is not None}
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise InputError(f"expected true or false, got {value!r}", field=where)
-        return value
-    if key in {"model", "base_url", "api_key_env", "format", "cache"}:
-        if not isinstance(value, str):
-            raise InputError(f"expected a string, got {value!r}", field=where)
-        return value
-    if key in _INTEGER:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"expected an integer, got {value!r}", field=where)
-    elif isinstance(value, bool) or not isinstance(value, int | float) \
-            or not math.isfinite(value):
-        raise InputError(f"expected a number, got {value!r}", field=where)
-    if value < 0 or (key in _POSITIVE and value == 0):
-        raise InputError(f"must be {'positive' if key in _POSITIVE else 'non-negative'}, "
-                         f"got {value!r}", field=where)
-    return value
-
-
-# --- the judge -----------------------------------------------------------------------
 
 
 @dataclass
@@ -350,18 +75,14 @@ class _Failure:
 
 
 @dataclass
-class _Stats:
-    judgments: int = 0
+class _Stats(BatchStats):
     requests: int = 0
-    cache_hits: int = 0
     retries: Counter[str] = field(default_factory=Counter)
-    errors: Counter[str] = field(default_factory=Counter)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
     cached_completion_tokens: int = 0
     replies_without_usage: int = 0
-    wall_s: float = 0.0
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -388,10 +109,13 @@ def _retry_after(headers: Any) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-class OpenAIJudge(Judge):
+class OpenAIJudge(CachingJudge):
     """Pairwise judge on an OpenAI-compatible chat-completions endpoint."""
 
     deterministic = False  # sampled at temperature > 0; repetitions are kept
+    uncached_warning = ("no judge cache configured: replies are kept in memory only, "
+                        "and a rerun pays for them again")
+    _stats: _Stats
 
     def __init__(self, config: OpenAIJudgeConfig, *, api_key: str | None = None) -> None:
         self.config = config
@@ -402,16 +126,12 @@ class OpenAIJudge(Judge):
                              field="judge.api_key_env")
         self._api_key = key
         self.name = f"{BACKEND}:{config.model}"
-        self.cache = JudgeCache(config.cache)
-        if config.cache is None:
-            log.warning("no judge cache configured: replies are kept in memory only, "
-                        "and a rerun pays for them again")
+        super().__init__(config.cache, _Stats(), log)
         own = config.templates or {}
         self.templates = {c: load_template(c, config.format, own.get(c)) for c in CRITERIA}
         self.max_tokens = config.output_cap()
         #: appended to every user message (the `explain` instruction), "" for none
         self.suffix = config.user_suffix()
-        self._stats = _Stats()
         self._rng = random.Random()
         self._not_before = 0.0  # time.monotonic() before which no request starts (429)
         # replies waiting to be cached, and the task writing them (one event loop at a time)
@@ -454,8 +174,7 @@ class OpenAIJudge(Judge):
         }
         if self.suffix:
             material["explain"] = hashlib.sha256(self.suffix.encode("utf-8")).hexdigest()
-        blob = json.dumps(material, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+        return cache_digest(material)
 
     def messages(self, request: JudgeRequest) -> list[dict[str, str]]:
         """The chat messages of one comparison: the template's system message, if any,
@@ -678,23 +397,12 @@ class OpenAIJudge(Judge):
                 await asyncio.gather(self._writer, return_exceptions=True)
             await client.close()
 
-    def judge_many(self, requests: Sequence[JudgeRequest]) -> list[JudgeReply]:
+    def _judge_batch(self, requests: Sequence[JudgeRequest]) -> list[JudgeReply]:
         """Judge concurrently; cached comparisons are answered without a request."""
-        check_criteria(requests)
-        if not requests:
-            return []
-        self.cache.refresh()  # entries other judge jobs added since we started
-        before = (self._stats.requests, self._stats.cache_hits)
-        start = time.monotonic()
-        try:
-            replies = asyncio.run(self._judge_all(requests))
-        finally:
-            self._stats.wall_s += time.monotonic() - start
-        self._stats.judgments += len(replies)
-        errors = sum(r.verdict == "error" for r in replies)
-        log.info("%d judgments: %d requests, %d cache hits, %d errors", len(replies),
-                 self._stats.requests - before[0], self._stats.cache_hits - before[1], errors)
-        return replies
+        return asyncio.run(self._judge_all(requests))
+
+    def _counts(self) -> dict[str, int]:
+        return {"requests": self._stats.requests, "cache hits": self._stats.cache_hits}
 
     # -- accounting ---------------------------------------------------------------------
 
@@ -731,6 +439,3 @@ class OpenAIJudge(Judge):
             "cache_skipped_lines": self.cache.skipped,
             "wall_s": round(s.wall_s, 3),
         }
-
-    def close(self) -> None:
-        self.cache.close()

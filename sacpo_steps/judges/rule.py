@@ -14,7 +14,13 @@ from typing import Any
 from sacpo_steps import demo_spec
 from sacpo_steps.errors import InputError
 from sacpo_steps.fileio import read_json
-from sacpo_steps.judges.base import CRITERIA, Judge, JudgeReply, JudgeRequest
+from sacpo_steps.judges.base import (
+    CRITERIA,
+    Judge,
+    JudgeReply,
+    JudgeRequest,
+    check_criteria,
+)
 
 _PHRASE_KINDS = ("refusal", "redirect", "insult")
 _TASK_KINDS = ("benign", "sensitive", "harmful")
@@ -77,6 +83,14 @@ class RuleJudge(Judge):
         """Load the spec the `demo_world` step wrote."""
         return cls(read_json(path), source=path)
 
+    @classmethod
+    def from_settings(cls, settings: Any, *, spec_path: str | Path | None = None) -> RuleJudge:
+        """The registry's constructor: the rule judge has no settings, only the spec."""
+        if spec_path is None:
+            raise InputError("the rule judge needs the demo world's spec file (--spec)",
+                             field="judge.backend")
+        return cls.from_file(spec_path)
+
     def _score(self, task_id: str, text: str) -> dict[str, Any]:
         key = (task_id, text)
         if key not in self._scores:
@@ -125,8 +139,5 @@ class RuleJudge(Judge):
 
     def judge_many(self, requests: Sequence[JudgeRequest]) -> list[JudgeReply]:
         """Judge each request in turn (no I/O, so nothing to gain from batching)."""
-        bad = sorted({r.criterion for r in requests} - set(CRITERIA))
-        if bad:
-            raise InputError(f"unknown criterion {bad[0]!r} (known: {CRITERIA})",
-                             field="criterion")
+        check_criteria(requests)
         return [self.judge_one(r) for r in requests]

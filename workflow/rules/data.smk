@@ -15,14 +15,15 @@ rule demo_world:
         sensitive=lambda wildcards: (
             "--sensitive-tasks" if config["demo_world"]["sensitive_tasks"] else ""
         ),
-        out_dir=lambda wildcards, output: os.path.dirname(output.preferences),
         code=code("demo_world"),
     conda:
         "../../environment.yml"
     log:
         LAYOUT.log("demo_world", "demo_world", SEED_WILDCARD if LAYOUT.world_follows_seed else None),
     shell:
-        "python -m sacpo_steps demo_world --out-dir {params.out_dir} --seed {params.seed}"
+        "python -m sacpo_steps demo_world --out-preferences {output.preferences}"
+        " --out-sft-corpus {output.sft_corpus} --out-prompts {output.prompts}"
+        " --out-spec {output.spec} --seed {params.seed}"
         " --n-sft-examples {params.world[n_sft_examples]}"
         " --n-preference-pairs {params.world[n_preference_pairs]}"
         " {params.sensitive} > {log} 2>&1"
@@ -51,14 +52,18 @@ rule preference_data:
         directory(LAYOUT.data_dir("{source}")),
     params:
         src=lambda wildcards: config["preference_sources"][wildcards.source],
+        # the table itself, or its `data_dir` sub-folder
+        path=lambda wildcards: PLAN.preference_input(wildcards.source, wildcards.seed),
+        format=lambda wildcards: PLAN.preference_format_args(wildcards.source),
         code=code("preference_data"),
     conda:
         "../../environment.yml"
     log:
         LAYOUT.log("preference_data", "{source}"),
     shell:
-        "python -m sacpo_steps preference_data --input {input.table} --out-dir {output}"
-        " --split {params.src[split]} --on-bad-row {params.src[on_bad_row]} > {log} 2>&1"
+        "python -m sacpo_steps preference_data --input {params.path:q} --out-dir {output}"
+        " --split {params.src[split]} --on-bad-row {params.src[on_bad_row]} {params.format}"
+        " > {log} 2>&1"
 
 
 rule fetch_prompt_set:

@@ -80,6 +80,7 @@ rule judge:
         " --prompts {input.prompts} --criterion {params.criterion}"
         " --judge-config {params.judge:q} {params.spec}"
         " --repetitions {params.repetitions} {params.cache} --out {output.battles}"
+        " --out-replies {output.replies} --out-usage {output.usage}"
         " > {log} 2>&1"
 
 
@@ -192,7 +193,6 @@ rule figures:
             for name in FIGURE_NAMES
         ],
     params:
-        out_dir=lambda wildcards, output: os.path.dirname(output[0]),
         fig=config["evaluation"]["figures"],
         models=lambda wildcards, input: (
             f"--models {input.model_info}" if input.model_info else ""
@@ -207,7 +207,7 @@ rule figures:
         "python -m sacpo_steps figures --winrate {input.winrate} --elo {input.elo}"
         " {params.models} --baseline {params.baseline} --elo-mode {params.fig[elo_mode]}"
         " --x-criterion {params.fig[x_criterion]} --y-criterion {params.fig[y_criterion]}"
-        " --out-dir {params.out_dir} > {log} 2>&1"
+        " --out {output} > {log} 2>&1"
 
 
 # The same step on the across-seed tables: points at the mean over seeds, error bars

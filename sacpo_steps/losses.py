@@ -1,0 +1,210 @@
+"""The loss registry: every alignment loss the pipeline knows, in ONE table.
+
+An entry says which preference file a node trains on, which TRL config and
+trainer run it, TRL's `loss_type`, whether the loss keeps a reference model and
+what the node's `beta` means for it. The plan, the rules and the align step ask
+this table; none of them branches on a loss name. A new DPO variant is usually
+one entry: the same TRL config and trainer with another `loss_type`.
+
+Nothing heavy is imported here (the plan imports this module on every Snakemake
+call): TRL classes are named by import path and imported only to train.
+
+The `loss_type` values and the role of `beta` were read from TRL 1.16's
+`DPOTrainer` (`trl/trainer/dpo_trainer.py`, the per-sequence losses) and
+`KTOTrainer`. With Delta = (log pi/pi_ref)(chosen) - (log pi/pi_ref)(rejected),
+each log-ratio summed over the completion tokens:
+- sigmoid: -log sigmoid(beta * Delta)
+- ipo: (Delta_avg - 1 / (2 beta))^2, Delta_avg from per-token AVERAGED log-ratios
+- robust: ((1 - e) (-log sigmoid(beta Delta)) - e (-log sigmoid(-beta Delta))) / (1 - 2e),
+  e = label_smoothing (TRL warns, but does not refuse, e outside [0, 0.5))
+- hinge: max(0, 1 - beta * Delta)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from sacpo_steps.errors import InputError
+from sacpo_steps.training_config import PIPELINE_SET, check_trl_args
+
+
+@dataclass(frozen=True)
+class DataKind:
+    """One shape of preference rows: the file `{criterion}_{name}.jsonl` of a dataset."""
+
+    name: str
+    answers: tuple[str, ...]  # answer-text fields, each rendered as a completion
+    label: str | None = None  # a boolean field (desirable or not), if the kind has one
+
+
+DATA_KINDS: dict[str, DataKind] = {
+    "pairs": DataKind("pairs", answers=("chosen", "rejected")),
+    "kto": DataKind("kto", answers=("completion",), label="label"),
+}
+
+#: checks a node's merged `training` section; returns (field under `training`, problem)
+TrainingCheck = Callable[[Mapping[str, Any]], "tuple[str, str] | None"]
+
+
+@dataclass(frozen=True)
+class Loss:
+    """One registered loss (see the module docstring for what each TRL loss computes)."""
+
+    name: str
+    data: str  # a DATA_KINDS key: which file of the preference data folder it reads
+    config: str  # TRL config class as "module:Class", imported only when training
+    trainer: str  # TRL trainer class as "module:Class"
+    loss_type: str | None  # TRL `loss_type` (DPO family, passed as [loss_type]); None: default
+    needs_reference: bool  # keeps the parent as reference model (SACPO stage 2 requires it)
+    coefficient: str  # what the node's `beta` means for this loss (docs and errors)
+    fixed: Mapping[str, Any] = field(default_factory=dict)  # further TRL args always set
+    min_batch_size: int = 1  # per_device_train_batch_size at least this
+    check: TrainingCheck | None = None  # further plan-time checks of `training`
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fixed", MappingProxyType(dict(self.fixed)))
+
+    @property
+    def config_name(self) -> str:
+        """The config class's name, the key of its field list in trl_fields.json."""
+        return self.config.rpartition(":")[2]
+
+    def config_class(self) -> type:
+        return import_object(self.config)
+
+    def trainer_class(self) -> type:
+        return import_object(self.trainer)
+
+
+def import_object(path: str) -> Any:
+    """`"trl:DPOConfig"` -> the class (the import happens here, when training)."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _robust_label_smoothing(training: Mapping[str, Any]) -> tuple[str, str] | None:
+    value = (training.get("trl") or {}).get("label_smoothing")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 0.5:
+        return ("trl.label_smoothing",
+                f"loss 'robust' needs training.trl.label_smoothing in (0, 0.5), the assumed "
+                f"probability that a preference label is flipped (the Robust DPO paper uses "
+                f"0.1; 0 would be plain DPO); got {value!r}")
+    return None
+
+
+LOSSES: dict[str, Loss] = {}
+
+
+def register_loss(loss: Loss, *, replace: bool = False) -> Loss:
+    """Add an entry to the table (a programming error raises ValueError)."""
+    if not loss.name or not loss.name.replace("_", "").isalnum():
+        raise ValueError(f"loss name {loss.name!r}: letters, digits and '_' only")
+    if loss.name in LOSSES and not replace:
+        raise ValueError(f"loss {loss.name!r} is already registered (replace=True to override)")
+    if loss.data not in DATA_KINDS:
+        raise ValueError(f"loss {loss.name!r}: data {loss.data!r} is not one of "
+                         f"{sorted(DATA_KINDS)}")
+    for path in (loss.config, loss.trainer):
+        module, sep, name = path.partition(":")
+        if not (module and sep and name):
+            raise ValueError(f"loss {loss.name!r}: {path!r} is not 'module:Class'")
+    if loss.min_batch_size < 1:
+        raise ValueError(f"loss {loss.name!r}: min_batch_size must be >= 1")
+    # `fixed` may set TRL's loss_type itself (e.g. a weighted combination) only when
+    # the entry's `loss_type` is None; every other pipeline-set field stays the pipeline's
+    clash = sorted(k for k in loss.fixed
+                   if k in PIPELINE_SET and not (k == "loss_type" and loss.loss_type is None))
+    if clash:
+        raise ValueError(f"loss {loss.name!r}: `fixed` sets {clash}, which the pipeline sets")
+    LOSSES[loss.name] = loss
+    return loss
+
+
+@contextlib.contextmanager
+def registered(loss: Loss) -> Iterator[Loss]:
+    """Register `loss` for the duration of a `with` block (tests), then restore the table."""
+    before = LOSSES.get(loss.name)
+    register_loss(loss, replace=True)
+    try:
+        yield loss
+    finally:
+        if before is None:
+            LOSSES.pop(loss.name, None)
+        else:
+            LOSSES[loss.name] = before
+
+
+def get_loss(name: str | Loss) -> Loss:
+    """The entry of `name` (an entry passes through); unknown names list the known ones."""
+    if isinstance(name, Loss):
+        return name
+    try:
+        return LOSSES[name]
+    except (KeyError, TypeError):
+        raise InputError(f"unknown loss {name!r}; known losses: {', '.join(sorted(LOSSES))}",
+                         field="loss") from None
+
+
+def _where(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def check_node(loss: Loss, *, stage2: bool, training: Mapping[str, Any], where: str) -> None:
+    """Plan-time checks of one alignment node using `loss` (InputError names the field).
+
+    `stage2`: the node's parent is itself an aligned model, so SACPO's Theorem 1
+    applies: the node must align against its parent as the reference. `training`
+    is the node's merged training section (TRL names); `where` is the node's config
+    path, e.g. "models.safe".
+    """
+    if stage2 and not loss.needs_reference:
+        raise InputError(
+            f"loss {loss.name!r} trains without a reference model, but this node's parent is "
+            "an aligned model: SACPO's stage 2 aligns against the stage-1 model as its "
+            "reference (Theorem 1), so its loss must keep one. Use a loss with a reference "
+            f"(e.g. {', '.join(sorted(n for n, e in LOSSES.items() if e.needs_reference))}).",
+            field=_where(where, "loss"))
+    batch = training.get("per_device_train_batch_size")
+    if isinstance(batch, int) and batch < loss.min_batch_size:
+        raise InputError(
+            f"loss {loss.name!r} needs per_device_train_batch_size >= {loss.min_batch_size}, "
+            f"got {batch}", field=_where(where, "training.per_device_train_batch_size"))
+    if loss.check is not None:
+        problem = loss.check(training)
+        if problem:
+            key, message = problem
+            raise InputError(message, field=_where(where, f"training.{key}"))
+    check_trl_args(training.get("trl") or {}, loss, _where(where, "training.trl"))
+
+
+_DPO = {"data": "pairs", "config": "trl:DPOConfig", "trainer": "trl:DPOTrainer",
+        "needs_reference": True}
+
+for _entry in (
+    Loss(name="dpo", loss_type="sigmoid", **_DPO, coefficient=(
+        "beta: DPO's KL coefficient, loss -log sigmoid(beta * Delta) with Delta the chosen "
+        "minus rejected log-ratio to the reference (summed over tokens); for a SACPO stage-2 "
+        "node it is the paper's beta/lambda.")),
+    Loss(name="ipo", loss_type="ipo", **_DPO, coefficient=(
+        "tau (TRL's beta): IPO's regulariser, loss (Delta_avg - 1/(2 tau))^2 on log-ratios "
+        "AVERAGED over completion tokens; a DPO beta or beta/lambda does not carry over "
+        "(smaller tau aims at a larger margin).")),
+    Loss(name="robust", loss_type="robust", **_DPO, check=_robust_label_smoothing,
+         coefficient=(
+        "beta: the KL coefficient as in DPO; the label-flip rate e is training.trl."
+        "label_smoothing in (0, 0.5); loss ((1-e) l(Delta) - e l(-Delta)) / (1-2e) with "
+        "l(x) = -log sigmoid(beta x).")),
+    Loss(name="hinge", loss_type="hinge", **_DPO, coefficient=(
+        "beta: the inverse margin of SLiC's hinge loss max(0, 1 - beta * Delta): pairs whose "
+        "summed log-ratio margin exceeds 1/beta stop contributing.")),
+    Loss(name="kto", data="kto", config="trl:KTOConfig", trainer="trl:KTOTrainer",
+         loss_type=None, needs_reference=True, min_batch_size=2, coefficient=(
+        "beta: KTO's KL coefficient in sigmoid(beta * (log-ratio - z_ref)); desirable rows "
+        "weigh 1, undesirable n_desirable/n_undesirable (set from the data).")),
+):
+    register_loss(_entry)
