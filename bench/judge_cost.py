@@ -24,13 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sacpo_steps import demo_world  # noqa: E402
-from sacpo_steps.judges.openai import (  # noqa: E402
-    DEFAULT_PRICES,
+from sacpo_steps.judges.openai_prompts import (  # noqa: E402
     EXPLAIN_INSTRUCTION,
-    OpenAIJudgeConfig,
     Template,
     load_template,
 )
+from sacpo_steps.judges.openai_settings import DEFAULT_PRICES, OpenAIJudgeConfig  # noqa: E402
 
 PROMPTS_DIR = ROOT / "sacpo_steps" / "judges" / "prompts"
 #: chat format overhead per message, and per request (OpenAI's published rule of thumb)

@@ -454,7 +454,8 @@ def test_families_judge_each_family_and_every_member_against_the_baseline():
 
 
 def test_judgment_count_and_upper_bound_cost():
-    from sacpo_steps.judges.openai import OpenAIJudgeConfig, load_template
+    from sacpo_steps.judges.openai_prompts import load_template
+    from sacpo_steps.judges.openai_settings import OpenAIJudgeConfig
     from sacpo_steps.plan import (
         CHARS_PER_TOKEN,
         estimated_cost,
@@ -491,7 +492,8 @@ def test_judgment_count_and_upper_bound_cost():
 
 def test_judgment_cost_follows_the_judge_settings():
     """The reply cap and the prompt come from the judge's config (format, explain)."""
-    from sacpo_steps.judges.openai import EXPLAIN_INSTRUCTION, OpenAIJudgeConfig
+    from sacpo_steps.judges.openai_prompts import EXPLAIN_INSTRUCTION
+    from sacpo_steps.judges.openai_settings import OpenAIJudgeConfig
     from sacpo_steps.plan import judgment_report
 
     cfg = demo()

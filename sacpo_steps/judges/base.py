@@ -13,12 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from sacpo_steps.errors import InputError
-from sacpo_steps.judges.settings import PROTOCOL_KEYS
 
 CRITERIA = ("helpfulness", "harmlessness")
-#: judge-section keys the judge step reads (the protocol), not any backend; kept for
-#: callers of the old name (the registry's PROTOCOL_KEYS)
-STEP_KEYS = PROTOCOL_KEYS
 VERDICTS = ("first", "second", "tie", "error")
 
 

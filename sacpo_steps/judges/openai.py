@@ -40,21 +40,12 @@ import openai
 from sacpo_steps.errors import InputError
 from sacpo_steps.judges.base import CRITERIA, JudgeReply, JudgeRequest
 from sacpo_steps.judges.batching import BatchStats, CachingJudge, cache_digest
-from sacpo_steps.judges.openai_prompts import (  # noqa: F401 (public names, also from here)
-    EXPLAIN_INSTRUCTION,
-    FORMATS,
-    Parsed,
-    Template,
+from sacpo_steps.judges.openai_prompts import (
     load_template,
     parse_reply,
-    parse_scores,
-    parse_verdict,
-    split_template,
 )
-from sacpo_steps.judges.openai_settings import (  # noqa: F401 (public names, also from here)
+from sacpo_steps.judges.openai_settings import (
     BACKEND,
-    DEFAULT_MAX_TOKENS,
-    DEFAULT_PRICES,
     OpenAIJudgeConfig,
 )
 

@@ -6,11 +6,11 @@ Light (no HTTP client): the plan reads these for its cost estimate.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import ClassVar
 
 from sacpo_steps.judges.base import CRITERIA
 from sacpo_steps.judges.openai_prompts import EXPLAIN_INSTRUCTION, FORMATS, load_template
-from sacpo_steps.judges.settings import CostBasis, setting
+from sacpo_steps.judges.settings import BackendSettings, CostBasis, setting
 
 BACKEND = "openai"
 #: USD per 1M (input, output) tokens, used when the config gives no price
@@ -32,7 +32,9 @@ def _drop_unset(templates: dict[str, str | None]) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
-class OpenAIJudgeConfig:
+class OpenAIJudgeConfig(BackendSettings):
+    BACKEND: ClassVar[str] = BACKEND
+
     """The `judge` config section as this backend reads it (field = config key)."""
 
     model: str = setting("gpt-4-0125-preview", "The judge model (paper: gpt-4-0125-preview)",
@@ -86,15 +88,6 @@ class OpenAIJudgeConfig:
     price_output_per_1m: float | None = setting(
         None, "USD per 1M output tokens", default_doc="30 for gpt-4-0125-preview, else "
         "unknown", type=["number", "null"], minimum=0)
-
-    @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> OpenAIJudgeConfig:
-        """Validate the judge section; an unknown or mistyped key names `judge.<key>`."""
-        from sacpo_steps.judges.registry import backend_settings
-
-        settings: OpenAIJudgeConfig = backend_settings({**config, "backend": BACKEND},
-                                                       job=True)
-        return settings
 
     def validated(self, where: str) -> OpenAIJudgeConfig:
         """Resolve `max_tokens` here, so readers of it see the cap that is sent."""

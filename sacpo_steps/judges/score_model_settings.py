@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
 from sacpo_steps.errors import InputError
-from sacpo_steps.judges.settings import setting
+from sacpo_steps.judges.settings import BackendSettings, setting
 
 BACKEND = "score_model"
 DEFAULT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{answer}"
@@ -22,7 +22,9 @@ _FOLDER = {"type": ["string", "null"], "pattern": r"\S"}
 
 
 @dataclass(frozen=True)
-class ScoreModelJudgeConfig:
+class ScoreModelJudgeConfig(BackendSettings):
+    BACKEND: ClassVar[str] = BACKEND
+
     """The `judge` config section as this backend reads it (field = config key)."""
 
     reward_model: str | None = setting(
@@ -54,15 +56,6 @@ class ScoreModelJudgeConfig:
                                    "scores)", type="number", minimum=0, convert=float)
     threads: int | None = setting(None, "Torch threads", default_doc="torch's default",
                                   type=["integer", "null"], minimum=1)
-
-    @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> ScoreModelJudgeConfig:
-        """Validate the judge section; an unknown or mistyped key names `judge.<key>`."""
-        from sacpo_steps.judges.registry import backend_settings
-
-        settings: ScoreModelJudgeConfig = backend_settings({**config, "backend": BACKEND},
-                                                           job=True)
-        return settings
 
     def validated(self, where: str) -> ScoreModelJudgeConfig:
         """At least one model; a template with its two placeholders."""

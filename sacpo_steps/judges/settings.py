@@ -13,7 +13,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from sacpo_steps.errors import InputError
 
@@ -142,6 +142,20 @@ def field_schema(f: dataclasses.Field[Any], *, prefix: str = "",
     if with_default and f.metadata.get("schema_default"):
         out["default"] = f.default
     return out
+
+
+class BackendSettings:
+    """Base of a backend's settings dataclass: `BACKEND` names its registry entry, and
+    `from_dict` checks a judge section against that entry (defaults filled)."""
+
+    BACKEND: ClassVar[str] = ""
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> Any:
+        """Validate the judge section; an unknown or mistyped key names `judge.<key>`."""
+        from sacpo_steps.judges.registry import backend_settings
+
+        return backend_settings({**config, "backend": cls.BACKEND}, job=True)
 
 
 @dataclasses.dataclass(frozen=True)
