@@ -19,11 +19,12 @@ import math
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sacpo_steps import demo_spec
+from sacpo_steps.config_schema import default_of
 from sacpo_steps.errors import InputError
 from sacpo_steps.fileio import atomic_output, setup_logging, write_json, write_jsonl
 
@@ -186,8 +187,11 @@ PAIR_KINDS_SENSITIVE = list(SFT_MIX_SENSITIVE)
 @dataclass(frozen=True)
 class WorldConfig:
     seed: int = 0
-    n_sft_examples: int = 4000
-    n_preference_pairs: int = 3000
+    # sizes default to the config schema's `demo_world` defaults (their one home)
+    n_sft_examples: int = field(
+        default_factory=lambda: default_of("demo_world.n_sft_examples"))
+    n_preference_pairs: int = field(
+        default_factory=lambda: default_of("demo_world.n_preference_pairs"))
     # Bradley-Terry scales: P(y0 better) = sigmoid((h0 - h1) / helpfulness_temperature)
     helpfulness_temperature: float = 0.5
     harm_temperature: float = 0.5
