@@ -205,3 +205,24 @@ def test_prompt_counts_come_from_the_file_or_the_config(tmp_path, monkeypatch):
     count, source, longest = plan.prompt_counts()["helpfulness"]
     assert count == 2 and "counted in" in source and "the config expects" in source
     assert longest == len('{"prompt_id": "2", "prompt": "bb"}\n')
+
+
+def test_preference_data_reads_a_subset_folder_with_its_format_flags(paper):
+    assert paper.preference_format_args("pku") == "--format pku_saferlhf_30k"
+    cfg = copy.deepcopy(PAPER)
+    cfg["preference_sources"]["hh"] = {"source": "hub", "repo_id": "Anthropic/hh-rlhf",
+                                       "revision": "abc", "format": "hh_rlhf",
+                                       "criterion": "safety", "data_dir": "harmless-base"}
+    cfg["prompt_template"] = "chat"
+    cfg["datasets"]["hh_safety"] = {"source": "hh", "criterion": "safety"}
+    cfg["models"] = {"hh_s": {"parent": "sft", "data": "hh_safety", "loss": "dpo",
+                              "beta": 0.1}}
+    cfg["baselines"] = {}
+    cfg["evaluation"].pop("families", None)
+    cfg["evaluation"]["pairs"] = "vs_baseline"
+    plan = plan_of(cfg)
+    assert plan.preference_input("hh", 0) == \
+        "resources/datasets/Anthropic--hh-rlhf@abc/harmless-base"
+    assert plan.preference_input("pku", 0) == plan.paths.preference_table("pku", 0)
+    assert plan.preference_format_args("hh") == "--format hh_rlhf --criterion safety"
+    assert plan.align_data_file("hh_s", 0).endswith("/data/hh/safety_pairs.jsonl")
