@@ -456,7 +456,7 @@ def test_families_judge_each_family_and_every_member_against_the_baseline():
 def test_judgment_count_and_upper_bound_cost():
     from sacpo_steps.judges.openai_prompts import load_template
     from sacpo_steps.judges.openai_settings import OpenAIJudgeConfig
-    from sacpo_steps.plan import (
+    from sacpo_steps.judgment_report import (
         CHARS_PER_TOKEN,
         estimated_cost,
         estimated_input_tokens,
@@ -494,7 +494,7 @@ def test_judgment_cost_follows_the_judge_settings():
     """The reply cap and the prompt come from the judge's config (format, explain)."""
     from sacpo_steps.judges.openai_prompts import EXPLAIN_INSTRUCTION
     from sacpo_steps.judges.openai_settings import OpenAIJudgeConfig
-    from sacpo_steps.plan import judgment_report
+    from sacpo_steps.judgment_report import judgment_report
 
     cfg = demo()
     _families(chain=["sft", "dpo_h"])(cfg)

@@ -10,7 +10,8 @@ sys.path.insert(0, str(Path(workflow.basedir)))
 
 from sacpo_steps.errors import InputError  # noqa: E402
 from sacpo_steps.layout import SEED as SEED_WILDCARD  # noqa: E402
-from sacpo_steps.plan import PlanError, judgment_report, load_plan, to_json  # noqa: E402
+from sacpo_steps.judgment_report import judgment_report  # noqa: E402
+from sacpo_steps.plan import PlanError, load_plan, to_json  # noqa: E402
 from sacpo_steps.provenance import source_hash  # noqa: E402
 
 _config_source = ", ".join(map(str, workflow.overwrite_configfiles)) or "config/config.yaml"
