@@ -254,8 +254,13 @@ def save_merged_adapter(trainer, parent_dir: Path, out: Path, training: Training
     from transformers import AutoModelForCausalLM
 
     adapter_dir = out / ".adapter"
-    trainer.model.save_pretrained(adapter_dir)
+    state_dict = None
+    if trainer.is_fsdp_enabled:
+        # the weights are shards (DTensors) on every rank: gather the full state dict
+        # (a collective, so every rank calls it; rank 0 receives it) and save that
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)
     if trainer.accelerator.is_main_process:
+        trainer.model.save_pretrained(adapter_dir, state_dict=state_dict)
         base = AutoModelForCausalLM.from_pretrained(parent_dir, dtype="auto")
         merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
         merged.save_pretrained(out, safe_serialization=True)
@@ -314,6 +319,13 @@ def align(
         trainer = build_trainer(parent_dir, examples, loss=entry, beta=beta, training=training,
                                 output_dir=work_dir, seed=seed,
                                 reference_dir=reference_dir)
+        if trainer.accelerator.num_processes != world:
+            # e.g. `accelerate launch` on a machine without GPUs and without
+            # ACCELERATE_USE_CPU: every process would train alone (1/N of the global
+            # batch) and rank 0 would publish its model as if nothing were wrong
+            raise InputError(f"launched as {world} processes, but the trainer sees "
+                             f"{trainer.accelerator.num_processes}: they do not form one job "
+                             "(no GPU visible? on CPU set ACCELERATE_USE_CPU=true)")
         trainer.add_callback(startup_callback(log))
         log.info("%d examples, loss %s, beta %g; reference: %s", len(examples), loss, beta,
                  parent if reference_dir is None else reference_dir)
@@ -357,6 +369,11 @@ def align(
             write_model_card(tmp, summary)
     if checkpoint_dir and trainer.accelerator.is_main_process:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # finished: nothing to resume
+    if world > 1:
+        # close the process group: a rank exiting with it open could abort at exit
+        # ("terminate called without an active exception", seen with gloo) and fail
+        # a job whose model is already published
+        trainer.accelerator.end_training()
     if rank == 0:
         log.info("aligned model '%s' written to %s (%.1f s)", name, out_dir,
                  time.monotonic() - started)
