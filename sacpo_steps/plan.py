@@ -502,7 +502,8 @@ def _merge_training(defaults: dict[str, Any], override: dict[str, Any], where: s
     # which YAML reads as a string.
     import jsonschema
 
-    validator = jsonschema.Draft202012Validator(config_schema()["$defs"]["training"])
+    # the training section takes nothing from the registries: the cached schema will do
+    validator = jsonschema.Draft202012Validator(load_schema()["$defs"]["training"])
     for err in sorted(validator.iter_errors(override), key=lambda e: list(e.absolute_path)):
         raise PlanError(f"{where}.{_path(err)}: {err.message}")
     return {**defaults, **override}
