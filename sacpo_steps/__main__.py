@@ -17,6 +17,7 @@ STEPS = (
     "preference_data",
     "fetch_prompt_set",
     "sft_checkpoint",
+    "ref_logps",
     "align",
     "merge",
     "target_search",

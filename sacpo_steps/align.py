@@ -20,6 +20,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -35,6 +36,13 @@ from sacpo_steps.modelio import (
     set_threads,
     startup_callback,
     write_model_card,
+)
+from sacpo_steps.throughput import (
+    cuda_device,
+    describe,
+    model_shape,
+    rates,
+    training_flops_per_token,
 )
 from sacpo_steps.tokens import PromptCap, prompt_problem, render_completion, render_prompt
 from sacpo_steps.training_config import PASSED_AS_IS, TrainingConfig
@@ -150,6 +158,7 @@ def build_trainer(
     output_dir: str | Path,
     seed: int = 0,
     reference_dir: str | Path | None = None,
+    ref_logps: str | Path | Any = None,
 ):
     """A TRL trainer whose policy starts from the parent and whose reference is the parent.
 
@@ -157,6 +166,8 @@ def build_trainer(
     entry's `loss_type` and `fixed` arguments, `training.trl`, and the settings the
     pipeline maps itself. `reference_dir` overrides the reference (only for controls
     and tests: SACPO's stage 2 must use its parent, i.e. the stage-1 model).
+    `ref_logps`: the parent's reference log-probs of these rows, computed once by the
+    `ref_logps` step; the trainer then runs no reference forward.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -200,9 +211,25 @@ def build_trainer(
     if reference_dir is not None:
         ref_model = AutoModelForCausalLM.from_pretrained(reference_dir, dtype="auto")
     dataset = shared_dataset(examples, Path(output_dir))
-    return entry.trainer_class()(model=model, ref_model=ref_model, args=args,
-                                 train_dataset=dataset, processing_class=tokenizer,
-                                 peft_config=peft_config)
+    trainer_class = entry.trainer_class()
+    building = contextlib.nullcontext()
+    if ref_logps is not None:
+        from sacpo_steps.ref_logps import (
+            ReferenceTable,
+            cached_reference_trainer,
+            no_reference_model,
+        )
+
+        if reference_dir is not None or not training.precompute_ref_log_probs:
+            raise InputError("reference log-probs from a file need the parent as reference "
+                             "and training.precompute_ref_log_probs", field="ref_logps")
+        building = no_reference_model(trainer_class)
+        table = ref_logps if isinstance(ref_logps, ReferenceTable) else ReferenceTable(ref_logps)
+        trainer_class = cached_reference_trainer(trainer_class, table, entry.ref_columns)
+    with building:
+        return trainer_class(model=model, ref_model=ref_model, args=args,
+                             train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=peft_config)
 
 
 def shared_dataset(examples: list[dict[str, Any]], folder: Path):
@@ -283,6 +310,7 @@ def align(
     threads: int | None = None,
     reference_dir: str | Path | None = None,
     checkpoint_dir: str | Path | None = None,
+    ref_logps: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train one alignment node and write its model folder atomically; return its summary.
 
@@ -307,6 +335,12 @@ def align(
         tokenizer = AutoTokenizer.from_pretrained(parent_dir)
     examples = load_examples(data_path, entry, prompt_template, seed, training.max_examples,
                              tokenizer=tokenizer, prompt_cap=cap)
+    table = None
+    if ref_logps is not None:
+        from sacpo_steps.ref_logps import ReferenceTable
+
+        table = ReferenceTable(ref_logps)
+        table.check_settings(loss=entry.name, training=training, prompt_template=prompt_template)
     log.info("prompt cap %s: %d of %d prompts truncated (start cut), %d dropped",
              cap.max_prompt_length, cap.truncated, cap.seen, cap.dropped)
     set_threads(threads)
@@ -318,7 +352,7 @@ def align(
         work_dir = Path(checkpoint_dir) if checkpoint_dir else tmp / ".trainer"
         trainer = build_trainer(parent_dir, examples, loss=entry, beta=beta, training=training,
                                 output_dir=work_dir, seed=seed,
-                                reference_dir=reference_dir)
+                                reference_dir=reference_dir, ref_logps=table)
         if trainer.accelerator.num_processes != world:
             # e.g. `accelerate launch` on a machine without GPUs and without
             # ACCELERATE_USE_CPU: every process would train alone (1/N of the global
@@ -327,13 +361,17 @@ def align(
                              f"{trainer.accelerator.num_processes}: they do not form one job "
                              "(no GPU visible? on CPU set ACCELERATE_USE_CPU=true)")
         trainer.add_callback(startup_callback(log))
-        log.info("%d examples, loss %s, beta %g; reference: %s", len(examples), loss, beta,
-                 parent if reference_dir is None else reference_dir)
+        log.info("%d examples, loss %s, beta %g; reference: %s%s", len(examples), loss, beta,
+                 parent if reference_dir is None else reference_dir,
+                 f" (log-probs from {ref_logps})" if ref_logps else "")
         resume = last_checkpoint(work_dir)
         if resume:
             log.info("resuming from %s", resume)
         result = trainer.train(resume_from_checkpoint=resume)
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        speed = training_throughput(trainer, result,
+                                    start_step=int(resume.name.split("-")[-1]) if resume else 0)
+        log.info("throughput: %s", describe(speed))
         if training.lora:
             save_merged_adapter(trainer, parent_dir, tmp, training)
         else:
@@ -364,6 +402,8 @@ def align(
                 "final_loss": losses[-1] if losses else None,
                 "train_runtime_s": round(result.metrics.get("train_runtime", math.nan), 2),
             },
+            "throughput": speed,
+            "reference_logps": str(ref_logps) if ref_logps else None,
         }
         if trainer.accelerator.is_main_process:
             write_model_card(tmp, summary)
@@ -382,6 +422,48 @@ def align(
     return summary
 
 
+def training_throughput(trainer, result, *, start_step: int = 0) -> dict[str, Any]:
+    """Tokens/s (non-padding, all processes), samples/s and, on a GPU, MFU of this run.
+
+    TRL counts the attention-masked tokens it trains on (`num_tokens` in its logs, a
+    running total over every process); a resumed run counts from its restart. Samples
+    are sequences (a DPO pair is two: chosen and rejected); the MFU's sequence length
+    is their mean non-padding length.
+    """
+    seconds = float(result.metrics.get("train_runtime", math.nan))
+    tokens = getattr(trainer, "_total_train_tokens", None)  # TRL 1.16's running total
+    if tokens is None:
+        tokens = max((e["num_tokens"] for e in trainer.state.log_history if "num_tokens" in e),
+                     default=0)
+    rows = (trainer.state.global_step - start_step) * trainer.args.per_device_train_batch_size \
+        * trainer.args.gradient_accumulation_steps * trainer.accelerator.num_processes
+    if trainer.args.max_steps <= 0:  # the last batch of an epoch can be short
+        rows = min(rows, math.ceil(len(trainer.train_dataset) * trainer.args.num_train_epochs))
+    sequences = rows * (2 if "chosen_ids" in trainer.train_dataset.column_names else 1)
+    gpus, device = cuda_device()
+    shape = model_shape(trainer.accelerator.unwrap_model(trainer.model)) if gpus else None
+    flops = training_flops_per_token(shape, tokens / max(sequences, 1)) if shape else None
+    return rates(tokens=tokens, samples=sequences, seconds=seconds, flops_per_token=flops,
+                 gpus=gpus * trainer.accelerator.num_processes, device_name=device)
+
+
+def skip_unused_imports(training: TrainingConfig) -> list[str]:
+    """Keep PEFT and bitsandbytes out of a step process whose node uses neither.
+
+    transformers and TRL import both whenever they are installed; bitsandbytes pulls
+    in torch's compiler, about 1.5 s of every job's start-up (bench/align_startup.py).
+    A None entry in `sys.modules` makes `import` fail and `importlib.util.find_spec`
+    report the package missing, which is what both libraries check. Only for a fresh
+    step process (the CLI): in a process that later trains a LoRA node it would break.
+    Returns the packages hidden.
+    """
+    wanted = {"peft": bool(training.lora), "bitsandbytes": bool(training.quantization)}
+    hidden = [name for name, needed in wanted.items() if not needed and name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]
+    return hidden
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sacpo_steps align", description=__doc__)
     parser.add_argument("--parent-dir", required=True)
@@ -393,13 +475,19 @@ def main(argv: list[str] | None = None) -> None:
                         "prompt_template, seed")
     parser.add_argument("--checkpoint-dir",
                         help="scratch folder for trainer checkpoints (resume after a kill)")
+    parser.add_argument("--ref-logps",
+                        help="the parent's reference log-probs of these rows (ref_logps step)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--log")
     args = parser.parse_args(argv)
     setup_logging(args.log)
     spec = json.loads(args.spec)
+    training = TrainingConfig.from_dict(spec.get("training", {}))
+    hidden = skip_unused_imports(training)
+    if hidden:
+        log.info("not imported (the node does not use them): %s", ", ".join(hidden))
     align(args.parent_dir, args.data, args.out, name=spec["name"], parent=spec["parent"],
           data=spec["data"], loss=spec["loss"], beta=float(spec["beta"]),
-          training=TrainingConfig.from_dict(spec.get("training", {})),
+          training=training,
           prompt_template=spec["prompt_template"], seed=int(spec.get("seed", 0)),
-          threads=args.threads, checkpoint_dir=args.checkpoint_dir)
+          threads=args.threads, checkpoint_dir=args.checkpoint_dir, ref_logps=args.ref_logps)

@@ -59,6 +59,36 @@ def load_prompts(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def generated_tokens(rows: list[list[int]], eos_id: int | None) -> int:
+    """New tokens a batch really generated: each row up to its first end-of-sequence
+    token (included); what follows is padding of the finished rows."""
+    total = 0
+    for tokens in rows:
+        total += tokens.index(eos_id) + 1 if eos_id in tokens else len(tokens)
+    return total
+
+
+def generation_throughput(model: Any, new_tokens: int, prompts: int, seconds: float,
+                          prompt_tokens: int) -> dict[str, Any]:
+    """Generated tokens/s and prompts/s over the `generate` calls (tokenising, loading
+    and decoding excluded) and, on a GPU, MFU at 2 x parameters per generated token
+    (the prompts' prefill is not counted)."""
+    from sacpo_steps.throughput import (
+        cuda_device,
+        generation_flops_per_token,
+        model_shape,
+        rates,
+    )
+
+    gpus, device = cuda_device()
+    flops = None
+    if gpus:
+        mean_len = (prompt_tokens + new_tokens / 2) / max(prompts, 1)
+        flops = generation_flops_per_token(model_shape(model), mean_len)
+    return rates(tokens=new_tokens, samples=prompts, seconds=seconds, flops_per_token=flops,
+                 gpus=gpus, device_name=device)
+
+
 def generate(
     model_dir: str | Path,
     prompts_path: str | Path,
@@ -75,6 +105,7 @@ def generate(
 ) -> dict[str, Any]:
     """Generate greedy answers for every prompt; return counts (answers, empty, truncated)."""
     from sacpo_steps.modelio import check_model_dir, set_threads
+    from sacpo_steps.throughput import describe
     from sacpo_steps.tokens import PromptCap, encode_prompt
 
     check_model_dir(model_dir)
@@ -104,6 +135,8 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     answers: dict[int, str] = {}
     first_token_logged = False
+    new_token_count = 0
+    generating_s = 0.0
     from tqdm import tqdm
 
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -113,6 +146,7 @@ def generate(
         ids = [[pad_id] * (width - len(encoded[i])) + encoded[i] for i in batch]
         mask = [[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in batch]
         input_ids = torch.tensor(ids, device=device)
+        batch_started = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(
                 input_ids=input_ids, attention_mask=torch.tensor(mask, device=device),
@@ -126,14 +160,19 @@ def generate(
                      seconds_since_start())
             first_token_logged = True
         new_tokens = out[:, width:]
+        new_token_count += generated_tokens(new_tokens.tolist(), tokenizer.eos_token_id)
+        generating_s += time.perf_counter() - batch_started
         for i, tokens in zip(batch, new_tokens, strict=True):
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             answers[i] = truncate_answer(text, stop_markers)
+    speed = generation_throughput(model, new_token_count, len(prompts), generating_s,
+                                  sum(map(len, encoded)))
+    log.info("throughput: %s", describe(speed))
     rows = [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "answer": answers[i],
              "model": model_name} for i, p in enumerate(prompts)]
     n = write_jsonl(out_path, rows)
     empty = [r["prompt_id"] for r in rows if not r["answer"]]
-    counts = {"answers": n, "empty": len(empty), **cap.counts()}
+    counts = {"answers": n, "empty": len(empty), **cap.counts(), "throughput": speed}
     if empty:
         log.warning("%d of %d answers are empty after truncation (e.g. %s)", len(empty), n,
                     ", ".join(empty[:5]))

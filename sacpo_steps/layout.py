@@ -204,6 +204,10 @@ class Layout:
             raise ValueError(f"baselines.{name}: a constant baseline has no model folder")
         return f"{self.seed_dir(seed)}/models/{name}"
 
+    def ref_logps(self, reference: str, key: str, seed: int | str = SEED) -> str:
+        """Reference log-probs of `reference` on one dataset (sacpo_steps.ref_logps)."""
+        return f"{self.seed_dir(seed)}/ref_logps/{reference}/{key}.json"
+
     # ---- evaluation --------------------------------------------------------------
 
     def generation(self, model: str, prompt_set: str, seed: int | str = SEED) -> str:

@@ -63,6 +63,10 @@ class Loss:
     needs_reference: bool  # keeps the parent as reference model (SACPO stage 2 requires it)
     coefficient: str  # what the node's `beta` means for this loss (docs and errors)
     fixed: Mapping[str, Any] = field(default_factory=dict)  # further TRL args always set
+    #: the reference quantities the loss reads, as the TRL dataset columns its trainer's
+    #: precompute pass adds (what a `ref_logps` job computes once for every node sharing
+    #: the reference model, data and tokenization); empty for a reference-free loss
+    ref_columns: tuple[str, ...] = ()
     min_batch_size: int = 1  # per_device_train_batch_size at least this
     check: TrainingCheck | None = None  # further plan-time checks of `training`
 
@@ -113,6 +117,8 @@ def register_loss(loss: Loss, *, replace: bool = False) -> Loss:
         module, sep, name = path.partition(":")
         if not (module and sep and name):
             raise ValueError(f"loss {loss.name!r}: {path!r} is not 'module:Class'")
+    if loss.ref_columns and not loss.needs_reference:
+        raise ValueError(f"loss {loss.name!r}: ref_columns without a reference model")
     if loss.min_batch_size < 1:
         raise ValueError(f"loss {loss.name!r}: min_batch_size must be >= 1")
     # `fixed` may set TRL's loss_type itself (e.g. a weighted combination) only when
@@ -182,8 +188,10 @@ def check_node(loss: Loss, *, stage2: bool, training: Mapping[str, Any], where: 
     check_trl_args(training.get("trl") or {}, loss, _where(where, "training.trl"))
 
 
+# DPO's family reads the reference's log-probs of the chosen and the rejected answer,
+# each summed over its tokens (IPO averages them itself, from the completion mask)
 _DPO = {"data": "pairs", "config": "trl:DPOConfig", "trainer": "trl:DPOTrainer",
-        "needs_reference": True}
+        "needs_reference": True, "ref_columns": ("ref_chosen_logps", "ref_rejected_logps")}
 
 for _entry in (
     Loss(name="dpo", loss_type="sigmoid", **_DPO, coefficient=(
@@ -203,7 +211,9 @@ for _entry in (
         "beta: the inverse margin of SLiC's hinge loss max(0, 1 - beta * Delta): pairs whose "
         "summed log-ratio margin exceeds 1/beta stop contributing.")),
     Loss(name="kto", data="kto", config="trl:KTOConfig", trainer="trl:KTOTrainer",
-         loss_type=None, needs_reference=True, min_batch_size=2, coefficient=(
+         loss_type=None, needs_reference=True, min_batch_size=2,
+         # the completion's summed log-prob, and that of the mismatched (KL) completion
+         ref_columns=("ref_logps", "ref_KL_logps"), coefficient=(
         "beta: KTO's KL coefficient in sigmoid(beta * (log-ratio - z_ref)); desirable rows "
         "weigh 1, undesirable n_desirable/n_undesirable (set from the data).")),
 ):

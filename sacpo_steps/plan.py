@@ -13,10 +13,11 @@ import json
 import re
 import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from sacpo_steps import data_formats, losses
+from sacpo_steps import data_formats, losses, ref_logps
 from sacpo_steps.config_schema import load_config_schema as load_schema
 from sacpo_steps.errors import InputError
 from sacpo_steps.judges import registry as judge_registry
@@ -333,6 +334,55 @@ class Plan:
         never resumes a stale run."""
         digest = hashlib.sha256(to_json(self.align_spec(name, seed)).encode()).hexdigest()
         return f"{self.paths.scratch(seed)}/align/{name}-{digest[:12]}"
+
+    # ---- the shared reference pass (sacpo_steps/ref_logps.py) ----
+
+    def ref_logps_key(self, name: str) -> str | None:
+        """The `ref_logps` job node `name` reads, as `<data>-<loss>-<hash>`; None when the
+        node computes no reference log-probs before training (precompute off, or a loss
+        without a reference). Nodes with the same parent and key share one job."""
+        node = self.nodes[name]
+        entry = losses.get_loss(node.loss)
+        if not (entry.ref_columns and node.training.get("precompute_ref_log_probs")):
+            return None
+        spec = ref_logps.reference_key_spec(node.loss, node.training,
+                                            self.config["prompt_template"])
+        digest = hashlib.sha256(to_json(spec).encode()).hexdigest()[:12]
+        return f"{node.data}-{node.loss}-{digest}"
+
+    @cached_property
+    def ref_logps_jobs(self) -> dict[tuple[str, str], list[str]]:
+        """{(reference model, key): the nodes that read it}, in plan order."""
+        jobs: dict[tuple[str, str], list[str]] = {}
+        for name, node in self.nodes.items():
+            key = self.ref_logps_key(name)
+            if key is not None:
+                jobs.setdefault((node.parent, key), []).append(name)
+        return jobs
+
+    def ref_logps_consumer(self, reference: str, key: str) -> str:
+        """The node whose resources and launcher the job takes: of the nodes reading it,
+        the one with the most GPUs (the first in plan order on a tie)."""
+        readers = self.ref_logps_jobs[(reference, key)]
+        return max(readers, key=lambda n: int(self.resources("align", n).get("gpu", 0) or 0))
+
+    def ref_logps_spec(self, reference: str, key: str, seed: int | str) -> dict[str, Any]:
+        """The ref_logps step's spec: what the pass depends on (its rerun trigger)."""
+        node = self.nodes[self.ref_logps_consumer(reference, key)]
+        spec = ref_logps.reference_key_spec(node.loss, node.training,
+                                            self.config["prompt_template"])
+        return {"reference": reference, "data": node.data, **spec, "seed": int(seed)}
+
+    def ref_logps_file(self, reference: str, key: str, seed: int | str = SEED) -> str:
+        return self.paths.ref_logps(reference, key, seed)
+
+    def ref_logps_scratch(self, reference: str, key: str, seed: int | str) -> str:
+        return f"{self.paths.scratch(seed)}/ref_logps/{reference}/{key}"
+
+    def align_ref_logps(self, name: str, seed: int | str) -> list[str]:
+        """The reference log-probs file node `name` reads (an empty list: none)."""
+        key = self.ref_logps_key(name)
+        return [] if key is None else [self.ref_logps_file(self.nodes[name].parent, key, seed)]
 
     def launcher(self, name: str, gpus: int) -> str:
         """One process, or `accelerate launch` with one process per GPU of the job."""

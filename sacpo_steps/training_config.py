@@ -56,6 +56,15 @@ PASSED_AS_IS = (
     "logging_steps",
 )
 
+#: training keys that shape the reference pass (which rows, their tokens, the batches
+#: and the dtype and loading of the reference model): nodes that agree on these, the
+#: reference model and the data share one `ref_logps` job. `trl` is kept whole (it can
+#: change tokenization, e.g. `truncation_mode`, or the sums, e.g. `ld_alpha`).
+REFERENCE_FIELDS = (
+    "max_length", "max_prompt_length", "max_examples", "per_device_train_batch_size",
+    "precompute_ref_batch_size", "bf16", "quantization", "lora", "trl",
+)
+
 #: TRL fields the pipeline sets itself, and how a user sets them instead
 PIPELINE_SET = {
     **{key: f"use training.{key}" for key in PASSED_AS_IS},

@@ -96,6 +96,7 @@ class Job:
     log: str | None = None
     reason: str = ""
     outputs: list[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
 
     @property
     def key(self) -> tuple[str, str | None, str | None]:
@@ -127,6 +128,8 @@ def parse_jobs(output: str) -> list[Job]:
                 current.log = value.strip()
             elif key == "output":
                 current.outputs = [p.strip() for p in value.split(", ")]
+            elif key == "input":
+                current.inputs = [p.strip() for p in value.split(", ")]
             elif key == "reason":
                 current.reason = value
         elif not line.startswith(" "):

@@ -217,3 +217,30 @@ def test_several_processes_without_a_shared_folder_are_refused(tiny_models, pair
               prompt_template=PROMPT_TEMPLATE)
     assert err.value.field == "checkpoint_dir"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_step_process_imports_peft_and_bitsandbytes_only_when_used(
+        lora, tiny_models, pairs_file, tmp_path):
+    """A fresh align process without LoRA trains with PEFT and bitsandbytes hidden
+    (start-up); with LoRA, PEFT is imported and bitsandbytes (no 4-bit) is not."""
+    import subprocess
+    import sys
+
+    training = {"learning_rate": 1e-3, "per_device_train_batch_size": 4, "max_length": 64,
+                "max_steps": 1, "logging_steps": 1}
+    if lora:
+        training["lora"] = {"r": 2, "alpha": 4, "dropout": 0.0}
+    spec = {"name": "child", "parent": "stage1", "data": "d", "loss": "dpo", "beta": 0.1,
+            "training": training, "prompt_template": PROMPT_TEMPLATE, "seed": 0}
+    out = tmp_path / "model"
+    code = ("import sys; from sacpo_steps.align import main; main(sys.argv[1:]); "
+            "print('MODULES', sys.modules.get('peft') is not None, "
+            "sys.modules.get('bitsandbytes') is not None)")
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "--parent-dir", str(tiny_models["stage1"]),
+         "--data", str(pairs_file), "--out", str(out), "--spec", json.dumps(spec),
+         "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"MODULES {lora} False" in proc.stdout
+    assert (out / "model.safetensors").is_file()

@@ -41,6 +41,9 @@ def test_generate_writes_generation_format(tiny_models, tmp_path):
                   max_new_tokens=8, batch_size=2)
     counts = generate(tiny_models["sft"], prompts, out, **kwargs)
     assert counts["answers"] == 3 and 0 <= counts["empty"] <= 3
+    speed = counts["throughput"]  # new tokens: at most 8 per prompt, at least 1
+    assert 3 <= speed["tokens"] <= 24 and speed["samples"] == 3
+    assert speed["tokens_per_s"] > 0 and speed["gpus"] == 0 and speed["mfu"] is None
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt_id"] for r in rows] == ["p0", "p1", "p2"]
     assert all(set(r) == {"prompt_id", "prompt", "answer", "model"} for r in rows)

@@ -112,6 +112,15 @@ def test_paper_dry_run_plans_every_model(tmp_path, monkeypatch):
     output, jobs = dry_run(work, "--configfile", "config/paper.yaml")
     counts = job_counts(output)
     assert counts["align"] == 19
+    # one reference pass per (reference model, dataset, loss): 3 for the stage-1 nodes,
+    # 4 for the 16 stage-2 children (each sweep of 4 siblings shares one)
+    assert counts["ref_logps"] == 7
+    readers = {}
+    for job in jobs:
+        if job.rule == "align":
+            ref = next(p for p in job.inputs if "/ref_logps/" in p)
+            readers.setdefault(ref, []).append(job.wildcards["aligned"])
+    assert sorted(len(v) for v in readers.values()) == [1, 1, 1, 4, 4, 4, 4]
     assert sum(v for k, v in counts.items() if k.startswith("merge_")) == 2  # one job per pair
     models = 1 + 19 + 6 + 1  # SFT, aligned, merged, beaver
     assert counts["generate"] == 2 * models

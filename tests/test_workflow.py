@@ -39,7 +39,9 @@ from tests.helpers import (
 def test_demo_config_plans_the_full_sacpo_grid(tmp_path):
     workdir = copy_workflow(tmp_path / "wf")
     output, jobs = dry_run(workdir)  # no --configfile: the Snakefile's config/config.yaml
-    expected = {"demo_world": 1, "preference_data": 1, "sft_checkpoint": 1, "align": 4,
+    # one reference pass for DPO(H) (SFT on helpfulness), one for its three children
+    expected = {"demo_world": 1, "preference_data": 1, "sft_checkpoint": 1, "ref_logps": 2,
+                "align": 4,
                 "merge_dpo_h__dpo_h_dpo_s_0_01": 1, "generate": 20, "constant_answers": 2,
                 "judge": 110, "winrate": 1, "elo": 1, "figures": 1, "across_seeds": 1,
                 "figures_across_seeds": 1, "all": 1}
@@ -71,15 +73,15 @@ def test_a_configfile_replaces_the_demo_config_instead_of_merging(tmp_path):
     assert "dpo_h" not in output  # no demo model anywhere: jobs, inputs, outputs
     assert {j.key for j in jobs if j.rule == "align"} == {("align", "kto_h", None)}
     assert job_counts(output) == {"demo_world": 1, "preference_data": 1, "sft_checkpoint": 1,
-                                  "align": 1, "generate": 4, "judge": 2, "winrate": 1,
-                                  "elo": 1, "figures": 1, "across_seeds": 1,
+                                  "ref_logps": 1, "align": 1, "generate": 4, "judge": 2,
+                                  "winrate": 1, "elo": 1, "figures": 1, "across_seeds": 1,
                                   "figures_across_seeds": 1, "all": 1}
 
 
 def test_every_planned_job_of_the_reduced_demo_has_a_log(tmp_path):
     workdir = copy_workflow(tmp_path / "wf")
     _, jobs = dry_run(workdir, "--configfile", REDUCED)
-    assert len(jobs) == 31
+    assert len(jobs) == 33
     missing = [j.key for j in jobs if j.rule != "all" and not j.log]
     assert not missing
     logs = [j.log for j in jobs if j.log]
@@ -148,7 +150,7 @@ def test_reduced_demo_runs_to_the_win_rate_table(done):
 @pytest.mark.slow
 def test_every_job_wrote_its_log(done):
     logs = [j.log for j in done.planned if j.rule != "all"]
-    assert len(logs) == 30
+    assert len(logs) == 32
     missing = [log for log in logs if not (done.workdir / log).is_file()]
     assert not missing
 
@@ -218,6 +220,39 @@ def test_changing_one_beta_reruns_only_that_model_and_its_evaluation(done):
     }
     align = next(j for j in jobs if j.rule == "align")
     assert "param" in align.reason.lower()
+
+
+@pytest.mark.slow
+def test_the_shared_reference_pass_reruns_only_when_a_key_part_changes(done):
+    """Stage 2's two nodes read one ref_logps file; beta is not a key part (the test
+    above), max_length is: the node changed gets its own pass, its sibling keeps its."""
+    refs = sorted(j.wildcards["reference"] for j in done.planned if j.rule == "ref_logps")
+    assert refs == ["dpo_h", "sft"]
+    cfg = reduced_config()
+    cfg["models"]["dpo_h.dpo_s-0.1"]["training"] = {"max_length": 80}
+    config = write_config(done.workdir / "longer.yaml", cfg)
+    _, jobs = dry_run(done.workdir, "--configfile", str(config))
+    ref = [j for j in jobs if j.rule == "ref_logps"]
+    assert len(ref) == 1 and ref[0].wildcards["reference"] == "dpo_h"
+    assert "output files have to be generated" in ref[0].reason.lower() or \
+        "missing output" in ref[0].reason.lower()
+    assert {j.key[1] for j in jobs if j.rule == "align"} == {"dpo_h.dpo_s-0.1"}
+
+    # a changed reference model (here: DPO(H) retrained with another beta) reruns the
+    # pass of its children; the SFT's pass for DPO(H) itself stays
+    cfg = reduced_config()
+    cfg["models"]["dpo_h"]["beta"] = 0.2
+    config = write_config(done.workdir / "parent.yaml", cfg)
+    _, jobs = dry_run(done.workdir, "--configfile", str(config))
+    assert [j.wildcards["reference"] for j in jobs if j.rule == "ref_logps"] == ["dpo_h"]
+    assert {j.key[1] for j in jobs if j.rule == "align"} == {
+        "dpo_h", "dpo_h.dpo_s-0.01", "dpo_h.dpo_s-0.1"}
+    # no reference pass in the stage-2 align jobs: their logs say they read the file
+    for model in ("dpo_h.dpo_s-0.01", "dpo_h.dpo_s-0.1"):
+        log = (done.workdir / "logs" / "reduced-demo" / "seed-0" / "align" / f"{model}.log")
+        text = log.read_text(encoding="utf-8")
+        assert "(no reference forward)" in text
+        assert "Computing reference log probs" not in text
 
 
 @pytest.mark.slow

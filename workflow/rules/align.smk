@@ -2,10 +2,48 @@
 # reference; `beta` is the node's own coefficient (stage 2: the paper's beta/lambda).
 
 
+# The reference pass, once for every node sharing the parent, the data and the
+# tokenization (a stage-2 sweep); each node's align job reads the file.
+rule ref_logps:
+    input:
+        reference=lambda wildcards: model_dir(wildcards.reference, wildcards.seed),
+        data=lambda wildcards: PLAN.align_data_dir(_ref_reader(wildcards), wildcards.seed),
+    output:
+        LAYOUT.ref_logps("{reference}", "{ref_key}"),
+    params:
+        spec=lambda wildcards: to_json(
+            PLAN.ref_logps_spec(wildcards.reference, wildcards.ref_key, wildcards.seed)
+        ),
+        data=lambda wildcards: PLAN.align_data_file(_ref_reader(wildcards), wildcards.seed),
+        launcher=lambda wildcards, resources: PLAN.launcher(
+            _ref_reader(wildcards), int(getattr(resources, "gpu", 0) or 0)
+        ),
+        scratch=lambda wildcards: PLAN.ref_logps_scratch(
+            wildcards.reference, wildcards.ref_key, wildcards.seed
+        ),
+        code=code("ref_logps"),
+    threads: config["threads"]["align"]
+    resources:
+        gpu=lambda wildcards: _ref_resource(wildcards, "gpu", 0),
+        cpus_per_gpu=lambda wildcards: _ref_resource(wildcards, "cpus_per_gpu", 8),
+        mem_mb=lambda wildcards: _ref_resource(wildcards, "mem_mb", 16000),
+        runtime=lambda wildcards: _ref_resource(wildcards, "runtime", 240),
+    conda:
+        "../../environment.yml"
+    log:
+        LAYOUT.log("ref_logps", "{reference}/{ref_key}"),
+    shell:
+        "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 {params.launcher} ref_logps"
+        " --reference-dir {input.reference} --data {params.data} --out {output}"
+        " --spec {params.spec:q} --scratch-dir {params.scratch}"
+        " --threads {threads} > {log} 2>&1"
+
+
 rule align:
     input:
         parent=lambda wildcards: PLAN.align_parent_dir(wildcards.aligned, wildcards.seed),
         data=lambda wildcards: PLAN.align_data_dir(wildcards.aligned, wildcards.seed),
+        ref_logps=lambda wildcards: PLAN.align_ref_logps(wildcards.aligned, wildcards.seed),
     output:
         directory(model_dir("{aligned}")),
     params:
@@ -15,6 +53,9 @@ rule align:
             wildcards.aligned, int(getattr(resources, "gpu", 0) or 0)
         ),
         checkpoints=lambda wildcards: PLAN.align_checkpoint_dir(wildcards.aligned, wildcards.seed),
+        ref_logps=lambda wildcards, input: (
+            f"--ref-logps {input.ref_logps}" if input.ref_logps else ""
+        ),
         code=code("align"),
     threads: config["threads"]["align"]
     resources:
@@ -29,5 +70,5 @@ rule align:
     shell:
         "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 {params.launcher} align"
         " --parent-dir {input.parent} --data {params.data} --out {output}"
-        " --spec {params.spec:q} --checkpoint-dir {params.checkpoints}"
+        " --spec {params.spec:q} --checkpoint-dir {params.checkpoints} {params.ref_logps}"
         " --threads {threads} > {log} 2>&1"

@@ -52,6 +52,8 @@ wildcard_constraints:
     url_prompt_set=_one_of(URL_PROMPT_SETS),
     prompt_key=_one_of(set(URL_PROMPT_SETS.values())),
     source=_one_of(config["preference_sources"]),
+    reference=_one_of({reference for reference, _ in PLAN.ref_logps_jobs}),
+    ref_key=_one_of({key for _, key in PLAN.ref_logps_jobs}),
 
 
 def code(module):
@@ -68,6 +70,15 @@ if not workflow.deployment_settings.deployment_method:
 def model_dir(name, seed=SEED_WILDCARD):
     """Folder of a model: a pattern with {seed} unless a seed is given."""
     return PLAN.model_dir(name, seed)
+
+
+def _ref_reader(wildcards):
+    """The node whose data, launcher and resources a ref_logps job takes."""
+    return PLAN.ref_logps_consumer(wildcards.reference, wildcards.ref_key)
+
+
+def _ref_resource(wildcards, key, default):
+    return PLAN.resources("align", _ref_reader(wildcards)).get(key, default)
 
 
 def resource(kind, key, default, per="name"):
