@@ -109,7 +109,8 @@ def read_probes(folder: Path) -> dict:
 
 
 def launch(world: dict, job: dict, *, snapshot: Path | None = None,
-           wait_for: Path | None = None, timeout: int = 300) -> dict:
+           wait_for: Path | None = None, timeout: int = 300,
+           extra: list[str] | None = None) -> dict:
     """`accelerate launch` of the align step with 2 processes (this module's entry point)."""
     probe = new_probe_folder(job)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
@@ -117,7 +118,7 @@ def launch(world: dict, job: dict, *, snapshot: Path | None = None,
            "--main_process_port", "0", "-m", "tests.test_sharded", "align",
            "--parent-dir", str(world["parent"]), "--data", str(world["data"]),
            "--out", str(job["out"]), "--spec", json.dumps(job["spec"]),
-           "--checkpoint-dir", str(job["scratch"]), "--threads", "1"]
+           "--checkpoint-dir", str(job["scratch"]), "--threads", "1", *(extra or [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "TQDM_DISABLE": "1", PROBE_ENV: str(probe)}
     env.pop("ACCELERATE_USE_CPU", None)
@@ -134,6 +135,28 @@ def launch(world: dict, job: dict, *, snapshot: Path | None = None,
                           timeout=timeout)
     return {**job, "proc": proc, "probe": read_probes(probe),
             "seconds": time.monotonic() - started}
+
+
+def launch_cached(world: dict) -> dict:
+    """The shared reference pass under the same launch (2 processes, FSDP), then a
+    2-process align job reading its file: a stage-2 sweep's path on the cluster."""
+    job = align_job(world, "cached")
+    table = job["out"].parent.parent / "ref_logps.json"
+    key = {k: job["spec"][k] for k in ("loss", "prompt_template", "seed", "training")}
+    spec = {"reference": "sft", "data": "helpfulness", **key}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+           "--config_file", str(world["configs"]["fsdp"]), "--main_process_port", "0",
+           "-m", "tests.test_sharded", "ref_logps", "--reference-dir", str(world["parent"]),
+           "--data", str(world["data"]), "--out", str(table), "--spec", json.dumps(spec),
+           "--scratch-dir", str(table.with_suffix(".scratch")), "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "TQDM_DISABLE": "1", "ACCELERATE_USE_CPU": "true",
+           PROBE_ENV: str(new_probe_folder(job))}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        return {**job, "proc": proc, "probe": {}, "table": table}
+    return {**launch(world, job, extra=["--ref-logps", str(table)]), "table": table,
+            "ref_proc": proc}
 
 
 def run_here(world: dict, job: dict) -> dict:
@@ -223,7 +246,8 @@ def runs(world) -> dict:
             "resumed": lambda: launch(world, align_job(world, "resumed", scratch=snapshot),
                                       wait_for=snapshot),
             "lora": lambda: launch(world, align_job(world, "lora", training={
-                "lora": LORA, "save_steps": 0}))}
+                "lora": LORA, "save_steps": 0})),
+            "cached": lambda: launch_cached(world)}
     if importlib.util.find_spec("deepspeed") is not None:
         jobs["zero3"] = lambda: launch(world, align_job(world, "zero3",
                                                         distributed="deepspeed_zero3"))
@@ -339,6 +363,23 @@ def test_reference_pass_under_fsdp_is_the_parent(sharded, world):
         assert got == pytest.approx(want, abs=1e-3)
     assert logged(sharded)[0] == pytest.approx(math.log(2), abs=1e-5)
     assert logged(sharded, "rewards/margins")[0] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_a_sharded_node_reading_the_shared_reference_pass_trains_the_same(runs, sharded):
+    """The ref_logps step under the FSDP launch writes TRL's own values; a sharded align
+    job reading them loads no reference copy, runs no reference forward, and trains
+    the model the job with its own pass trains."""
+    cached = succeeded(runs["cached"])
+    stored = json.loads(cached["table"].read_text())
+    own = sharded["probe"][0]["ref_logps"]
+    assert [list(p) for p in zip(*stored["values"], strict=True)] == own
+    assert cached["probe"][0]["ref_logps"] == own
+    assert "(no reference forward)" in cached["proc"].stderr
+    assert "Computing reference log probs" not in cached["proc"].stderr
+    assert logged(cached) == logged(sharded)
+    diff = max_abs_diff(load_weights(cached["out"]), load_weights(sharded["out"]))
+    print(f"\nmax |w(file) - w(own pass)| = {diff:.3g}")
+    assert diff < WEIGHT_ATOL_RESUME
 
 
 def test_one_process_and_two_shards_train_the_same_model(sharded, single):
