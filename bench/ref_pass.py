@@ -75,7 +75,7 @@ def measure(work: Path, config: str, cores: int) -> dict:
     seed_dir = f"results/{experiment}/seed-{seed}"
     targets = [f"{seed_dir}/models/{n}" for n in nodes]
     started = time.monotonic()
-    snakemake(work, "--cores", str(cores), "--configfile", config, *targets)
+    snakemake(work, *targets, "--cores", str(cores), "--configfile", config)
     elapsed = time.monotonic() - started
     logs = work / "logs" / experiment / f"seed-{seed}"
     align = {n: job_seconds(work, f"{seed_dir}/models/{n}") for n in nodes}
