@@ -14,11 +14,13 @@ Snakemake's metadata:
 - for the paper config (a dry run of each copy): reference passes planned.
 
     python bench/ref_pass.py [--baseline COMMIT] [--configfile config/config.yaml]
-                             [--cores 2] [--workdir DIR]
+                             [--cores 2] [--rounds 2] [--workdir DIR]
 
 Wall times of jobs come from `.snakemake/metadata` (start and end of each output).
 With --cores 2 two jobs can overlap, so the sums are job time, not elapsed time;
-the elapsed time of the whole run is printed too.
+the elapsed time of the whole run is printed too. With --rounds N the two copies
+run N times from empty results, alternating which goes first, and the table shows
+per-round values (a shared machine's load moves single runs by 2x).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import base64
 import json
 import os
 import re
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -108,48 +112,58 @@ def main() -> None:
     parser.add_argument("--baseline", default=DEFAULT_BASELINE)
     parser.add_argument("--configfile", default="config/config.yaml")
     parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args()
     root = args.workdir or Path(tempfile.mkdtemp(prefix="sacpo-ref-pass-"))
     copies = {f"before ({args.baseline})": commit_copy(args.baseline, root / "before"),
               "after (this tree)": fresh_copy(root / "after")}
-    results = {}
-    for name, work in copies.items():
-        print(f"{name}: training the align nodes of {args.configfile} ...", file=sys.stderr)
-        results[name] = measure(work, args.configfile, args.cores)
-        print(json.dumps(results[name], indent=1), file=sys.stderr)
+    rounds: dict[str, list[dict]] = {name: [] for name in copies}
+    for i in range(args.rounds):
+        order = list(copies) if i % 2 == 0 else list(copies)[::-1]
+        for name in order:
+            work = copies[name]
+            for folder in ("results", "logs", ".snakemake", "scratch"):
+                shutil.rmtree(work / folder, ignore_errors=True)
+            print(f"round {i + 1}/{args.rounds}, {name}: training the align nodes of "
+                  f"{args.configfile} ...", file=sys.stderr)
+            rounds[name].append(measure(work, args.configfile, args.cores))
+            print(json.dumps(rounds[name][-1], indent=1), file=sys.stderr)
     paper = {name: planned_passes(work) for name, work in copies.items()}
 
-    print(f"| {args.configfile}, --cores {args.cores} | " + " | ".join(results) + " |")
-    print("|---|" + "---|" * len(results))
+    def per_round(name, fn, fmt="{:.1f}"):
+        values = [fn(r) for r in rounds[name]]
+        text = ", ".join(fmt.format(v) for v in values)
+        return f"{text} (median {fmt.format(statistics.median(values))})" \
+            if len(values) > 1 else text
 
-    def row(label, values):
-        print(f"| {label} | " + " | ".join(values) + " |")
+    def passes_inside(r):
+        return sum(v or 0 for v in r["inside"].values())
 
-    row("align jobs", [str(len(r["align"])) for r in results.values()])
-    row("reference passes run", [
-        str(sum(v is not None for v in r["inside"].values()) + len(r["ref_jobs"]))
-        for r in results.values()])
-    row("... inside align jobs (s, TRL's progress bar)", [
-        f"{sum(v or 0 for v in r['inside'].values()):.0f} "
-        f"({sum(v is not None for v in r['inside'].values())} jobs)" for r in results.values()])
-    row("... as ref_logps jobs (s, job wall time)", [
-        f"{sum(r['ref_jobs'].values()):.1f} ({len(r['ref_jobs'])} jobs)"
-        for r in results.values()])
-    row("align jobs' wall time, summed (s)", [
-        f"{sum(r['align'].values()):.1f}" for r in results.values()])
-    row("align + ref_logps jobs, summed (s)", [
-        f"{sum(r['align'].values()) + sum(r['ref_jobs'].values()):.1f}"
-        for r in results.values()])
-    row("elapsed, whole run up to the aligned models (s)", [
-        f"{r['elapsed']:.1f}" for r in results.values()])
-    row("paper dry run: align jobs / reference passes planned", [
+    def job_sum(r):
+        return sum(r["align"].values()) + sum(r["ref_jobs"].values())
+
+    print(f"| {args.configfile}, --cores {args.cores}, {args.rounds} round(s) | "
+          + " | ".join(copies) + " |")
+    print("|---|" + "---|" * len(copies))
+
+    def row(label, fn, fmt="{:.1f}"):
+        print(f"| {label} | " + " | ".join(per_round(n, fn, fmt) for n in copies) + " |")
+
+    row("align jobs", lambda r: len(r["align"]), "{:d}")
+    row("reference passes run", lambda r: sum(v is not None for v in r["inside"].values())
+        + len(r["ref_jobs"]), "{:d}")
+    row("... inside align jobs (s, TRL's progress bar)", passes_inside, "{:.0f}")
+    row("... as ref_logps jobs (s, job wall time)", lambda r: sum(r["ref_jobs"].values()))
+    row("align jobs' wall time, summed (s)", lambda r: sum(r["align"].values()))
+    row("align + ref_logps jobs, summed (s)", job_sum)
+    row("elapsed, whole run up to the aligned models (s)", lambda r: r["elapsed"])
+    print("| paper dry run: align jobs / reference passes planned | " + " | ".join(
         f"{p.get('align', 0)} / {p.get('ref_logps', p.get('align', 0))}"
-        for p in paper.values()])
-    before, after = results.values()
-    ratio = (sum(after["align"].values()) + sum(after["ref_jobs"].values())) \
-        / sum(before["align"].values())
-    row("ratio after / before (align + ref_logps job time)", ["", f"{ratio:.3f}"])
+        for p in paper.values()) + " |")
+    before, after = (statistics.median(job_sum(r) for r in rounds[n]) for n in copies)
+    print(f"| ratio after / before (median align + ref_logps job time) | | "
+          f"{after / before:.3f} |")
 
 
 if __name__ == "__main__":
