@@ -5,10 +5,15 @@ fake GPUs as gres), and the reduced demo runs through `snakemake --profile
 tests/slurm/profile` (the SLURM executor plugin). The same config runs locally at the
 same time, in another copy of the workflow. The test checks that:
 
-- every non-local job went through SLURM (one SLURM log per job) and sacct reports
-  each of them COMPLETED;
+- every non-local job went through SLURM, once, and sacct reports each SLURM job
+  COMPLETED (a group job: each of its jobs as a completed step too);
+- the profile's job grouping happened (tests/slurm/profile, as profiles/slurm): the
+  judge jobs went in 2 group jobs of 4, the 2 generations of each model in one, so
+  SLURM saw fewer submissions than jobs; the training jobs (align, ref_logps,
+  sft_checkpoint) each went alone;
 - the jobs of the model given `resources: {gpu: 1}` were allocated a GPU (sacct's
-  AllocTRES) and the step that ran the rule saw CUDA_VISIBLE_DEVICES from the fake
+  AllocTRES; its two generations, grouped, one GPU: they run one after the other)
+  and the step that ran the rule saw CUDA_VISIBLE_DEVICES from the fake
   gres. Evidence without touching the steps: the test cluster's TaskProlog
   (tests/slurm/task_prolog.sh) prints every task's CUDA_VISIBLE_DEVICES into the
   job's SLURM log. The task of the inner `srun` step is the process that runs the
@@ -39,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.helpers import ROOT, Job, copy_workflow, dry_run, reduced_config, write_config
 
@@ -57,7 +63,10 @@ SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]
 GPU_MODEL = "dpo_h.dpo_s-0.1"
 # The workflow's local rules (workflow/rules/common.smk): the other planned jobs go to SLURM.
 LOCAL_RULES = {"all", "winrate", "elo", "figures", "across_seeds", "figures_across_seeds"}
-RUN_TIMEOUT = 600  # seconds, per snakemake run (killed with SIGKILL after that); ample on a
+# Rules the test profile groups (rule -> group name); training jobs must go alone.
+GROUPS = yaml.safe_load((PROFILE / "config.yaml").read_text(encoding="utf-8"))["groups"]
+TRAINING_RULES = {"align", "ref_logps", "sft_checkpoint"}
+RUN_TIMEOUT = 900  # seconds, per snakemake run (killed with SIGKILL after that); ample on a
 # loaded 2-core machine, where the run takes minutes, while a hung run still ends
 CONFIG = "slurm_test.yaml"
 
@@ -131,6 +140,7 @@ def cluster():
 @dataclass
 class Runs:
     planned: list[Job]
+    planned_gpus: dict[tuple[str, frozenset], int]
     slurm_dir: Path
     local_dir: Path
     slurm: subprocess.CompletedProcess
@@ -147,7 +157,7 @@ def runs(cluster, tmp_path_factory) -> Runs:
     local_dir = copy_workflow(base / "local")
     for workdir in (slurm_dir, local_dir):
         write_config(workdir / CONFIG, slurm_test_config())
-    _, planned = dry_run(slurm_dir, "--configfile", CONFIG)
+    plan_output, planned = dry_run(slurm_dir, "--configfile", CONFIG)
     kill = ["timeout", "-s", "KILL", str(RUN_TIMEOUT)]
     snakemake = [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", CONFIG]
     # The local run goes on while SLURM runs the same DAG (each job has 1 thread), at a
@@ -172,7 +182,7 @@ def runs(cluster, tmp_path_factory) -> Runs:
                 local.wait()
     print(f"\nSLURM test: setup {cluster.setup_s:.1f} s, SLURM run {slurm_s:.1f} s, "
           f"local run {local_s:.1f} s (concurrent)")
-    return Runs(planned, slurm_dir, local_dir, slurm, local_rc,
+    return Runs(planned, gpus_of(plan_output), slurm_dir, local_dir, slurm, local_rc,
                 local_log.read_text(encoding="utf-8"), slurm_s, local_s)
 
 
@@ -184,35 +194,78 @@ def done(runs) -> Runs:
     return runs
 
 
+def gpus_of(output: str) -> dict[tuple[str, frozenset], int]:
+    """(rule, wildcards) -> the `gpu` resource of each job block of a dry run."""
+    gpus = {}
+    for block in output.split("\nrule ")[1:]:
+        rule = block.split(":", 1)[0]
+        fields = dict(re.findall(r"^    (\w+): (.*)$", block, re.MULTILINE))
+        wildcards = dict(kv.split("=", 1) for kv in fields.get("wildcards", "").split(", ") if kv)
+        gpu = re.search(r"(?:^|, )gpu=(\d+)", fields.get("resources", ""))
+        gpus[(rule, frozenset(wildcards.items()))] = int(gpu.group(1)) if gpu else 0
+    return gpus
+
+
 @dataclass
 class SlurmJob:
-    rule: str
-    wildcards: str
+    """One SLURM submission: a job alone (logs/slurm/rule_<rule>/<wildcards>/<id>.log)
+    or a group job (logs/slurm/group_<group>_<rules>/<id>.log), and the jobs it ran."""
+
+    folder: str
     jobid: str
     log: Path
+    targets: list[tuple[str, dict[str, str]]]
+
+    @property
+    def is_group(self) -> bool:
+        return self.folder.startswith("group_")
+
+    @property
+    def rules(self) -> set[str]:
+        return {rule for rule, _ in self.targets}
+
+
+def target_jobs(log: Path) -> list[tuple[str, dict[str, str]]]:
+    """The jobs a SLURM job ran: the `--target-jobs rule:name=value,...` of the snakemake
+    it started (the first `Command:` line of its log)."""
+    for line in log.read_text(errors="replace").splitlines():
+        if "--target-jobs " in line:
+            args = line.split("--target-jobs ", 1)[1].split()
+            specs = itertools.takewhile(lambda arg: not arg.startswith("--"), args)
+            return [(rule, dict(kv.split("=", 1) for kv in wildcards.split(",") if kv))
+                    for rule, _, wildcards in (spec.partition(":") for spec in specs)]
+    return []
 
 
 def slurm_jobs(workdir: Path) -> list[SlurmJob]:
-    """One per SLURM log: logs/slurm/rule_<rule>/<wildcards joined by _>/<jobid>.log."""
     logdir = workdir / "logs" / "slurm"
-    jobs = []
-    for path in sorted(logdir.rglob("*.log")):
-        parts = path.relative_to(logdir).parts
-        wildcards = parts[1] if len(parts) == 3 else ""
-        jobs.append(SlurmJob(parts[0].removeprefix("rule_"), wildcards, path.stem, path))
-    return jobs
+    return [SlurmJob(path.relative_to(logdir).parts[0], path.stem, path, target_jobs(path))
+            for path in sorted(logdir.rglob("*.log"))]
 
 
-def sacct(jobids: list[str]) -> dict[str, dict[str, str]]:
-    """sacct's record of each job (the allocation, no steps)."""
-    fields = ["JobIDRaw", "State", "ExitCode", "AllocTRES"]
-    proc = subprocess.run(["timeout", "-s", "KILL", "20", "sacct", "-n", "-P", "-X",
+def sacct(jobids: list[str], steps: bool = False) -> dict[str, dict[str, str]]:
+    """sacct's record of each job (the allocation; with steps, its steps too: <id>.<n>)."""
+    fields = ["JobIDRaw" if not steps else "JobID", "State", "ExitCode", "AllocTRES"]
+    proc = subprocess.run(["timeout", "-s", "KILL", "20", "sacct", "-n", "-P",
+                           *([] if steps else ["-X"]),
                            "-j", ",".join(jobids), f"--format={','.join(fields)}"],
                           env=slurm_env(), capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     rows = [dict(zip(fields, line.split("|"), strict=True))
             for line in proc.stdout.splitlines() if line.strip()]
-    return {row["JobIDRaw"]: row for row in rows}
+    return {row[fields[0]]: row for row in rows}
+
+
+def sacct_settled(jobids: list[str], done, steps: bool = False) -> dict[str, dict[str, str]]:
+    """sacct's records once `done(records)` holds (slurmdbd records the end of a job
+    asynchronously), or the last ones after 10 s."""
+    records = sacct(jobids, steps)
+    for _ in range(20):
+        if done(records):
+            break
+        time.sleep(0.5)
+        records = sacct(jobids, steps)
+    return records
 
 
 TASK_LINE = re.compile(r"^sacpo-slurm-test task: job=(\d+) step=(\S+) "
@@ -224,11 +277,8 @@ def task_envs(log: Path) -> dict[str, str]:
     return {step: value for _, step, value in TASK_LINE.findall(log.read_text(errors="replace"))}
 
 
-def matches(planned: Job, job: SlurmJob) -> bool:
-    """The plugin names a job's log folder by its wildcard values joined by "_", in the
-    job's own wildcard order (which differs between jobs of one rule): try every order."""
-    return planned.rule == job.rule and job.wildcards in {
-        "_".join(order) for order in itertools.permutations(planned.wildcards.values())}
+def matches(planned: Job, target: tuple[str, dict[str, str]]) -> bool:
+    return (planned.rule, planned.wildcards) == target
 
 
 def is_gpu_job(planned: Job) -> bool:
@@ -236,43 +286,102 @@ def is_gpu_job(planned: Job) -> bool:
     return planned.rule in ("align", "generate") and model == GPU_MODEL
 
 
+def cluster_jobs(runs: Runs) -> list[Job]:
+    return [j for j in runs.planned if j.rule not in LOCAL_RULES]
+
+
 def test_every_cluster_job_went_through_slurm_and_completed(done):
     jobs = slurm_jobs(done.slurm_dir)
-    # one SLURM log per planned non-local job, and no other
-    unmatched = [j for j in done.planned if j.rule not in LOCAL_RULES]
+    # every planned non-local job ran in exactly one SLURM job, and no other job ran
+    unmatched = cluster_jobs(done)
     assert len(unmatched) > 15
     for job in jobs:
-        found = next((p for p in unmatched if matches(p, job)), None)
-        assert found is not None, f"unplanned or repeated SLURM job {job}"
-        unmatched.remove(found)
+        assert job.targets, f"no --target-jobs in {job.log}"
+        for target in job.targets:
+            found = next((p for p in unmatched if matches(p, target)), None)
+            assert found is not None, f"unplanned or repeated job {target} in {job.log}"
+            unmatched.remove(found)
     assert not unmatched, "planned jobs that did not go through SLURM"
-    records = sacct([j.jobid for j in jobs])
-    for _ in range(20):  # slurmdbd records the end of a job asynchronously
-        if all(records.get(j.jobid, {}).get("State") == "COMPLETED" for j in jobs):
-            break
-        time.sleep(0.5)
-        records = sacct([j.jobid for j in jobs])
-    not_completed = {(j.rule, j.wildcards, j.jobid): records.get(j.jobid) for j in jobs
+    ids = [j.jobid for j in jobs]
+    records = sacct_settled(ids, lambda r: all(r.get(i, {}).get("State") == "COMPLETED"
+                                               for i in ids))
+    not_completed = {(j.folder, j.jobid): records.get(j.jobid) for j in jobs
                      if records.get(j.jobid, {}).get("State") != "COMPLETED"}
     assert not not_completed
-    assert all(records[j.jobid]["ExitCode"] == "0:0" for j in jobs)
+    assert all(records[i]["ExitCode"] == "0:0" for i in ids)
+    # a group job runs each of its jobs as its own srun step: all of them completed
+    groups = [j for j in jobs if j.is_group]
+    assert groups
+
+    def steps_of(records, job):
+        return [r for key, r in records.items() if re.fullmatch(rf"{job.jobid}\.\d+", key)]
+
+    steps = sacct_settled([j.jobid for j in groups], lambda r: all(
+        len(steps_of(r, j)) == len(j.targets)
+        and all(s["State"] == "COMPLETED" for s in steps_of(r, j)) for j in groups),
+        steps=True)
+    for job in groups:
+        assert [s["State"] for s in steps_of(steps, job)] == ["COMPLETED"] * len(job.targets), (
+            job.folder, job.jobid, steps_of(steps, job))
     # the jobs ran where the executor said: the step logs of the workflow are there too
     assert (done.slurm_dir / "logs/reduced-demo/seed-0/align" / f"{GPU_MODEL}.log").is_file()
+
+
+def test_short_jobs_went_in_groups_and_training_jobs_alone(done):
+    jobs = slurm_jobs(done.slurm_dir)
+    planned = cluster_jobs(done)
+    assert len(jobs) < len(planned)
+    for job in jobs:
+        if job.is_group:
+            # a group job holds only grouped rules, and is named after its group
+            assert job.rules <= set(GROUPS), (job.folder, job.targets)
+            (rule,) = job.rules
+            assert job.folder.startswith("group_") and job.folder.endswith(f"_{rule}")
+        else:
+            assert len(job.targets) == 1 and job.folder == f"rule_{job.targets[0][0]}"
+            assert job.rules.isdisjoint(GROUPS), (job.folder, job.targets)
+    # training jobs: one submission each
+    for rule in TRAINING_RULES & {p.rule for p in planned}:
+        alone = [j for j in jobs if j.rules == {rule}]
+        assert all(not j.is_group and len(j.targets) == 1 for j in alone)
+        assert len(alone) == sum(p.rule == rule for p in planned) > 0, rule
+    # judges: 8 jobs in 2 group jobs of 4 (group-components: judges: 4)
+    judges = [j for j in jobs if j.rules == {"judge"}]
+    assert sorted(len(j.targets) for j in judges) == [4, 4]
+    assert all(j.folder == "group_judges_judge" for j in judges)
+    # generations: one group job per model, with both prompt sets
+    generations = [j for j in jobs if j.rules == {"generate"}]
+    models = {p.wildcards["model"] for p in planned if p.rule == "generate"}
+    assert len(generations) == len(models) > 1
+    for job in generations:
+        (model,) = {w["model"] for _, w in job.targets}
+        assert sorted(w["prompt_set"] for _, w in job.targets) == ["helpfulness", "red_team"]
+        assert job.folder == f"group_gen-{model}-seed0_generate"
 
 
 def test_gpu_jobs_got_a_fake_gpu_and_saw_cuda_visible_devices(done):
     jobs = slurm_jobs(done.slurm_dir)
     records = sacct([j.jobid for j in jobs])
-    gpu_planned = [p for p in done.planned if is_gpu_job(p)]
-    assert len(gpu_planned) == 3  # its align job and 2 generate jobs
+
+    def gpus(planned: Job) -> int:
+        return done.planned_gpus[(planned.rule, frozenset(planned.wildcards.items()))]
+
+    gpu_planned = [p for p in done.planned if gpus(p) > 0]
+    assert len([p for p in gpu_planned if is_gpu_job(p)]) == 3  # its align and 2 generate jobs
+    # besides: the reference pass its align job reads (ref_logps takes the GPUs of the
+    # node reading it with the most)
+    assert all(p.rule == "ref_logps" for p in gpu_planned if not is_gpu_job(p))
     for job in jobs:
-        expect_gpu = any(matches(p, job) for p in gpu_planned)
+        gpu_targets = [t for t in job.targets if any(matches(p, t) for p in gpu_planned)]
+        expect_gpu = bool(gpu_targets)
+        assert not expect_gpu or len(gpu_targets) == len(job.targets), job
+        # one GPU also for a group of 2 generations: they run one after the other
         assert ("gres/gpu=1" in records[job.jobid]["AllocTRES"]) == expect_gpu, (
             job, records[job.jobid])
         envs = task_envs(job.log)
-        # the batch script's task and the task of the srun step that ran the rule
+        # the batch script's task and the tasks of the srun steps that ran the rules
         steps = {s: v for s, v in envs.items() if s.isdigit()}
-        assert steps, f"no TaskProlog line for the srun step in {job.log}:\n{envs}"
+        assert len(steps) == len(job.targets), f"TaskProlog lines in {job.log}:\n{envs}"
         if expect_gpu:
             assert all(re.fullmatch(r"[01]", v) for v in steps.values()), (job.log, envs)
         else:
