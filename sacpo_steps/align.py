@@ -427,8 +427,8 @@ def training_throughput(trainer, result, *, start_step: int = 0) -> dict[str, An
 
     TRL counts the attention-masked tokens it trains on (`num_tokens` in its logs, a
     running total over every process); a resumed run counts from its restart. Samples
-    are sequences (a DPO pair is two: chosen and rejected); the MFU's sequence length
-    is their mean non-padding length.
+    are training rows, as TRL counts them (a DPO pair is one: its chosen and rejected
+    sequences are two); the MFU's sequence length is the sequences' mean length.
     """
     seconds = float(result.metrics.get("train_runtime", math.nan))
     tokens = getattr(trainer, "_total_train_tokens", None)  # TRL 1.16's running total
@@ -443,7 +443,7 @@ def training_throughput(trainer, result, *, start_step: int = 0) -> dict[str, An
     gpus, device = cuda_device()
     shape = model_shape(trainer.accelerator.unwrap_model(trainer.model)) if gpus else None
     flops = training_flops_per_token(shape, tokens / max(sequences, 1)) if shape else None
-    return rates(tokens=tokens, samples=sequences, seconds=seconds, flops_per_token=flops,
+    return rates(tokens=tokens, samples=rows, seconds=seconds, flops_per_token=flops,
                  gpus=gpus * trainer.accelerator.num_processes, device_name=device)
 
 

@@ -2,8 +2,8 @@
 
 Tokens are non-padding tokens (what the model really processed), so a run with
 long padding does not look fast. Model FLOPs utilisation follows the usual
-accounting: 6 x parameters per trained token (forward 2, backward 4; LM head and
-embeddings included in the parameters) plus 12 x layers x hidden x sequence
+accounting: 6 x parameters per trained token (forward 2, backward 4; the LM head
+counts, the input embedding, a table lookup, does not) plus 12 x layers x hidden x sequence
 length for attention scores; activation recompute (gradient checkpointing) and
 the reference pass are not counted, so MFU says how much of the GPU went into
 useful training arithmetic. Generation counts 2 x parameters per token. The
@@ -39,11 +39,22 @@ def peak_flops(device_name: str | None) -> float | None:
     return None
 
 
+def flop_parameters(model: Any) -> int:
+    """Parameters that cost FLOPs per token: all but the input embedding (a lookup);
+    with tied embeddings the one matrix is the LM head, and counts."""
+    params = {id(p): p.numel() for p in model.parameters()}
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    if output is None or output.weight is not embedding:
+        params.pop(id(embedding), None)
+    return sum(params.values())
+
+
 def model_shape(model: Any) -> dict[str, int]:
-    """Parameters, layers and hidden size of a transformers model (a PEFT wrapper too)."""
+    """FLOP parameters, layers and hidden size of a transformers model (PEFT too)."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
         else model.config
-    return {"parameters": sum(p.numel() for p in model.parameters()),
+    return {"parameters": flop_parameters(model),
             "layers": int(getattr(config, "num_hidden_layers", 0) or 0),
             "hidden": int(getattr(config, "hidden_size", 0) or 0)}
 

@@ -45,10 +45,18 @@ def test_no_mfu_on_cpu_or_an_unknown_gpu():
     assert rates(tokens=10, samples=1, seconds=0.0)["tokens_per_s"] is None
 
 
-def test_model_shape_counts_every_parameter(tiny_models):
-    from transformers import AutoModelForCausalLM
+@pytest.mark.parametrize("tied", [False, True])
+def test_model_shape_counts_the_parameters_that_cost_flops(tied):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_models["sft"])
+    config = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                         tie_word_embeddings=tied)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    total = sum(p.numel() for p in model.parameters())  # a tied matrix is listed once
     shape = model_shape(model)
-    assert shape["parameters"] == sum(p.numel() for p in model.parameters())
-    assert shape["layers"] == 1 and shape["hidden"] == 16
+    # the input embedding is a lookup; tied, the same matrix is the LM head and counts
+    assert shape["parameters"] == (total if tied else total - 100 * 16)
+    assert shape["layers"] == 2 and shape["hidden"] == 16
