@@ -114,11 +114,17 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--report", type=Path,
+                        help="print the table of a finished run's ref_pass.json, run nothing")
     args = parser.parse_args()
     root = args.workdir or Path(tempfile.mkdtemp(prefix="sacpo-ref-pass-"))
     copies = {f"before ({args.baseline})": commit_copy(args.baseline, root / "before"),
               "after (this tree)": fresh_copy(root / "after")}
     rounds: dict[str, list[dict]] = {name: [] for name in copies}
+    if args.report:
+        saved = json.loads(args.report.read_text())
+        report(saved["rounds"], saved["paper"], args)
+        return
     for i in range(args.rounds):
         order = list(copies) if i % 2 == 0 else list(copies)[::-1]
         for name in order:
@@ -130,12 +136,20 @@ def main() -> None:
             rounds[name].append(measure(work, args.configfile, args.cores))
             print(json.dumps(rounds[name][-1], indent=1), file=sys.stderr)
     paper = {name: planned_passes(work) for name, work in copies.items()}
+    (root / "ref_pass.json").write_text(json.dumps({"rounds": rounds, "paper": paper}))
+
+    report(rounds, paper, args)
+
+
+def report(rounds: dict[str, list[dict]], paper: dict[str, dict[str, int]], args) -> None:
+    copies = list(rounds)
 
     def per_round(name, fn, fmt="{:.1f}"):
         values = [fn(r) for r in rounds[name]]
         text = ", ".join(fmt.format(v) for v in values)
-        return f"{text} (median {fmt.format(statistics.median(values))})" \
-            if len(values) > 1 else text
+        return f"{text} (median {fmt.format(statistics.median_low(values))})" \
+            if len(values) > 1 and len(set(values)) > 1 else \
+            (fmt.format(values[0]) if len(set(values)) == 1 else text)
 
     def passes_inside(r):
         return sum(v or 0 for v in r["inside"].values())
@@ -143,7 +157,8 @@ def main() -> None:
     def job_sum(r):
         return sum(r["align"].values()) + sum(r["ref_jobs"].values())
 
-    print(f"| {args.configfile}, --cores {args.cores}, {args.rounds} round(s) | "
+    n_rounds = len(rounds[copies[0]])
+    print(f"| {args.configfile}, --cores {args.cores}, {n_rounds} round(s) | "
           + " | ".join(copies) + " |")
     print("|---|" + "---|" * len(copies))
 
