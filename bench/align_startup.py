@@ -28,21 +28,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from align_vs_trl import ROOT, demo_case  # noqa: E402
+from demo import run as wall  # noqa: E402  (wall time of a command that must succeed)
 
 FIRST_STEP = re.compile(r"startup: first training step ([0-9.]+) s after process start")
 # sacpo_steps first: its import is the step's "process start" the log line counts from
 IMPORT_FIRST = "import sacpo_steps, peft, bitsandbytes; "
-
-
-def wall(cmd: list[str]) -> float:
-    started = time.monotonic()
-    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
-    return time.monotonic() - started
 
 
 def align_startup(case, work: Path, *, import_first: bool, i: int) -> float:

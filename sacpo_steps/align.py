@@ -158,7 +158,7 @@ def build_trainer(
     output_dir: str | Path,
     seed: int = 0,
     reference_dir: str | Path | None = None,
-    ref_logps: str | Path | Any = None,
+    ref_logps: str | Path | Any = None,  # a path, or an already read ReferenceTable
 ):
     """A TRL trainer whose policy starts from the parent and whose reference is the parent.
 
@@ -451,7 +451,8 @@ def skip_unused_imports(training: TrainingConfig) -> list[str]:
     """Keep PEFT and bitsandbytes out of a step process whose node uses neither.
 
     transformers and TRL import both whenever they are installed; bitsandbytes pulls
-    in torch's compiler, about 1.5 s of every job's start-up (bench/align_startup.py).
+    in torch's compiler (measured here: 2 s of the 10 s TRL import, 0.7 s of the align
+    step's start-up; bench/align_startup.py).
     A None entry in `sys.modules` makes `import` fail and `importlib.util.find_spec`
     report the package missing, which is what both libraries check. Only for a fresh
     step process (the CLI): in a process that later trains a LoRA node it would break.

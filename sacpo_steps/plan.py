@@ -337,27 +337,31 @@ class Plan:
 
     # ---- the shared reference pass (sacpo_steps/ref_logps.py) ----
 
+    @cached_property
+    def _ref_logps_keys(self) -> dict[str, str]:
+        """{node: key of the ref_logps job it reads}, for nodes that read one."""
+        keys = {}
+        for name, node in self.nodes.items():
+            entry = losses.get_loss(node.loss)
+            if entry.ref_columns and node.training.get("precompute_ref_log_probs"):
+                spec = ref_logps.reference_key_spec(node.loss, node.training,
+                                                    self.config["prompt_template"])
+                digest = hashlib.sha256(to_json(spec).encode()).hexdigest()[:12]
+                keys[name] = f"{node.data}-{node.loss}-{digest}"
+        return keys
+
     def ref_logps_key(self, name: str) -> str | None:
         """The `ref_logps` job node `name` reads, as `<data>-<loss>-<hash>`; None when the
         node computes no reference log-probs before training (precompute off, or a loss
         without a reference). Nodes with the same parent and key share one job."""
-        node = self.nodes[name]
-        entry = losses.get_loss(node.loss)
-        if not (entry.ref_columns and node.training.get("precompute_ref_log_probs")):
-            return None
-        spec = ref_logps.reference_key_spec(node.loss, node.training,
-                                            self.config["prompt_template"])
-        digest = hashlib.sha256(to_json(spec).encode()).hexdigest()[:12]
-        return f"{node.data}-{node.loss}-{digest}"
+        return self._ref_logps_keys.get(name)
 
     @cached_property
     def ref_logps_jobs(self) -> dict[tuple[str, str], list[str]]:
         """{(reference model, key): the nodes that read it}, in plan order."""
         jobs: dict[tuple[str, str], list[str]] = {}
-        for name, node in self.nodes.items():
-            key = self.ref_logps_key(name)
-            if key is not None:
-                jobs.setdefault((node.parent, key), []).append(name)
+        for name, key in self._ref_logps_keys.items():
+            jobs.setdefault((self.nodes[name].parent, key), []).append(name)
         return jobs
 
     def ref_logps_consumer(self, reference: str, key: str) -> str:
