@@ -160,13 +160,16 @@ def _where(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
 
-def check_node(loss: Loss, *, stage2: bool, training: Mapping[str, Any], where: str) -> None:
+def check_node(loss: Loss, *, stage2: bool, training: Mapping[str, Any], where: str,
+               trl_where: str | None = None) -> None:
     """Plan-time checks of one alignment node using `loss` (InputError names the field).
 
     `stage2`: the node's parent is itself an aligned model, so SACPO's Theorem 1
-    applies: the node must align against its parent as the reference. `training`
-    is the node's merged training section (TRL names); `where` is the node's config
-    path, e.g. "models.safe".
+    applies: the node must align against its parent as the reference, with the TRL
+    arguments that keep the equivalence (`THEOREM1_ARGS`). `training` is the node's
+    merged training section (TRL names); `where` is the node's config path, e.g.
+    "models.safe"; `trl_where` the config path its `trl:` section comes from, when
+    not its own (the global "training.trl" it inherits).
     """
     if stage2 and not loss.needs_reference:
         raise InputError(
@@ -186,6 +189,77 @@ def check_node(loss: Loss, *, stage2: bool, training: Mapping[str, Any], where: 
             key, message = problem
             raise InputError(message, field=_where(where, f"training.{key}"))
     check_trl_args(training.get("trl") or {}, loss, _where(where, "training.trl"))
+    if stage2:
+        _check_theorem1_args(loss, training.get("trl") or {}, where, trl_where)
+
+
+def _keeps_reverse_kl(value: Any) -> bool:
+    return value == "reverse_kl"  # TRL 1.16's only name for it (a str field, its default)
+
+
+def _keeps_summed_logps(value: Any) -> bool:
+    # None: TRL sums the answer's token log-probs; 1: shared + 1 * tail, the same sum
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                             and value == 1)
+
+
+def _keeps_pure_loss(value: Any) -> bool:
+    return value is None or value == [1]  # TRL's own default: weight 1 for the one loss
+
+
+def _keeps_fixed_reference(value: Any) -> bool:
+    return not value  # TRL syncs the reference only when sync_ref_model is truthy
+
+
+#: TRL arguments whose value can break Theorem 1 in a stage-2 node: the stage-2 optimum
+#: equals the stage-1 policy re-weighted by exp(lambda g / beta) only for a reverse-KL
+#: penalty towards the fixed stage-1 model, and DPO reaches it exactly only with its
+#: own loss on log-ratios summed over the answer's tokens.
+#: {argument: (does this value keep the equivalence, why another value breaks it)}
+THEOREM1_ARGS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "f_divergence_type": (_keeps_reverse_kl, (
+        "Theorem 1 holds only for the reverse-KL penalty KL(pi || pi_ref); another "
+        "f-divergence has another optimum, which is not the stage-1 model re-weighted by "
+        "exp(lambda g / beta). Leave it out or set reverse_kl (TRL's default)")),
+    "ld_alpha": (_keeps_summed_logps, (
+        "LD-DPO down-weights the log-probs of the tokens past the shorter answer's length, "
+        "but Theorem 1 is exact for DPO only on log-ratios summed over every token of the "
+        "answer. Leave it out (null) or set 1 (no down-weighting)")),
+    "loss_weights": (_keeps_pure_loss, (
+        "it weighs a combination of TRL losses, but Theorem 1 holds for the node's loss "
+        "alone (on the single loss the pipeline sets, a weight only rescales it: change "
+        "learning_rate instead). Leave it out")),
+    "sync_ref_model": (_keeps_fixed_reference, (
+        "TR-DPO moves the reference towards the policy during training, but Theorem 1 needs "
+        "the stage-2 reference to stay the stage-1 model (the node's parent). Leave it out "
+        "or set false")),
+}
+
+
+def _check_theorem1_args(loss: Loss, trl: Mapping[str, Any], where: str,
+                         trl_where: str | None) -> None:
+    """Refuse, for a stage-2 node, `trl:` arguments (or arguments the loss entry fixes)
+    that break the equivalence of Theorem 1 (`THEOREM1_ARGS`)."""
+    for key, value in loss.fixed.items():
+        keeps, why = THEOREM1_ARGS.get(key, (None, ""))
+        if keeps is not None and not keeps(value):
+            raise InputError(f"loss {loss.name!r} fixes TRL's {key} to {value!r}, which a "
+                             f"SACPO stage-2 node cannot use: {why}", field=_where(where, "loss"))
+        if key == "loss_type" and isinstance(value, (list, tuple)) and len(value) > 1:
+            raise InputError(f"loss {loss.name!r} combines the TRL losses {list(value)}, which "
+                             "a SACPO stage-2 node cannot use: Theorem 1 holds for one loss "
+                             "alone", field=_where(where, "loss"))
+    own = trl_where is None
+    for key, value in trl.items():
+        keeps, why = THEOREM1_ARGS.get(key, (None, ""))
+        if keeps is None or keeps(value):
+            continue
+        node = "this SACPO stage-2 node" if own else \
+            f"SACPO stage-2 node {where}, which inherits this section,"
+        hint = "" if own else "; set it in the stage-1 nodes' own training.trl instead"
+        raise InputError(f"{value!r} is refused in {node} (its parent is an aligned model): "
+                         f"{why}{hint}",
+                         field=f"{trl_where or _where(where, 'training.trl')}.{key}")
 
 
 # DPO's family reads the reference's log-probs of the chosen and the rejected answer,

@@ -410,6 +410,23 @@ class Plan:
                 names[group] = f"{name}_{hashlib.sha256(group.encode()).hexdigest()[:6]}"
         return {names[g]: ms for g, ms in groups.items()}
 
+    def prompt_cap(self, model: str) -> int | None:
+        """The prompt cap (`max_prompt_length`, tokens.PromptCap) `model` is generated
+        under: an alignment node's own merged training value; for a merge, the smaller of
+        its parents' caps (None is no cap, so the smaller of a cap and None is the cap);
+        the SFT and external baselines take the global `training.max_prompt_length`."""
+        if model in self.nodes:
+            return self.nodes[model].training.get("max_prompt_length")
+        if model in self.merges:
+            return self._smallest_cap(self.merges[model].parents)
+        return self.config.get("training", {}).get("max_prompt_length")
+
+    def _smallest_cap(self, models: tuple[str, ...]) -> int | None:
+        """The cap a merge of `models` is generated under: the smallest of theirs, None
+        (no cap) only when none of them has one."""
+        caps = [cap for cap in map(self.prompt_cap, models) if cap is not None]
+        return min(caps, default=None)
+
     def generation_spec(self, model: str, seed: int | str) -> dict[str, Any]:
         """The generate step's settings for one model (a baseline may bring its own
         prompt format and stop markers)."""
@@ -421,8 +438,8 @@ class Plan:
             "max_new_tokens": gen["max_new_tokens"],
             "batch_size": gen["batch_size"],
             "seed": int(seed),
-            # the cap the models were trained under (tokens.PromptCap)
-            "max_prompt_length": self.config.get("training", {}).get("max_prompt_length"),
+            # the cap the model was trained under (tokens.PromptCap)
+            "max_prompt_length": self.prompt_cap(model),
         }
 
     @property
@@ -501,6 +518,13 @@ class Plan:
                 "prompts": [self.paths.prompt_set_file(s, seed) for s in sets],
                 "baseline": [self.paths.generation(self.baseline, s, seed) for s in sets],
                 **self.judge_reads(sets, seed)}
+
+    def target_generation_spec(self, seed: int | str) -> dict[str, Any]:
+        """The target search's generation settings: it generates merges of the over-safe
+        node and its parent, so under the smaller of their prompt caps, as a merge node."""
+        node = self.nodes[self.target["over_safe"]]
+        return {**self.generation_spec(self.sft, seed),
+                "max_prompt_length": self._smallest_cap((node.parent, node.name))}
 
     def target_judges(self) -> dict[str, dict[str, Any]]:
         """Each searched prompt set's judge settings, with its cache, as the judge step's."""
@@ -773,7 +797,10 @@ def _align_node(name: str, spec: dict[str, Any], where: str, defaults: dict[str,
     training = _merge_training(defaults, spec.get("training", {}), f"{where}.training")
     try:  # the loss registry's own checks: reference for stage 2, batch, `trl:` args
         loss = losses.get_loss(spec["loss"])
-        losses.check_node(loss, stage2=spec["parent"] != sft, training=training, where=where)
+        # a node's own `trl:` replaces the global one; without it, errors name the global
+        inherited = "trl" not in spec.get("training", {})
+        losses.check_node(loss, stage2=spec["parent"] != sft, training=training, where=where,
+                          trl_where="training.trl" if inherited else None)
     except InputError as exc:
         if exc.field == "loss":
             raise PlanError(f"{where}.loss: {exc.message}") from None

@@ -15,6 +15,7 @@ from sacpo_steps.errors import InputError
 from sacpo_steps.losses import (
     DATA_KINDS,
     LOSSES,
+    THEOREM1_ARGS,
     Loss,
     check_node,
     get_loss,
@@ -193,6 +194,78 @@ def test_check_node_batch_size_and_robust_label_smoothing():
                    training={"per_device_train_batch_size": 4, "trl": {"beta": 0.2}},
                    where="models.d")
     assert err.value.field == "models.d.training.trl.beta"
+
+
+# TRL arguments that break Theorem 1's equivalence: (loss, argument, value)
+THEOREM1_BREAKERS = [
+    ("dpo", "f_divergence_type", "forward_kl"),
+    ("dpo", "f_divergence_type", "js_divergence"),
+    ("dpo", "f_divergence_type", "alpha_divergence"),
+    ("dpo", "ld_alpha", 0.5),
+    ("dpo", "ld_alpha", 0.0),
+    ("dpo", "loss_weights", [0.5]),
+    ("dpo", "sync_ref_model", True),
+    ("kto", "sync_ref_model", True),
+]
+
+
+@pytest.mark.parametrize(("loss", "key", "value"), THEOREM1_BREAKERS)
+def test_stage2_refuses_trl_arguments_that_break_theorem1(loss, key, value):
+    training = {"per_device_train_batch_size": 4, "trl": {key: value}}
+    check_node(get_loss(loss), stage2=False, training=training, where="models.helpful")
+    with pytest.raises(InputError, match="Theorem 1") as err:
+        check_node(get_loss(loss), stage2=True, training=training, where="models.safe")
+    assert err.value.field == f"models.safe.training.trl.{key}"
+    assert repr(value) in err.value.message and "stage-2" in err.value.message
+
+
+def test_stage2_names_the_global_trl_section_it_inherits():
+    training = {"per_device_train_batch_size": 4, "trl": {"ld_alpha": 0.5}}
+    with pytest.raises(InputError, match="Theorem 1") as err:
+        check_node(get_loss("dpo"), stage2=True, training=training, where="models.safe",
+                   trl_where="training.trl")
+    assert err.value.field == "training.trl.ld_alpha"
+    assert "models.safe" in err.value.message and "stage-1 nodes' own" in err.value.message
+
+
+def test_stage2_keeps_the_values_that_keep_theorem1():
+    kept = {"f_divergence_type": "reverse_kl", "ld_alpha": 1.0, "loss_weights": [1.0],
+            "sync_ref_model": False,
+            # not refused: unused by the sigmoid loss, or a per-pair weight of summed log-ratios
+            "label_smoothing": 0.1, "use_weighting": True, "f_alpha_divergence_coef": 0.3}
+    check_node(get_loss("dpo"), stage2=True,
+               training={"per_device_train_batch_size": 4, "trl": kept}, where="models.safe")
+    assert all(THEOREM1_ARGS[k][0](kept[k]) for k in THEOREM1_ARGS)
+    assert not THEOREM1_ARGS["ld_alpha"][0](True)  # a boolean is not the weight 1
+
+
+def test_stage2_accepts_the_installed_trl_defaults():
+    """What TRL does when the argument is left out keeps Theorem 1 (reverse_kl is TRL
+    1.16's default and its only name for reverse KL)."""
+    import dataclasses
+
+    checked = 0
+    for name in ("dpo", "kto"):
+        defaults = {f.name: f.default for f in dataclasses.fields(get_loss(name).config_class())}
+        for key, (keeps, _) in THEOREM1_ARGS.items():
+            if key in defaults:
+                assert keeps(defaults[key]), (name, key, defaults[key])
+                checked += 1
+    assert checked == 5  # four DPOConfig fields, and KTOConfig's sync_ref_model
+
+
+def test_stage2_refuses_a_loss_entry_that_fixes_a_combination():
+    mixed = Loss(name="rpo_like", data="pairs", config="trl:DPOConfig",
+                 trainer="trl:DPOTrainer", loss_type=None, needs_reference=True,
+                 coefficient="beta", fixed={"loss_type": ["sigmoid", "sft"],
+                                            "loss_weights": [1.0, 0.5]})
+    with registered(mixed) as entry:
+        training = {"per_device_train_batch_size": 4, "trl": {}}
+        check_node(entry, stage2=False, training=training, where="models.helpful")
+        with pytest.raises(InputError, match="Theorem 1") as err:
+            check_node(entry, stage2=True, training=training, where="models.safe")
+    assert err.value.field == "models.safe.loss"
+    assert "rpo_like" in err.value.message
 
 
 def test_align_refuses_what_the_plan_would(tiny_models, pairs_file, tmp_path):

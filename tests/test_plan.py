@@ -110,6 +110,22 @@ BAD_CASES = [
      "models.dpo_h.training.trl.beta", []),
     ("trl-argument-removed", _set("training/trl", {"max_prompt_length": 128}),
      "models.dpo_h.training.trl.max_prompt_length", ["training.max_prompt_length"]),
+    # stage 2 (parent aligned): TRL arguments that break Theorem 1's equivalence
+    ("stage2-f-divergence-not-reverse-kl",
+     _set("models/dpo_h.dpo_s-0.1/training", {"trl": {"f_divergence_type": "forward_kl"}}),
+     "models.dpo_h.dpo_s-0.1.training.trl.f_divergence_type",
+     ["Theorem 1", "reverse-KL", "reverse_kl"]),
+    ("stage2-ld-alpha", _set("models/dpo_h.dpo_s-0.1/training", {"trl": {"ld_alpha": 0.5}}),
+     "models.dpo_h.dpo_s-0.1.training.trl.ld_alpha", ["Theorem 1", "summed"]),
+    ("stage2-loss-weights",
+     _set("models/dpo_h.dpo_s-0.1/training", {"trl": {"loss_weights": [2.0]}}),
+     "models.dpo_h.dpo_s-0.1.training.trl.loss_weights", ["Theorem 1", "loss alone"]),
+    ("stage2-sync-ref-model",
+     _set("models/dpo_h.dpo_s-0.1/training", {"trl": {"sync_ref_model": True}}),
+     "models.dpo_h.dpo_s-0.1.training.trl.sync_ref_model", ["Theorem 1", "reference"]),
+    # the global section reaches every node without its own `trl:`; stage 1 takes it
+    ("stage2-inherits-global-trl", _set("training/trl", {"f_divergence_type": "js_divergence"}),
+     "training.trl.f_divergence_type", ["Theorem 1", "models.dpo_h.dpo_s-0.01", "inherits"]),
     ("training-old-and-new-name", _set("training/epochs", 2), "training.epochs",
      ["num_train_epochs"]),
     ("judge-key-of-another-backend", _set("evaluation/judge", {"backend": "rule",
@@ -326,6 +342,19 @@ def test_lineage_lists_stages_oldest_first():
     assert [n.parent for n in chain] == ["sft", "dpo_h", "dpo_h.dpo_s-0.1"]
     assert [n.name for n in plan.lineage("dpo_h")] == ["dpo_h"]
     assert plan.lineage("sft") == []
+
+
+def test_stage1_accepts_what_stage2_refuses_and_a_stage2_node_may_drop_the_global_trl():
+    breaking = {"f_divergence_type": "alpha_divergence", "ld_alpha": 0.5,
+                "loss_weights": [0.5], "sync_ref_model": True}
+    cfg = demo()
+    cfg["training"]["trl"] = breaking
+    for spec in cfg["models"].values():
+        if spec.get("parent") not in (None, "sft"):  # stage 2: its own section replaces it
+            spec["training"] = {"trl": {"f_divergence_type": "reverse_kl"}}
+    plan = load_plan(cfg, source="x.yaml")
+    assert plan.nodes["dpo_h"].training["trl"] == breaking
+    assert plan.nodes["dpo_h.dpo_s-0.1"].training["trl"] == {"f_divergence_type": "reverse_kl"}
 
 
 def test_sft_name_and_baseline_can_be_changed():

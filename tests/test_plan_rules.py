@@ -129,6 +129,51 @@ def test_generation_spec_takes_a_baselines_own_prompt_format(paper):
     assert spec["max_prompt_length"] == 128  # the cap the models were trained under
 
 
+def _capped(global_cap, **node_caps):
+    """The demo plan with a global prompt cap and some nodes' own, and two merges: of two
+    aligned nodes, and of that merge with a third node."""
+    cfg = copy.deepcopy(DEMO)
+    cfg["training"]["max_prompt_length"] = global_cap
+    for name, cap in node_caps.items():
+        cfg["models"][name]["training"] = {"max_prompt_length": cap}
+    cfg["models"]["m1"] = {"parents": ["dpo_h.dpo_s-0.1", "dpo_h.dpo_s-1.0"], "q": 0.5}
+    cfg["models"]["m2"] = {"parents": ["m1", "dpo_h.dpo_s-0.01"], "q": 0.5}
+    return plan_of(cfg)
+
+
+def test_generation_uses_each_models_own_prompt_cap():
+    plan = _capped(64, **{"dpo_h.dpo_s-0.1": 48, "dpo_h.dpo_s-1.0": 40,
+                          "dpo_h.dpo_s-0.01": 24})
+    cap = {m: plan.generation_spec(m, 0)["max_prompt_length"] for m in plan.models}
+    assert cap["dpo_h"] == 64  # no override: the global cap, merged into its training
+    assert cap["dpo_h.dpo_s-0.1"] == 48 and cap["dpo_h.dpo_s-1.0"] == 40  # own override
+    assert cap["m1"] == 40  # a merge: the smaller of its parents' caps
+    assert cap["m2"] == 24  # a merge of a merge: min(min(48, 40), 24)
+    assert cap["sft"] == 64  # the SFT and the external baselines: the global cap
+    assert plan.baselines and all(cap[b] == 64 for b in plan.baselines)
+
+
+def test_a_merge_of_a_cap_and_no_cap_takes_the_cap():
+    plan = _capped(None, **{"dpo_h.dpo_s-1.0": 40})
+    assert plan.prompt_cap("dpo_h.dpo_s-0.1") is None  # no cap anywhere
+    assert plan.prompt_cap("m1") == 40  # min(no cap, 40)
+    assert plan.prompt_cap("m2") == 40  # min(40, no cap)
+    assert plan.prompt_cap("sft") is None
+    both_free = _capped(None)
+    assert both_free.prompt_cap("m2") is None
+
+
+def test_target_search_generates_under_its_merge_parents_cap():
+    cfg = copy.deepcopy(DEMO)
+    cfg["training"]["max_prompt_length"] = 64
+    cfg["models"]["dpo_h.dpo_s-0.01"]["training"] = {"max_prompt_length": 32}
+    cfg["target"] = {"over_safe": "dpo_h.dpo_s-0.01", "value": 0.9}
+    plan = plan_of(cfg)
+    spec = plan.target_generation_spec(0)
+    assert spec["max_prompt_length"] == 32  # min(dpo_h: 64, the over-safe node: 32)
+    assert {**spec, "max_prompt_length": 64} == plan.generation_spec("sft", 0)
+
+
 def test_rule_judge_reads_the_world_spec_and_has_no_cache(demo):
     inputs = demo.judge_inputs("dpo_h", "sft", "red_team", 1)
     assert inputs == {

@@ -50,7 +50,7 @@ if TARGET:
             ),
             judges=lambda wildcards: to_json(PLAN.target_judges()),
             spec=lambda wildcards, input: f"--spec {input.spec}" if "spec" in input.keys() else "",
-            generation=lambda wildcards: to_json(PLAN.generation_spec(PLAN.sft, wildcards.seed)),
+            generation=lambda wildcards: to_json(PLAN.target_generation_spec(wildcards.seed)),
             rounds=config["evaluation"]["winrate"]["bootstrap_rounds"],
             seed=lambda wildcards: int(wildcards.seed),
             code=code("target_search"),
