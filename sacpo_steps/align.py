@@ -29,6 +29,7 @@ from typing import Any
 
 from sacpo_steps.errors import InputError
 from sacpo_steps.fileio import atomic_output, read_jsonl, setup_logging
+from sacpo_steps.lineage import differences, file_input, make_record, model_input
 from sacpo_steps.losses import DATA_KINDS, Loss, check_node, get_loss
 from sacpo_steps.modelio import (
     check_model_dir,
@@ -118,6 +119,50 @@ def last_checkpoint(folder: str | Path) -> Path | None:
     done = [p for p in folder.glob("checkpoint-*")
             if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+CHECKPOINT_RECORD = "lineage.json"
+
+
+def checkpoints_of(folder: Path, record: dict[str, Any], *, owner: bool) -> None:
+    """Keep the trainer checkpoints in `folder` only if they were made for `record`.
+
+    The folder is keyed by the node's settings and its parent's *name*: after the parent
+    was retrained (or the data, the code or a library changed) a checkpoint there
+    belongs to another model. Its lineage record (written when training starts) must
+    match this job's, otherwise the folder is set aside and training starts fresh, and
+    the log says why. Only the owner (rank 0) moves it: the rename is atomic and the new
+    record is written after it, so a rank that reads the new record sees no stale
+    checkpoint.
+    """
+    saved = folder / CHECKPOINT_RECORD
+    if owner:
+        stale = None
+        if saved.is_file():
+            old = json.loads(saved.read_text(encoding="utf-8"))
+            if old.get("fingerprint") != record["fingerprint"]:
+                stale = "; ".join(differences(old, record))
+        elif last_checkpoint(folder) is not None:
+            stale = "it has no lineage record (made before records existed)"
+        if stale is not None:
+            found = last_checkpoint(folder)
+            if found is not None:
+                log.warning("not resuming from %s: it was made for another model: %s; "
+                            "training starts fresh", found, stale)
+            aside = folder.with_name(f".{folder.name}.stale-{os.getpid()}")
+            os.replace(folder, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        if not saved.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_output(saved) as tmp:
+                tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        return
+    deadline = time.monotonic() + 600
+    while not saved.is_file():  # the owner decides and writes the record first
+        if time.monotonic() > deadline:
+            raise InputError("rank 0 wrote no lineage record into the checkpoint folder",
+                             path=folder)
+        time.sleep(0.2)
 
 
 def trl_config(loss: str | Loss, training: TrainingConfig, *, beta: float,
@@ -336,11 +381,19 @@ def align(
     examples = load_examples(data_path, entry, prompt_template, seed, training.max_examples,
                              tokenizer=tokenizer, prompt_cap=cap)
     table = None
+    inputs = {"parent": model_input(parent_dir, parent), "data": file_input(data_path)}
     if ref_logps is not None:
         from sacpo_steps.ref_logps import ReferenceTable
 
         table = ReferenceTable(ref_logps)
         table.check_settings(loss=entry.name, training=training, prompt_template=prompt_template)
+        table.check_reference(inputs["parent"])
+        inputs["ref_logps"] = file_input(ref_logps)
+    if reference_dir is not None:
+        inputs["reference"] = model_input(reference_dir, str(reference_dir))
+    record = make_record("align", inputs=inputs, settings={
+        "name": name, "parent": parent, "data": data, "loss": loss, "beta": beta,
+        "training": asdict(training), "prompt_template": prompt_template, "seed": seed})
     log.info("prompt cap %s: %d of %d prompts truncated (start cut), %d dropped",
              cap.max_prompt_length, cap.truncated, cap.seen, cap.dropped)
     set_threads(threads)
@@ -350,6 +403,8 @@ def align(
     publish = atomic_output(out_dir, is_dir=True) if rank == 0 else _discarded_dir()
     with publish as tmp:
         work_dir = Path(checkpoint_dir) if checkpoint_dir else tmp / ".trainer"
+        if checkpoint_dir:
+            checkpoints_of(work_dir, record, owner=rank == 0)
         trainer = build_trainer(parent_dir, examples, loss=entry, beta=beta, training=training,
                                 output_dir=work_dir, seed=seed,
                                 reference_dir=reference_dir, ref_logps=table)
@@ -404,6 +459,7 @@ def align(
             },
             "throughput": speed,
             "reference_logps": str(ref_logps) if ref_logps else None,
+            "record": record,
         }
         if trainer.accelerator.is_main_process:
             write_model_card(tmp, summary)

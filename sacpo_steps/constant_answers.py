@@ -13,6 +13,7 @@ from typing import Any
 
 from sacpo_steps.fileio import setup_logging, write_jsonl
 from sacpo_steps.generate import load_prompts
+from sacpo_steps.lineage import drop_sidecar, file_input, make_record, write_sidecar
 
 log = logging.getLogger("sacpo.constant_answers")
 
@@ -23,7 +24,11 @@ def constant_answers(prompts_path: str | Path, out_path: str | Path, *, model_na
     prompts = load_prompts(prompts_path)
     rows = [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "answer": answer,
              "model": model_name} for p in prompts]
+    drop_sidecar(out_path)
     n = write_jsonl(out_path, rows)
+    write_sidecar(out_path, make_record(
+        "constant_answers", settings={"model_name": model_name, "answer": answer},
+        inputs={"prompts": file_input(prompts_path)}))
     log.info("%d constant answers by %s written to %s: %r", n, model_name, out_path, answer)
     return {"answers": n, "empty": n if not answer.strip() else 0}
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from sacpo_steps.errors import InputError
 from sacpo_steps.fileio import read_jsonl, setup_logging, write_jsonl
+from sacpo_steps.lineage import drop_sidecar, file_input, make_record, model_input, write_sidecar
 
 log = logging.getLogger("sacpo.generate")
 
@@ -170,7 +171,14 @@ def generate(
     log.info("throughput: %s", describe(speed))
     rows = [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "answer": answers[i],
              "model": model_name} for i, p in enumerate(prompts)]
+    record = make_record("generate", settings={
+        "model_name": model_name, "prompt_template": prompt_template,
+        "stop_markers": stop_markers, "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size, "seed": seed, "max_prompt_length": max_prompt_length},
+        inputs={"model": model_input(model_dir, model_name), "prompts": file_input(prompts_path)})
+    drop_sidecar(out_path)
     n = write_jsonl(out_path, rows)
+    write_sidecar(out_path, record)
     empty = [r["prompt_id"] for r in rows if not r["answer"]]
     counts = {"answers": n, "empty": len(empty), **cap.counts(), "throughput": speed}
     if empty:

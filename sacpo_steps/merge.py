@@ -34,6 +34,7 @@ from typing import IO, Any
 
 from sacpo_steps.errors import InputError
 from sacpo_steps.fileio import atomic_output, read_json, setup_logging
+from sacpo_steps.lineage import make_record, model_input
 from sacpo_steps.modelio import (
     LINEAGE_FILE,
     check_model_dir,
@@ -431,6 +432,7 @@ def merge(parent_a: str | Path, parent_b: str | Path, qs: Sequence[float],
     log.info("merging %s (a) and %s (b): %d tensors, %.1f MiB %s in %d shard(s), q = %s",
              name_a, name_b, len(tb), total / 2**20, dtype, len(a.shards), qs)
     started = time.monotonic()
+    parents = {"parent_a": model_input(a.folder, name_a), "parent_b": model_input(b.folder, name_b)}
     scratch = _Scratch()
     with contextlib.ExitStack() as outputs:
         tmps = [outputs.enter_context(atomic_output(o, is_dir=True)) for o in outs]
@@ -465,6 +467,9 @@ def merge(parent_a: str | Path, parent_b: str | Path, qs: Sequence[float],
                                 f"q = {q}, computed in {compute} and saved as {dtype}."),
                 "lineage": [*lineage, stage],
                 "merge": {"parent_a": name_a, "parent_b": name_b, "q": q, "dtype": dtype},
+                "record": make_record("merge", inputs=parents, settings={
+                    "name": out_name, "parent_a": name_a, "parent_b": name_b, "q": q,
+                    "dtype": dtype, "compute": compute}),
             })
     log.info("merged %d output(s) in %.1f s wall", len(outs), time.monotonic() - started)
     return [Path(o) for o in outs]

@@ -40,12 +40,13 @@ from typing import Any
 
 from sacpo_steps.errors import InputError
 from sacpo_steps.fileio import atomic_output, setup_logging
+from sacpo_steps.lineage import file_input, make_record, model_input
 from sacpo_steps.losses import Loss, get_loss
 from sacpo_steps.training_config import TrainingConfig
 
 log = logging.getLogger("sacpo.ref_logps")
 
-FORMAT = 1
+FORMAT = 2  # 2: with the lineage record of the pass (format 1 files had none)
 
 
 def row_keys(dataset: Any) -> list[str]:
@@ -76,6 +77,10 @@ class ReferenceTable:
             raise InputError("reference log-probs file not found", path=self.path) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise InputError(f"not a reference log-probs file: {exc}", path=self.path) from None
+        if isinstance(data, dict) and data.get("format") == 1:
+            raise InputError("was made before reference files carried a lineage record "
+                             "(format 1): nothing says which model it was computed on; rerun "
+                             "its ref_logps job", path=self.path, field="format")
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise InputError(f"not a reference log-probs file of format {FORMAT}",
                              path=self.path, field="format")
@@ -86,6 +91,10 @@ class ReferenceTable:
         self.keys: list[str] = data["keys"]
         self.values: list[list[float]] = data["values"]
         self.spec: dict[str, Any] = data.get("spec", {})
+        self.record: dict[str, Any] = data.get("record") or {}
+        if not isinstance(self.record.get("inputs", {}).get("reference"), dict):
+            raise InputError("has no lineage record of its reference model", path=self.path,
+                             field="record.inputs.reference")
         if len(self.values) != len(self.columns) or any(
                 len(v) != len(self.keys) for v in self.values):
             raise InputError("columns, keys and values disagree in length", path=self.path,
@@ -117,6 +126,30 @@ class ReferenceTable:
                 raise InputError(f"was computed with training.{key} = {recorded[key]!r}, the "
                                  f"node trains with {ours[key]!r}", path=self.path,
                                  field=f"spec.training.{key}")
+
+    def check_reference(self, parent: dict[str, Any]) -> None:
+        """Refuse a file computed on another model than the node's parent.
+
+        `parent` is the parent's lineage input (`lineage.model_input`). Names are not
+        enough: two models may share a name across runs and a tokenizer across names,
+        so the fingerprints are compared, and the error names both models.
+        """
+        from sacpo_steps.lineage import library_versions
+
+        theirs = self.record["inputs"]["reference"]
+        if theirs.get("fingerprint") != parent["fingerprint"]:
+            raise InputError(
+                f"was computed on reference '{theirs.get('name')}' (fingerprint "
+                f"{str(theirs.get('fingerprint'))[:12]}, {theirs.get('path')}), but the node's "
+                f"parent is '{parent['name']}' (fingerprint {parent['fingerprint'][:12]}, "
+                f"{parent['path']}): its log-probs are another model's; rerun the ref_logps "
+                "job", path=self.path, field="record.inputs.reference")
+        made_with, now = self.record.get("libraries", {}), library_versions()
+        changed = {k: (v, now.get(k)) for k, v in made_with.items() if now.get(k) != v}
+        if changed:
+            log.warning("%s was computed under other library versions %s (made, now): "
+                        "`python -m sacpo_steps lineage` lists what is stale", self.path,
+                        changed)
 
     def attach(self, dataset: Any, needed: tuple[str, ...]) -> Any:
         """`dataset` with the reference columns added, after checking its rows are ours."""
@@ -217,6 +250,9 @@ def compute(reference_dir: str | Path, data_path: str | Path, out: str | Path, *
     training = TrainingConfig.from_dict({**spec.get("training", {}),
                                          "precompute_ref_log_probs": True})
     reference_dir = check_model_dir(reference_dir, role=f"reference model '{spec['reference']}'")
+    lineage = make_record("ref_logps", settings=spec, inputs={
+        "reference": model_input(reference_dir, spec["reference"]),
+        "data": file_input(data_path)})
     set_threads(threads)
     cap = PromptCap(training.max_prompt_length)
     tokenizer = None
@@ -241,6 +277,7 @@ def compute(reference_dir: str | Path, data_path: str | Path, out: str | Path, *
         record = {
             "format": FORMAT,
             "spec": spec,
+            "record": lineage,
             "columns": list(entry.ref_columns),
             "keys": row_keys(dataset),
             "values": [[float(v) for v in dataset[c]] for c in entry.ref_columns],

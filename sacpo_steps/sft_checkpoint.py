@@ -17,7 +17,9 @@ from typing import Any
 
 from sacpo_steps.errors import InputError
 from sacpo_steps.fileio import atomic_output, read_jsonl, setup_logging
+from sacpo_steps.lineage import file_input, make_record, model_input, model_record
 from sacpo_steps.modelio import (
+    LINEAGE_FILE,
     check_model_dir,
     link_or_copy_tree,
     set_threads,
@@ -144,6 +146,8 @@ def build(spec: dict[str, Any], corpus: str | Path, out: Path, threads: int | No
             "training": {"source": "build", **train_cfg, "model": build_cfg["model"],
                          "tokenizer": build_cfg["tokenizer"], "seed": seed,
                          "final_loss": _last_loss(trainer)},
+            "record": make_record("sft_checkpoint", settings=spec,
+                                  inputs={"corpus": file_input(corpus)}),
         })
 
 
@@ -156,6 +160,16 @@ def link_local(spec: dict[str, Any], out: Path) -> None:
     src = check_model_dir(spec["local"]["path"], role="local SFT model (sft.local.path)")
     with atomic_output(out, is_dir=True) as tmp:
         link_or_copy_tree(src, tmp)
+        if model_record(tmp) is None:
+            # a folder the pipeline did not make: its record names where it came from
+            # (a new file, not a link, so the source folder is never written to)
+            # (its model card stays the source's own)
+            (tmp / LINEAGE_FILE).unlink(missing_ok=True)
+            record = make_record("sft_checkpoint", settings=spec, inputs={
+                "source": model_input(src, spec["local"]["path"])})
+            (tmp / LINEAGE_FILE).write_text(json.dumps(
+                {"name": spec["name"], "method": "sft", "lineage": [], "record": record},
+                indent=2) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> None:
