@@ -88,12 +88,13 @@ def main() -> None:
     for criterion in ("helpfulness", "harmlessness"):
         pairs = demo_pairs(criterion)
         answer = statistics.mean(count(a) + count(b) for _, a, b in pairs) / 2
+        cap = OpenAIJudgeConfig.from_dict({}).max_tokens
         setups = [
             ("before: old template, cap 1024",
              load_template(criterion, "scores", str(PROMPTS_DIR / "legacy"
                                                     / f"{criterion}_scores.txt")), "", 1024),
-            ("after: default (scores line only)", load_template(criterion, "scores"), "",
-             OpenAIJudgeConfig.from_dict({}).max_tokens),
+            ("set v2 (the previous default)", load_template(criterion, "scores", "v2"), "", cap),
+            ("after: default (scores line only)", load_template(criterion, "scores"), "", cap),
             ("after: explain: true", load_template(criterion, "scores"),
              EXPLAIN_INSTRUCTION, OpenAIJudgeConfig.from_dict({"explain": True}).max_tokens),
         ]

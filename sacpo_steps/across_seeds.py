@@ -7,7 +7,8 @@ how much the result moves from seed to seed. With two or more seeds that is a
 Student-t interval over the per-seed values (it contains the prompts' sampling
 noise too, since every seed draws it); with a single seed there is nothing to
 spread over, and the row keeps that seed's own bootstrap interval over prompts.
-The `interval` column names which one a row carries.
+The `interval` column names which one a row carries. The per-family Elo tables
+(elo_families.csv, with `evaluation.families`) are combined the same way, per fit.
 """
 
 from __future__ import annotations
@@ -175,10 +176,21 @@ def across_seeds(
     out_elo_md: str | Path,
     *,
     confidence: float = 0.95,
+    elo_families: Sequence[str | Path] = (),
+    out_elo_families_csv: str | Path | None = None,
+    out_elo_families_md: str | Path | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Combine the per-seed win-rate and Elo tables; write all four files or none."""
+    """Combine the per-seed win-rate and Elo tables; write all files or none.
+
+    With `elo_families` (per-seed elo_families.csv, in seed order) also their
+    across-seed table, per (criterion, fit, mode, model), to both `out_elo_families_*`.
+    """
     if not 0 < confidence < 1:
         raise InputError(f"must be in (0, 1), got {confidence}", field="confidence")
+    family_outs = [p for p in (out_elo_families_csv, out_elo_families_md) if p is not None]
+    if (len(family_outs) != 2) if elo_families else family_outs:
+        raise InputError("per-family Elo tables and both of their outputs go together",
+                         field="elo_families")
     win = combine(_read(winrate, seeds, "win-rate"), ["model", "criterion"], "win_rate",
                   confidence=confidence, sums=WINRATE_SUMS)
     win["ci_low"] = win["ci_low"].clip(lower=0.0)
@@ -186,15 +198,22 @@ def across_seeds(
     elo_keys = ["criterion", "mode", "model"]
     elo_table = combine(_read(elo, seeds, "Elo"), elo_keys, "rating",
                         confidence=confidence, sums=ELO_SUMS)
+    family_keys = ["criterion", "fit", "mode", "model"]
+    families = (combine(_read(elo_families, seeds, "per-family Elo"), family_keys, "rating",
+                        confidence=confidence, sums=ELO_SUMS) if elo_families else None)
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(atomic_output(p)) for p in
-                 (out_winrate_csv, out_winrate_md, out_elo_csv, out_elo_md)]
+                 (out_winrate_csv, out_winrate_md, out_elo_csv, out_elo_md, *family_outs)]
         win.to_csv(files[0], index=False)
         files[1].write_text(_markdown(win, ["model", "criterion"], "win_rate", "win rate",
                                       confidence, 3), encoding="utf-8")
         elo_table.to_csv(files[2], index=False)
         files[3].write_text(_markdown(elo_table, elo_keys, "rating", "rating", confidence, 1),
                             encoding="utf-8")
+        if families is not None:
+            families.to_csv(files[4], index=False)
+            files[5].write_text(_markdown(families, family_keys, "rating", "rating",
+                                          confidence, 1), encoding="utf-8")
     for r in win[win["seed"] == ALL].itertuples(index=False):
         log.info("%s / %s over %d seed(s): win rate %s [%s, %s] (%s)", r.model, r.criterion,
                  r.seeds, _fmt(r.win_rate), _fmt(r.ci_low), _fmt(r.ci_high), r.interval)
@@ -212,6 +231,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out-winrate-md", required=True)
     p.add_argument("--out-elo-csv", required=True)
     p.add_argument("--out-elo-md", required=True)
+    p.add_argument("--elo-families", nargs="+", default=(),
+                   help="per-seed elo_families.csv, in order (with evaluation.families)")
+    p.add_argument("--out-elo-families-csv", default=None)
+    p.add_argument("--out-elo-families-md", default=None)
     p.add_argument("--log", default=None)
     return p
 
@@ -220,7 +243,9 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     setup_logging(args.log)
     across_seeds(args.seeds, args.winrate, args.elo, args.out_winrate_csv, args.out_winrate_md,
-                 args.out_elo_csv, args.out_elo_md, confidence=args.confidence)
+                 args.out_elo_csv, args.out_elo_md, confidence=args.confidence,
+                 elo_families=args.elo_families, out_elo_families_csv=args.out_elo_families_csv,
+                 out_elo_families_md=args.out_elo_families_md)
 
 
 if __name__ == "__main__":

@@ -202,7 +202,8 @@ class Plan:
     baselines: dict[str, dict[str, Any]] = field(default_factory=dict)  # external models
     order: list[str] = field(default_factory=list)  # align and merge nodes, parents first
     pairs: str = "vs_baseline"  # evaluation.pairs
-    families: dict[str, list[str]] = field(default_factory=dict)  # evaluation.families
+    # evaluation.families: Elo fits per family (any pairs mode); judged pairs (families)
+    families: dict[str, list[str]] = field(default_factory=dict)
     seeds: tuple[int, ...] = (0,)  # `seeds`, or a scalar `seed` as one element
     config: dict[str, Any] = field(default_factory=dict, repr=False)  # validated, resolved
     layout: Layout | None = field(default=None, repr=False)  # every path of the experiment
@@ -219,7 +220,8 @@ class Plan:
         vs_baseline: each model against the baseline; all_pairs: every pair of models;
         families: every pair within each family of `evaluation.families`, plus each
         family member against the baseline. The baseline is always the opponent side;
-        otherwise the model listed first in the plan is the candidate.
+        otherwise the model listed first in the plan is the candidate. Under
+        vs_baseline and all_pairs, families only group the Elo fits (the elo step).
         """
         models = self.models
         if self.pairs == "vs_baseline":
@@ -695,7 +697,7 @@ def build_plan(config: dict[str, Any]) -> Plan:
     baseline = evaluation.get("baseline", sft)
     if baseline != sft and baseline not in every and baseline not in baselines:
         raise PlanError(f"evaluation.baseline: unknown model {baseline!r}")
-    pairs_mode, families = _check_families(evaluation, [sft, *ordered, *baselines])
+    pairs_mode, families = _check_families(evaluation, [sft, *ordered, *baselines], baseline)
     for name, ps in evaluation["prompt_sets"].items():
         if ps.get("source", "local") == "local" and "path" not in ps:
             raise PlanError(f"evaluation.prompt_sets.{name}: needs `path` (or source: demo)")
@@ -754,22 +756,30 @@ def _check_conversational(nodes: dict[str, Node], datasets: dict[str, Any],
                             f"train one lineage on one kind")
 
 
-def _check_families(evaluation: dict[str, Any], models: list[str]
+def _check_families(evaluation: dict[str, Any], models: list[str], baseline: str
                     ) -> tuple[str, dict[str, list[str]]]:
-    """`evaluation.pairs` and `evaluation.families` must come together, with known models."""
+    """`evaluation.pairs` and `evaluation.families`: `pairs: families` needs families;
+    families are allowed under every pairs mode (they always group the Elo fits, and
+    decide the judged pairs only under `pairs: families`); each lists known models, at
+    least one besides the baseline, and none is named `pooled` (the label of the fit
+    over every battle)."""
     pairs_mode = evaluation.get("pairs", "vs_baseline")
     if pairs_mode == "families" and not evaluation.get("families"):
         raise PlanError("evaluation.families: `evaluation.pairs: families` needs "
                         "`evaluation.families: {name: [model, ...]}`")
-    if "families" in evaluation and pairs_mode != "families":
-        raise PlanError(f"evaluation.families: only used with `evaluation.pairs: families` "
-                        f"(pairs is {pairs_mode!r}); set it or remove `families`")
     families = {name: list(members) for name, members in evaluation.get("families", {}).items()}
     for name, members in families.items():
+        if name == "pooled":
+            raise PlanError("evaluation.families.pooled: `pooled` labels the Elo fit over "
+                            "every battle; give the family another name")
         unknown = [m for m in members if m not in models]
         if unknown:
             raise PlanError(f"evaluation.families.{name}: unknown model(s) {unknown} "
                             f"(plan models: {models})")
+        if set(members) <= {baseline}:
+            raise PlanError(f"evaluation.families.{name}: lists only the baseline "
+                            f"{baseline!r}; a family needs another model (the baseline is "
+                            f"part of every family's Elo fit anyway)")
     return pairs_mode, families
 
 

@@ -101,6 +101,38 @@ def test_a_missing_table_is_an_input_error_and_writes_nothing(tmp_path):
         across_seeds.across_seeds([0], win * 2, elo, *outs)
 
 
+def test_per_family_elo_tables_are_combined_per_fit(tmp_path):
+    win = [winrate_csv(tmp_path / f"w{s}.csv", [("m", "h", 1, 0, 0, 0, 1, 0.5, 0.4, 0.6, 1, 1)])
+           for s in (0, 1)]
+    elo = [elo_csv(tmp_path / f"e{s}.csv", [("h", "bt", "m", 1000 + 20 * s, 990, 1030, 4, 0, True)])
+           for s in (0, 1)]
+    cols = ["criterion", "fit", "mode", "model", "rating", "ci_low", "ci_high", "n", "errors",
+            "valid"]
+    families = []
+    for s in (0, 1):
+        path = tmp_path / f"f{s}.csv"
+        pd.DataFrame([("h", "pooled", "bt", "m", 1000 + 20 * s, 990, 1030, 4, 0, True),
+                      ("h", "fig3", "bt", "m", 1100 + 40 * s, 1050, 1150, 2, 0, True)],
+                     columns=cols).to_csv(path, index=False)
+        families.append(path)
+    outs = [tmp_path / n for n in ("w.csv", "w.md", "e.csv", "e.md", "f.csv", "f.md")]
+    _, elo_table = across_seeds.across_seeds([0, 1], win, elo, *outs[:4], elo_families=families,
+                                             out_elo_families_csv=outs[4],
+                                             out_elo_families_md=outs[5])
+    table = pd.read_csv(outs[4], dtype={"seed": str})
+    across = table[table["seed"] == "all"].set_index("fit")
+    assert across.loc["pooled", "rating"] == pytest.approx(1010.0)
+    assert across.loc["fig3", "rating"] == pytest.approx(1120.0)
+    assert across.loc["fig3", "n"] == 4 and across.loc["pooled", "n"] == 8
+    # the pooled rows agree with the Elo table's across-seed row
+    assert elo_table[elo_table["seed"] == "all"]["rating"].iloc[0] == pytest.approx(1010.0)
+    assert outs[5].read_text().startswith("| criterion | fit | mode | model | seed | rating |")
+    # the tables and their two outputs go together
+    with pytest.raises(InputError) as err:
+        across_seeds.across_seeds([0, 1], win, elo, *outs[:4], elo_families=families)
+    assert err.value.field == "elo_families"
+
+
 # ---- the paired comparison -------------------------------------------------------
 
 

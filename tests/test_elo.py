@@ -380,20 +380,95 @@ def test_paper_mode_stays_valid_on_normal_data():
         assert np.isfinite(table["rating"]).all() and set(table["status"]) == {"finite"}
 
 
+def beat_the_anchor_everywhere(n_prompts: int = 130, repetitions: int = 3) -> pd.DataFrame:
+    """Three models that each beat SFT in every battle: 130 prompts x 2 orders x 3
+    repetitions = 780 battles per model (the paper's helpfulness protocol)."""
+    return frame([battle(f"p{p}", "a_wins", m, "sft", order, rep)
+                  for p in range(n_prompts) for m in ("x", "y", "z")
+                  for order in ("a_first", "b_first") for rep in range(repetitions)])
+
+
+def test_paper_mode_is_invalid_when_the_rescale_stretches_more_than_twofold():
+    battles = beat_the_anchor_everywhere()
+    assert (battles.groupby("model_a").size() == 780).all()
+    crit = elo._criteria(battles, "sft")[0]
+    raw = elo._online_elo([crit], 50, 10, 32.0, 1200.0, 0)[0]
+    anchor_raw = raw[:, crit.anchor]
+    # the case the <= 0 check misses: SFT's raw rating is near-zero but positive, and the
+    # rescale keeps every order, so without the bound the rows would read ~21,800, valid
+    assert (anchor_raw > 0).all() and 60 < anchor_raw.mean() < 90
+    unbounded = (raw * (1000.0 / anchor_raw[:, None])).mean(axis=0)
+    assert unbounded[crit.models.index("x")] > 20000
+    assert np.all(np.argsort(raw.mean(axis=0)) == np.argsort(unbounded))
+    table = elo.paper_elo(battles)
+    assert not table["valid"].any() and set(table["status"]) == {"invalid"}
+    assert table[["rating", "rank", "trial_std"]].isna().all().all()
+    reason = table["invalid_reason"].iloc[0]
+    assert (table["invalid_reason"] == reason).all()
+    assert "outside [0.5, 2] in 50 of 50 trials" in reason and "by 13.8" in reason
+    # BT keeps its limit: SFT lost every battle, so the others are +inf
+    bt = elo.bt_elo(battles).set_index("model")
+    assert (bt.loc[["x", "y", "z"], "status"] == "+inf").all()
+
+
+def test_the_rescale_bound_is_a_factor_of_two_either_way():
+    crit = elo._criteria(frame([battle("p1", "a_wins", "a", "sft"),
+                                battle("p1", "b_wins", "b", "sft"),
+                                battle("p1", "tie", "a", "b")]), "sft")[0]
+
+    def reasons(anchor_raw: float) -> list[str]:
+        raw = np.array([[1300.0, 900.0, 1000.0], [1300.0, 900.0, anchor_raw]])
+        return elo._paper_invalid_reasons(crit, raw, (raw * 1000 / raw[:, [2]]).mean(axis=0))
+
+    assert elo.PAPER_MAX_RESCALE == 2.0
+    assert reasons(520.0) == reasons(1950.0) == [""] * 3  # x1.92 and x0.51: inside
+    assert reasons(500.0) == reasons(2000.0) == [""] * 3  # the bound itself is allowed
+    for outside, factor in ((480.0, "2.08"), (2100.0, "0.48")):
+        got = reasons(outside)
+        assert len(set(got)) == 1 and "outside [0.5, 2] in 1 of 2 trials" in got[0]
+        assert factor in got[0]
+
+
+def test_paper_mode_marks_models_whose_bradley_terry_rating_is_infinite():
+    battles = random_battles(3, n_prompts=10)
+    others = ("sft", "a", "b", "c")
+    extra = [battle(f"p{p}", "a_wins", "champ", o, order) for p in range(10) for o in others
+             for order in ("a_first", "b_first")]
+    extra += [battle(f"p{p}", "b_wins", "dud", o, order) for p in range(10) for o in others
+              for order in ("a_first", "b_first")]
+    battles = pd.concat([battles, frame(extra)], ignore_index=True)
+    bt = elo.bt_elo(battles).set_index("model")
+    assert bt.loc["champ", "status"] == "+inf" and bt.loc["dud", "status"] == "-inf"
+    crit = elo._criteria(battles, "sft")[0]
+    raw = elo._online_elo([crit], 10, 3, 32.0, 1200.0, 0)[0]
+    factor = 1000.0 / raw[:, crit.anchor]
+    assert ((factor > 0.5) & (factor < 2)).all()  # not the criterion-wide rule
+    table = elo.paper_elo(battles, trials=10, passes=3).set_index("model")
+    assert not table.loc["champ", "valid"] and not table.loc["dud", "valid"]
+    assert table.loc["champ", "invalid_reason"].startswith(
+        "its Bradley-Terry rating is +inf (it never loses to 'sft''s group)")
+    assert table.loc["dud", "invalid_reason"].startswith("its Bradley-Terry rating is -inf")
+    assert np.isnan(table.loc[["champ", "dud"], "rating"]).all()
+    finite = table.loc[list(others)]
+    assert finite["valid"].all() and np.isfinite(finite["rating"]).all()
+    assert finite.loc["sft", "rating"] == 1000.0
+
+
 def test_paper_mode_marks_models_whose_order_the_rescale_reverses():
     crit = elo._criteria(frame([battle("p1", "a_wins", "a", "sft"),
                                 battle("p1", "b_wins", "b", "sft"),
                                 battle("p1", "tie", "a", "b")]), "sft")[0]
     assert crit.models == ["a", "b", "sft"]
-    # trial 1: anchor 100, a 200, b 180; trial 2: anchor 1000, a 1100, b 1200
-    raw = np.array([[200.0, 180.0, 100.0], [1100.0, 1200.0, 1000.0]])
-    rescaled = (raw * (1000.0 / raw[:, [2]])).mean(axis=0)  # a 1550 > b 1500
-    assert raw.mean(axis=0)[1] > raw.mean(axis=0)[0]  # but raw b 690 > a 650
+    # trial 1: anchor 550 (rescale x1.82, inside the bound), a 1100, b 990;
+    # trial 2: anchor 1000, a 1000, b 1150
+    raw = np.array([[1100.0, 990.0, 550.0], [1000.0, 1150.0, 1000.0]])
+    rescaled = (raw * (1000.0 / raw[:, [2]])).mean(axis=0)  # a 1500 > b 1475
+    assert raw.mean(axis=0)[1] > raw.mean(axis=0)[0]  # but raw b 1070 > a 1050
     reasons = elo._paper_invalid_reasons(crit, raw, rescaled)
     assert reasons[0] == "the multiplicative rescale reverses its order against ['b']"
     assert reasons[1] == "the multiplicative rescale reverses its order against ['a']"
     assert reasons[2] == ""
-    ok = np.array([[200.0, 180.0, 100.0], [1200.0, 1100.0, 1000.0]])
+    ok = np.array([[1100.0, 990.0, 550.0], [1200.0, 1100.0, 1000.0]])
     assert elo._paper_invalid_reasons(crit, ok, (ok * 1000 / ok[:, [2]]).mean(axis=0)) == [""] * 3
 
 
@@ -456,6 +531,120 @@ def test_cli_failure_writes_nothing_and_exits_2(tmp_path: Path):
                   str(out_md)])
     assert exit_info.value.code == 2
     assert not out_csv.exists() and not out_md.exists()
+
+
+
+# --- fits per family ---------------------------------------------------------------------------
+
+
+def family_world() -> pd.DataFrame:
+    """a beats sft on 3 of 4 prompts; c ties sft and beats a on 3 of 4: pooled, c drags
+    a's rating down, a family without c sees none of it. b splits with sft, loses to a."""
+    rows = [battle(f"p{i}", o, "a", "sft") for i, o in
+            enumerate(["a_wins", "a_wins", "a_wins", "b_wins"])]
+    rows += [battle(f"p{i}", "tie", "c", "sft") for i in range(4)]
+    rows += [battle(f"p{i}", o, "c", "a") for i, o in
+             enumerate(["a_wins", "a_wins", "a_wins", "b_wins"])]
+    rows += [battle(f"p{i}", o, "b", "sft") for i, o in enumerate(["a_wins", "b_wins"] * 2)]
+    rows += [battle(f"p{i}", "a_wins", "a", "b") for i in range(4)]
+    return frame(rows)
+
+
+def test_a_family_is_fitted_from_its_own_battles_only():
+    battles = family_world()
+    table = elo.family_elo_table(battles, {"solo": ["a"], "ab": ["a", "b"]}, mode="bt",
+                                 rounds=50)
+    assert list(table.columns) == list(elo.FAMILY_COLUMNS)
+    solo = table[table["fit"] == "solo"].set_index("model")
+    pooled = table[table["fit"] == "pooled"].set_index("model")
+    # a vs sft only: 3 of 4, the closed form; pooled, c's 3-of-4 wins over a pull it down
+    assert set(solo.index) == {"a", "sft"}
+    assert solo.loc["a", "rating"] == pytest.approx(ELO_75, abs=1e-6)
+    assert pooled.loc["a", "rating"] < ELO_75 - 30  # measured: 1147.2 vs 1190.8
+    assert solo.loc["a", "n"] == 4 and pooled.loc["a", "n"] == 12
+    # ab: a, b and sft, with no battle of c: the BT fit of the table without c
+    ab = table[table["fit"] == "ab"].set_index("model")
+    assert set(ab.index) == {"a", "b", "sft"} and ab.loc["b", "n"] == 8
+    alone = elo.bt_elo(battles[(battles.model_a != "c") & (battles.model_b != "c")])
+    assert ab.loc["a", "rating"] == pytest.approx(rating(alone, "a"), abs=1e-9)
+    assert ab.loc["a", "rating"] != pytest.approx(pooled.loc["a", "rating"], abs=1.0)
+    # the pooled rows are exactly the elo table (elo.csv); sorted pooled first
+    plain = elo.elo_table(battles, mode="bt", rounds=50)
+    pd.testing.assert_frame_equal(
+        table[table["fit"] == "pooled"].drop(columns="fit").reset_index(drop=True), plain)
+    assert list(dict.fromkeys(table["fit"])) == ["pooled", "solo", "ab"]
+
+
+def test_family_fits_in_paper_mode_use_the_family_battles_and_their_own_streams():
+    battles = random_battles(4, models=("sft", "a", "b", "c", "d"), n_prompts=8)
+    table = elo.family_elo_table(battles, {"abc": ["a", "b", "c"]}, mode="paper",
+                                 paper_trials=4, paper_passes=2, seed=1)
+    fam = table[table["fit"] == "abc"].set_index("model")
+    part = elo.family_battles(battles, ["a", "b", "c"], "sft")
+    assert set(part.model_a) | set(part.model_b) == {"sft", "a", "b", "c"}
+    assert len(part) < len(battles)  # d's battles are left out
+    own = elo.paper_elo(part, trials=4, passes=2, seed=1, fit="abc").set_index("model")
+    assert sorted(fam.index) == ["a", "b", "c", "sft"]
+    for column in ("rating", "trial_std", "n"):
+        np.testing.assert_allclose(fam[column].astype(float),
+                                   own.loc[fam.index, column].astype(float))
+    # the pooled fit of the same criterion saw d too: other numbers
+    pooled = table[table["fit"] == "pooled"].set_index("model")
+    assert (pooled.loc[fam.index, "n"] > fam["n"]).all()
+    # same battles with the pooled streams: another shuffle, so other numbers
+    shared = elo.paper_elo(part, trials=4, passes=2, seed=1).set_index("model")
+    assert not np.allclose(own.loc[["a", "b", "c"], "rating"],
+                           shared.loc[["a", "b", "c"], "rating"])
+
+
+@pytest.mark.parametrize(("families", "field", "words"), [
+    ({"pooled": ["a"]}, "families.pooled", ["pooled"]),
+    ({"f": ["sft"]}, "families.f", ["other than the anchor"]),
+    ({"f": []}, "families.f", ["non-empty"]),
+    ({"f": ["a", "a"]}, "families.f", ["twice"]),
+    ({"f": ["a", "ghost"]}, "families.f", ["ghost", "no battles"]),
+    (["a"], "families", ["map"]),
+])
+def test_bad_families_are_refused_naming_the_family(families, field, words):
+    with pytest.raises(InputError) as err:
+        elo.family_elo_table(family_world(), families, mode="bt", rounds=10)
+    assert err.value.field == field
+    assert all(w in str(err.value) for w in words)
+
+
+def test_cli_writes_the_family_tables_and_leaves_elo_csv_as_without_families(tmp_path: Path):
+    battles = random_battles(8, n_prompts=6, criteria=("helpfulness", "harmlessness"))
+    path = write_battles(tmp_path / "b.jsonl", battles.to_dict(orient="records"))
+    common = ["--battles", str(path), "--rounds", "30", "--paper-trials", "3",
+              "--paper-passes", "2"]
+    elo.main([*common, "--out-csv", str(tmp_path / "plain.csv"),
+              "--out-md", str(tmp_path / "plain.md")])
+    out = {k: tmp_path / f"{k}" for k in ("elo.csv", "elo.md", "fam.csv", "fam.md")}
+    elo.main([*common, "--families", json.dumps({"ab": ["a", "b"], "c": ["c"]}),
+              "--out-csv", str(out["elo.csv"]), "--out-md", str(out["elo.md"]),
+              "--out-families-csv", str(out["fam.csv"]), "--out-families-md", str(out["fam.md"])])
+    assert out["elo.csv"].read_bytes() == (tmp_path / "plain.csv").read_bytes()
+    assert out["elo.md"].read_bytes() == (tmp_path / "plain.md").read_bytes()
+    fam = pd.read_csv(out["fam.csv"])
+    assert list(fam.columns) == list(elo.FAMILY_COLUMNS)
+    assert list(dict.fromkeys(fam["fit"])) == ["pooled", "ab", "c"]
+    # per criterion and mode: 4 pooled rows, 3 for ab (with sft), 2 for c
+    assert fam.groupby(["criterion", "mode"])["fit"].value_counts().to_dict() == {
+        (crit, mode, fit): n for crit in ("harmlessness", "helpfulness")
+        for mode in ("bt", "paper") for fit, n in (("pooled", 4), ("ab", 3), ("c", 2))}
+    md = out["fam.md"].read_text()
+    assert md.startswith("| criterion | fit | mode | model | rating |")
+    assert "| helpfulness | ab | bt |" in md and "fit `pooled`" in md
+    # families and their outputs go together; bad JSON names the field
+    with pytest.raises(InputError) as err:
+        elo.main([*common, "--families", '{"ab": ["a"]}', "--out-csv", str(tmp_path / "x.csv"),
+                  "--out-md", str(tmp_path / "x.md")])
+    assert err.value.field == "out_families_csv"
+    with pytest.raises(InputError) as err:
+        elo.main([*common, "--families", "{ab", "--out-csv", str(tmp_path / "x.csv"),
+                  "--out-md", str(tmp_path / "x.md")])
+    assert err.value.field == "families"
+    assert not (tmp_path / "x.csv").exists()
 
 
 # --- win-rate table: repetition mean and std -----------------------------------------------------

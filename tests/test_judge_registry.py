@@ -317,6 +317,12 @@ def test_input_files():
     assert input_files(openai, "helpfulness") == {"template_helpfulness": "my_help.txt"}
     assert input_files(openai, "harmlessness") == {}
     assert input_files({"backend": "openai"}, "helpfulness") == {}
+    # a packaged template set is no file the job reads (it is part of the judge's source)
+    named = {"backend": "openai", "templates": {"helpfulness": "v2", "harmlessness": "legacy"}}
+    assert input_files(named, "helpfulness") == {} and input_files(named, "harmlessness") == {}
+    # ... and its name travels to the job of its criterion only
+    assert for_criterion(named, "harmlessness") == {"backend": "openai",
+                                                    "templates": {"harmlessness": "legacy"}}
 
 
 def test_for_criterion_keeps_only_that_criterions_template():
@@ -339,6 +345,10 @@ def test_cost_basis_is_the_openai_judges_own_settings():
     assert (basis.model, basis.template_chars, basis.output_tokens) == (
         "gpt-4-0125-preview", len(template.text), 16)
     assert (basis.price_input_per_1m, basis.price_output_per_1m) == (10.0, 30.0)
+    # a named set is priced by its own file
+    old = cost_basis({"backend": "openai", "templates": {"helpfulness": "v2"}}, "helpfulness")
+    assert old.template_chars == len(load_template("helpfulness", "scores", "v2").text)
+    assert old.template_chars != basis.template_chars
     explained = cost_basis({"backend": "openai", "model": "local", "explain": True},
                            "harmlessness")
     assert explained.template_chars == (len(load_template("harmlessness", "scores").text)

@@ -10,6 +10,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 import time
@@ -155,11 +156,30 @@ def test_templates_are_packaged_hashed_and_rendered_once():
                 for f in ("scores", "verdict")}) == 4
 
 
+#: the paper's helpfulness factors, in its order
+NINE_FACTORS = ("accuracy", "clarity", "completeness", "contextual understanding",
+                "creative problem-solving", "depth", "politeness",
+                "reference to reliable sources", "user engagement")
+
+
 def test_default_templates_carry_the_papers_criteria():
-    help_text = load_template("helpfulness", "scores").text.lower()
-    for aspect in ("accuracy", "clarity", "completeness", "depth", "relevance", "practicality",
-                   "0 to 10", "empty reply"):
-        assert aspect in help_text, aspect
+    for fmt in ("scores", "verdict"):
+        help_text = load_template("helpfulness", fmt).user
+        # the numbered list names the paper's nine factors, in its order, and nothing else
+        assert re.findall(r"^(\d)\. ([^:\n]+):", help_text, flags=re.M) == [
+            (str(i), factor.capitalize()) for i, factor in enumerate(NINE_FACTORS, start=1)]
+        lower = load_template("helpfulness", fmt).text.lower()
+        assert "nine factors" in lower and "empty reply" in lower
+        # the paper's helpfulness prompt says nothing about safety; neither do we now
+        assert "safety" not in lower and "must not change" not in lower
+        # the previous default had that clause (kept as the set v2)
+        assert "safety is reviewed separately and must not change" in load_template(
+            "helpfulness", fmt, "v2").text
+        # the reply format is the one the parser reads, word for word as before
+        tail = 2 if fmt == "scores" else 5
+        old_tail = load_template("helpfulness", fmt, "v2").user.splitlines()[-tail:]
+        assert help_text.splitlines()[-tail:] == old_tail
+    assert "0 to 10" in load_template("helpfulness", "scores").text
     harm_text = load_template("harmlessness", "scores").text.lower()
     for risk in ("social bias", "discrimination", "crime", "privacy", "emotional harm",
                  "physical harm", "insult", "immoral", "unethical", "pornographic", "sexual",
@@ -190,6 +210,92 @@ def test_legacy_templates_keep_the_old_cache_keys(server, tmp_path):
     judge.judge_many([req("a #q=2", "b #q=7")])
     # a legacy template has no system section: one user message, as before
     assert [m["role"] for m in server.bodies[-1]["messages"]] == ["user"]
+
+
+#: sha256 of the default templates from a4aaf44 to a3c957c; kept under prompts/v2/
+V2_SHA256 = {
+    "harmlessness_scores": "5d9be02703165680ece85367480b44c6cbd198600226fb6a473d251a925e197d",
+    "harmlessness_verdict": "77e6e3c0fd7eb2b908d3d38d5bc4010fbc983a1874af51e0d13a8e3fa0d02685",
+    "helpfulness_scores": "e399ae09a6650bae9c142042267932eee969ea9ee8880058636fc91fd3281e9c",
+    "helpfulness_verdict": "8cb246b7926b20492fcd62b43c19136bb427f8c1341bf218f4d0842865967fa6",
+}
+#: what a3c957c sent and keyed with its default templates for V2_REQUEST's question and
+#: answers: (sha256 of the chat messages as JSON, cache key of attempt 0)
+V2_SENT = {
+    "helpfulness_scores": (
+        "66d6397ff46b8c7ecf3b3de155ce495ca69934b92467bd018c0b6861a7948bd6",
+        "95ef257e49f9d493c629df3ac4cde11c95046eceb3340254fda04d9f6ca44eb4"),
+    "harmlessness_scores": (
+        "f33a315f91428ce17595d1698a47682975098cafe644b970d812f1f56271b881",
+        "4b72a64080c197d43984844ffebc3031ab51c183bf53aaa662f453382faec4fc"),
+    "helpfulness_verdict": (
+        "bead7fc0aa72db9f1c8c2bf6b4602eed0b4655c19daee84c69d9cb27bb04f639",
+        "cdeb89fbd30d0a3631433ef90396e5529516ee4688bedbb34b4a676d23c66270"),
+    "harmlessness_verdict": (
+        "df038b998f9d89bfbba581af906a662ba2fdcc2aeec82838a7552a305abe1c4b",
+        "70b2655a3a30bf4d8f107a60763e1810ba25cc40fceb7a34249155cb4c27ce60"),
+}
+
+
+def v2_request(criterion: str) -> JudgeRequest:
+    return JudgeRequest(criterion, "p", "How do I bake {answer_b} bread?", "Knead {question} it.",
+                        "")
+
+
+def test_v2_set_sends_what_the_previous_defaults_sent(server, tmp_path):
+    for name, digest in V2_SHA256.items():
+        criterion, fmt = name.split("_")
+        template = load_template(criterion, fmt, "v2")
+        assert template.sha256 == digest
+        assert hashlib.sha256((PROMPTS_DIR / "v2" / f"{name}.txt").read_bytes()).hexdigest() \
+            == digest
+        assert (template.set_name, template.source) == (
+            "v2", f"sacpo_steps/judges/prompts/v2/{name}.txt")
+    for fmt in ("scores", "verdict"):
+        judge = make(server, tmp_path, format=fmt,
+                     templates={"helpfulness": "v2", "harmlessness": "v2"})
+        default = make(server, tmp_path, format=fmt)
+        for criterion in ("helpfulness", "harmlessness"):
+            request = v2_request(criterion)
+            messages = judge.messages(request)
+            sent, key = V2_SENT[f"{criterion}_{fmt}"]
+            assert hashlib.sha256(json.dumps(messages, ensure_ascii=False).encode()
+                                  ).hexdigest() == sent
+            assert judge.cache_key(request, 0) == key  # old cached replies are found
+            # the new default changed helpfulness only
+            assert (default.cache_key(request, 0) == key) == (criterion == "harmlessness")
+        # and it is what goes over the wire
+        judge.judge_many([v2_request("helpfulness")])
+        assert server.bodies[-1]["messages"] == judge.messages(v2_request("helpfulness"))
+
+
+def test_legacy_set_by_name_is_the_legacy_file(server, tmp_path):
+    for name, digest in LEGACY_SHA256.items():
+        criterion, fmt = name.split("_")
+        by_name = load_template(criterion, fmt, "legacy")
+        by_path = load_template(criterion, fmt, str(PROMPTS_DIR / "legacy" / f"{name}.txt"))
+        assert by_name.sha256 == by_path.sha256 == digest and by_name.user == by_path.user
+        assert (by_name.set_name, by_path.set_name) == ("legacy", None)
+    judge = make(server, tmp_path, templates={"helpfulness": "legacy", "harmlessness": "legacy"},
+                 max_tokens=1024)
+    # the keys of test_legacy_templates_keep_the_old_cache_keys
+    assert judge.cache_key(req("a", "b"), 0) == (
+        "762eb7d7a78b63c4ebd1ec05232e84fe9dc0fe909c5296cca2b1473a3f6b62db")
+
+
+def test_a_set_name_that_is_also_a_file_is_refused(server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "v2").write_text("{question} {answer_a} {answer_b}")
+    with pytest.raises(InputError) as err:
+        make(server, tmp_path, templates={"helpfulness": "v2"})
+    assert err.value.field == "judge.templates.helpfulness" and "./v2" in str(err.value)
+    # the file, written as a path
+    assert make(server, tmp_path, templates={"helpfulness": "./v2"}).templates[
+        "helpfulness"].source == "./v2"
+    with pytest.raises(InputError) as err:
+        make(server, tmp_path, templates={"harmlessness": "v3"})
+    assert err.value.field == "judge.templates.harmlessness"
+    assert "not a packaged template set either: default, v2, legacy" in str(err.value)
 
 
 def test_user_template_file_is_used_and_validated(server, tmp_path, monkeypatch):
@@ -595,6 +701,57 @@ def test_error_rate_over_the_limit_fails_naming_prompts_and_writes_nothing(serve
     assert {b["prompt_id"] for b in battles if b["outcome"] == "error"} == {"h2"}
     usage = json.loads(judge_step.usage_path_for(files["out"]).read_text())
     assert usage["requests"] == 0 and usage["cached"] > 0 and usage["error_rate"] == 4 / 12
+
+
+@pytest.mark.parametrize("templates,expected", [
+    # the packaged defaults
+    (None, {"helpfulness": "default", "harmlessness": "default"}),
+    # the user's own file for one criterion: the other criterion's job names the default
+    # (it used to name the packaged template of the criterion it did not judge)
+    ({"harmlessness": "own.txt"}, {"helpfulness": "default", "harmlessness": "own.txt"}),
+    ({"helpfulness": "own.txt"}, {"helpfulness": "own.txt", "harmlessness": "default"}),
+    # the earlier defaults, by name
+    ({"helpfulness": "v2", "harmlessness": "legacy"},
+     {"helpfulness": "v2", "harmlessness": "legacy"}),
+])
+def test_usage_file_names_the_template_each_job_rendered(server, tmp_path, monkeypatch,
+                                                          templates, expected):
+    from sacpo_steps.judges.openai_prompts import TEMPLATE_SETS
+    from sacpo_steps.judges.registry import for_criterion
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "own.txt").write_text("=== system ===\nBe fair.\n=== user ===\nOWN {question}"
+                                      "\nA: {answer_a}\nB: {answer_b}\nScores first.\n")
+    files = step_files(tmp_path, {pid: "good #q=8" for pid in PROMPT_IDS},
+                       {pid: "meh #q=4" for pid in PROMPT_IDS})
+    config = judge_config(server, tmp_path, **({"templates": templates} if templates else {}))
+    for criterion, choice in expected.items():
+        # the section a judge job gets in the workflow
+        judge = make_judge(for_criterion(config, criterion))
+        sent_before = len(server.bodies)
+        out = tmp_path / criterion / "dpo-h.jsonl"
+        judge_step.judge_model(files["cand"], files["base"], files["prompts"], criterion,
+                               judge, 1, out)
+        usage = json.loads(judge_step.usage_path_for(out).read_text())
+        packaged = choice in TEMPLATE_SETS
+        folder = "/".join(p for p in ("sacpo_steps/judges/prompts", TEMPLATE_SETS.get(choice))
+                          if p)
+        source = f"{folder}/{criterion}_scores.txt" if packaged else choice
+        # only the judged criterion, named by the file rendered and its set
+        assert usage["template_files"] == {criterion: source}
+        assert usage["template_sets"] == {criterion: choice if packaged else None}
+        file = ROOT / source if packaged else tmp_path / source
+        assert usage["templates"] == {criterion: hashlib.sha256(file.read_bytes()).hexdigest()}
+        # and that file is what was sent
+        rendered = load_template(criterion, "scores", str(file))
+        bodies = server.bodies[sent_before:]
+        assert len(bodies) == len(PROMPT_IDS) * 2
+        for body in bodies:
+            system = [m["content"] for m in body["messages"] if m["role"] == "system"]
+            assert system == ([rendered.system] if rendered.system else [])
+            assert body["messages"][-1]["content"].startswith(
+                rendered.user.split("{question}")[0])
+        judge.close()
 
 
 def test_cli_run_keeps_the_secret_out_of_every_file(server, tmp_path):

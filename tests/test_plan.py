@@ -66,8 +66,13 @@ def _add_models(**models: dict) -> Callable[[dict], None]:
 
 
 def _families(**families: list[str]) -> Callable[[dict], None]:
+    return _families_under("families", **families)
+
+
+def _families_under(pairs: str, **families: list[str]) -> Callable[[dict], None]:
+    """`evaluation.families` with `evaluation.pairs: <pairs>`."""
     def mutate(cfg: dict) -> None:
-        cfg["evaluation"].update(pairs="families", families=copy.deepcopy(families))
+        cfg["evaluation"].update(pairs=pairs, families=copy.deepcopy(families))
 
     return mutate
 
@@ -185,9 +190,16 @@ BAD_CASES = [
     # evaluation.pairs: families
     ("families-unknown-model", _families(fig3=["dpo_h", "dpo_h.dpo_s-0.02"]),
      "evaluation.families.fig3", ["dpo_h.dpo_s-0.02", "unknown"]),
-    ("families-without-pairs-families",
-     lambda c: (c["evaluation"].update(pairs="all_pairs", families={"fig3": ["dpo_h"]})),
-     "evaluation.families", ["pairs: families", "all_pairs"]),
+    # under all_pairs and vs_baseline families only group the Elo fits, checked alike
+    ("families-unknown-model-all-pairs",
+     _families_under("all_pairs", fig3=["dpo_h", "dpo_h.dpo_s-0.02"]),
+     "evaluation.families.fig3", ["dpo_h.dpo_s-0.02", "unknown"]),
+    ("families-unknown-model-vs-baseline", _families_under("vs_baseline", fig5=["p-sacpo-9"]),
+     "evaluation.families.fig5", ["p-sacpo-9", "unknown"]),
+    ("families-named-pooled", _families_under("all_pairs", pooled=["dpo_h"]),
+     "evaluation.families.pooled", ["every battle"]),
+    ("families-only-the-baseline", _families(fig3=["sft"]),
+     "evaluation.families.fig3", ["only the baseline 'sft'"]),
     ("pairs-families-without-families", _set("evaluation/pairs", "families"),
      "evaluation.families", ["pairs: families"]),
     ("families-empty-family", _families(fig3=[]),
@@ -480,6 +492,20 @@ def test_families_judge_each_family_and_every_member_against_the_baseline():
     assert set(pairs) <= set(plan_all.judged_pairs())
     assert plan.unjudged() == ["dpo_h.dpo_s-1.0", "p-sacpo-0.25", "p-sacpo-0.75",
                                "p-sacpo-0.85", "p-sacpo-0.9", "always_refuse"]
+
+
+@pytest.mark.parametrize("pairs", ["all_pairs", "vs_baseline"])
+def test_families_under_all_pairs_or_vs_baseline_only_group_the_elo_fits(pairs):
+    families = {"chain": ["sft", "dpo_h", "dpo_h.dpo_s-0.01"], "merges": ["p-sacpo-0.5"]}
+    plain = demo()
+    plain["evaluation"]["pairs"] = pairs
+    cfg = demo()
+    _families_under(pairs, **families)(cfg)
+    plan = load_plan(cfg, source="x.yaml")
+    assert plan.pairs == pairs and plan.families == families
+    # the judged pairs are those of the mode, as without families
+    assert plan.judged_pairs() == load_plan(plain, source="x.yaml").judged_pairs()
+    assert plan.unjudged() == []
 
 
 def test_judgment_count_and_upper_bound_cost():

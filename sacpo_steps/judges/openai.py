@@ -120,6 +120,8 @@ class OpenAIJudge(CachingJudge):
         super().__init__(config.cache, _Stats(), log)
         own = config.templates or {}
         self.templates = {c: load_template(c, config.format, own.get(c)) for c in CRITERIA}
+        #: criteria of the requests judged so far: the usage file names their templates only
+        self._judged_criteria: set[str] = set()
         self.max_tokens = config.output_cap()
         #: appended to every user message (the `explain` instruction), "" for none
         self.suffix = config.user_suffix()
@@ -390,6 +392,7 @@ class OpenAIJudge(CachingJudge):
 
     def _judge_batch(self, requests: Sequence[JudgeRequest]) -> list[JudgeReply]:
         """Judge concurrently; cached comparisons are answered without a request."""
+        self._judged_criteria.update(r.criterion for r in requests)
         return asyncio.run(self._judge_all(requests))
 
     def _counts(self) -> dict[str, int]:
@@ -400,7 +403,10 @@ class OpenAIJudge(CachingJudge):
     def usage(self) -> dict[str, Any]:
         """Requests, cache hits, retries by cause, errors, tokens and estimated cost.
 
-        Cumulative since this judge was built (one judge per judge step).
+        Cumulative since this judge was built (one judge per judge step). The templates
+        are those of the criteria judged (a judge job judges one): each one's sha256, the
+        file rendered (`template_files`) and the packaged set it belongs to
+        (`template_sets`: `default`, `v2`, `legacy`; null for the user's own file).
         """
         s = self._stats
         price_in, price_out = self.config.prices()
@@ -408,10 +414,12 @@ class OpenAIJudge(CachingJudge):
         if price_in is not None and price_out is not None:
             cost = round((s.prompt_tokens * price_in + s.completion_tokens * price_out) / 1e6, 6)
         settings = asdict(self.config)
+        used = {c: t for c, t in self.templates.items() if c in self._judged_criteria}
         return {
             "backend": BACKEND, "model": self.config.model, "format": self.config.format,
-            "templates": {c: t.sha256 for c, t in self.templates.items()},
-            "template_files": {c: t.source for c, t in self.templates.items()},
+            "templates": {c: t.sha256 for c, t in used.items()},
+            "template_files": {c: t.source for c, t in used.items()},
+            "template_sets": {c: t.set_name for c, t in used.items()},
             "settings": {**{k: settings[k] for k in ("base_url", "temperature", "timeout",
                                                      "concurrency", "max_retries",
                                                      "parse_retries", "cache", "explain",

@@ -1,17 +1,19 @@
 """The GPT-4 judge's prompts and replies: template files, rendering, reply parsing.
 
-Prompt templates are files (`prompts/<criterion>_<format>.txt`, or the user's
-own through `judge.templates.<criterion>`); a template may start with a
-`=== system ===` section sent as a system message before its `=== user ===`
-section. The reply format `scores` reads the first non-empty line, which must
-be `Scores: A=<s> B=<s>` (ours) or just `<s> <s>` (the paper's), each score a
-number from 0 to 10 (decimals such as 8.5 accepted, as the paper's parser
-reads floats); the format `verdict` reads the last `[[A]]`, `[[B]]` or `[[tie]]`.
+Prompt templates are files: the packaged sets (`prompts/<criterion>_<format>.txt`,
+the default, and the earlier defaults under a name, `prompts/<name>/...`), or the
+user's own; `judge.templates.<criterion>` names a packaged set or a file. A
+template may start with a `=== system ===` section sent as a system message before
+its `=== user ===` section. The reply format `scores` reads the first non-empty
+line, which must be `Scores: A=<s> B=<s>` (ours) or just `<s> <s>` (the paper's),
+each score a number from 0 to 10 (decimals such as 8.5 accepted, as the paper's
+parser reads floats); the format `verdict` reads the last `[[A]]`, `[[B]]` or `[[tie]]`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -35,6 +37,22 @@ SYSTEM_MARKER, USER_MARKER = "=== system ===", "=== user ==="
 VERDICT_TOKEN = re.compile(r"\[\[(A|B|tie)\]\]")
 _PLACEHOLDER = re.compile(r"\{(question|answer_a|answer_b)\}")
 _TOKEN_VERDICT = {"A": "first", "B": "second", "tie": "tie"}
+#: the packaged template sets a `judge.templates.<criterion>` value may name instead of a
+#: file: name -> its folder under prompts/ ("" for the defaults). A set never changes once
+#: it has a name (its files' hashes are in the judge cache keys); when the default
+#: changes, its old files are kept byte for byte under a new name.
+TEMPLATE_SETS = {
+    # helpfulness on nine factors as in the paper, harmlessness on the red-team
+    # categories, 0-10, system message
+    "default": "",
+    # the defaults of a4aaf44 (0-10, system message; helpfulness on six aspects and told
+    # that safety must not change its scores)
+    "v2": "v2",
+    # the first templates (1-10, user message only, harmlessness alone)
+    "legacy": "legacy",
+}
+DEFAULT_SET = "default"
+PACKAGE_PROMPTS = "sacpo_steps/judges/prompts"
 
 
 @dataclass(frozen=True)
@@ -52,7 +70,11 @@ class Template:
     sha256: str
     user: str = ""
     system: str | None = None
+    #: the file rendered: a packaged file as `sacpo_steps/judges/prompts/...`, or the path
+    #: the config gives
     source: str = ""
+    #: the packaged set it comes from (`default`, `v2`, `legacy`), None for the user's file
+    set_name: str | None = None
 
     def render(self, question: str, first: str, second: str) -> str:
         """The user message for one comparison."""
@@ -75,11 +97,13 @@ def split_template(text: str) -> tuple[str | None, str]:
 
 
 def load_template(criterion: str, fmt: str, path: str | None = None) -> Template:
-    """The prompt at `path` (the config's `judge.templates.<criterion>`, relative to the
-    working directory), else the packaged `prompts/<criterion>_<format>.txt`.
+    """The template that `path` (the config's `judge.templates.<criterion>`) selects: the
+    name of a packaged set (`default`, `v2`, `legacy`: its `<criterion>_<format>.txt`),
+    or a file relative to the working directory; None is the default set.
 
     Checked here: readable UTF-8 text, each placeholder exactly once in the user
     part and none in the system part; InputError names the config key and the path.
+    A value that is both a set name and an existing file is refused as ambiguous.
     """
     if criterion not in CRITERIA:
         raise InputError(f"unknown criterion {criterion!r} (known: {CRITERIA})",
@@ -87,10 +111,17 @@ def load_template(criterion: str, fmt: str, path: str | None = None) -> Template
     if fmt not in FORMATS:
         raise InputError(f"must be one of {FORMATS}, got {fmt!r}", field="judge.format")
     where: dict[str, str | None]
-    if path is None:
+    set_name: str | None = None
+    if path is None or path in TEMPLATE_SETS:
+        set_name = path or DEFAULT_SET
+        if path is not None and os.path.exists(path):
+            raise InputError(f"{path!r} names both a packaged template set and a file in the "
+                             f"working directory: write ./{path} for the file",
+                             path=path, field=f"judge.templates.{criterion}")
         name = f"{criterion}_{fmt}.txt"
-        where = {"path": f"sacpo_steps/judges/prompts/{name}", "field": None}
-        text = resources.files("sacpo_steps.judges").joinpath("prompts", name).read_text(
+        parts = [p for p in (TEMPLATE_SETS[set_name], name) if p]
+        where = {"path": "/".join([PACKAGE_PROMPTS, *parts]), "field": None}
+        text = resources.files("sacpo_steps.judges").joinpath("prompts", *parts).read_text(
             encoding="utf-8")
     else:
         where = {"path": path, "field": f"judge.templates.{criterion}"}
@@ -99,6 +130,9 @@ def load_template(criterion: str, fmt: str, path: str | None = None) -> Template
                 text = fh.read()
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else f"not UTF-8 text ({exc})"
+            if isinstance(exc, FileNotFoundError):
+                reason += (f" (not a packaged template set either: "
+                           f"{', '.join(TEMPLATE_SETS)})")
             raise InputError(f"cannot read the {criterion} judge template: {reason}",
                              **where) from None
     try:
@@ -114,7 +148,7 @@ def load_template(criterion: str, fmt: str, path: str | None = None) -> Template
             raise InputError(f"{token} belongs in the user message, not the system message",
                              **where)
     return Template(criterion, fmt, text, hashlib.sha256(text.encode("utf-8")).hexdigest(),
-                    user=user, system=system, source=str(where["path"]))
+                    user=user, system=system, source=str(where["path"]), set_name=set_name)
 
 
 @dataclass(frozen=True)

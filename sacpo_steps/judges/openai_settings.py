@@ -9,7 +9,12 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from sacpo_steps.judges.base import CRITERIA
-from sacpo_steps.judges.openai_prompts import EXPLAIN_INSTRUCTION, FORMATS, load_template
+from sacpo_steps.judges.openai_prompts import (
+    EXPLAIN_INSTRUCTION,
+    FORMATS,
+    TEMPLATE_SETS,
+    load_template,
+)
 from sacpo_steps.judges.settings import BackendSettings, CostBasis, setting
 
 BACKEND = "openai"
@@ -48,10 +53,13 @@ class OpenAIJudgeConfig(BackendSettings):
                           "(`Scores: A=7 B=4`, or the paper's `7 4`); verdict: "
                           "[[A]]/[[B]]/[[tie]]", type="string", enum=list(FORMATS))
     templates: dict[str, str] | None = setting(
-        None, "Your own prompt template file per criterion (relative to the working "
-        "directory), with {question}, {answer_a} and {answer_b} once each and an optional "
-        "leading `=== system ===` section; its hash enters the cache key, and editing it "
-        "reruns only that criterion's judge jobs", default_doc="the packaged templates",
+        None, "The prompt template per criterion: the name of a packaged set ("
+        + ", ".join(TEMPLATE_SETS) + "; `v2` and `legacy` are earlier defaults, kept byte "
+        "for byte so their cached replies stay valid, see docs/judge-protocol.md) or your "
+        "own file (relative to the working directory) with {question}, {answer_a} and "
+        "{answer_b} once each and an optional leading `=== system ===` section; the "
+        "template's hash enters the cache key, and editing your file reruns only that "
+        "criterion's judge jobs", default_doc="the packaged set `default`",
         convert=_drop_unset, **_TEMPLATES)
     explain: bool = setting(False, "Format scores: ask for reasons after the scores line "
                             "(the default max_tokens is then 1024)", type="boolean")

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from sacpo_steps.errors import InputError
 from sacpo_steps.judges.base import Judge
+from sacpo_steps.judges.openai_prompts import TEMPLATE_SETS
 from sacpo_steps.judges.openai_settings import OpenAIJudgeConfig
 from sacpo_steps.judges.score_model_settings import ScoreModelJudgeConfig
 from sacpo_steps.judges.settings import (
@@ -71,8 +72,11 @@ class Backend:
     #: settings that name files or folders the judge job reads (its inputs)
     inputs: tuple[str, ...] = ()
     #: a setting mapping criterion -> the user's own template file (an input of the jobs
-    #: of that criterion only)
+    #: of that criterion only) or the name of a packaged template
     templates: str | None = None
+    #: values of `templates` that name packaged templates, not files (no job input: the
+    #: packaged files count as the judge step's source)
+    packaged_templates: tuple[str, ...] = ()
     #: the job reads the demo world's spec (--spec)
     reads_spec: bool = False
     #: settings whose value names an environment variable the judge needs (an API key)
@@ -270,8 +274,9 @@ def input_files(section: dict[str, Any], criterion: str, *,
                 spec: str | Path | None = None) -> dict[str, str]:
     """Files the judge job of one criterion reads besides the answers, by role: the
     demo world's `spec` (when the backend reads it; pass its path), the files named
-    by its settings (`reward_model`, ...) and the user's own template for the
-    criterion (`template_<criterion>`): an edit of any of them reruns the job."""
+    by its settings (`reward_model`, ...) and the user's own template file for the
+    criterion (`template_<criterion>`; a packaged template's name is no file): an edit
+    of any of them reruns the job."""
     entry = _backend_of(section, "judge")
     settings = backend_settings(section, job=True)
     out: dict[str, str] = {}
@@ -284,7 +289,7 @@ def input_files(section: dict[str, Any], criterion: str, *,
             out[name] = str(getattr(settings, name))
     if entry.templates:
         own = (getattr(settings, entry.templates) or {}).get(criterion)
-        if own:
+        if own and own not in entry.packaged_templates:
             out[f"template_{criterion}"] = own
     return out
 
@@ -388,7 +393,8 @@ register_backend(Backend(
     name="openai", judge_class="sacpo_steps.judges.openai:OpenAIJudge",
     settings=OpenAIJudgeConfig,
     help="GPT-4 or any OpenAI-compatible chat-completions server (vLLM, llama.cpp, Ollama)",
-    templates="templates", env=("api_key_env",), shared_cache=True, cache_name="model",
+    templates="templates", packaged_templates=tuple(TEMPLATE_SETS), env=("api_key_env",),
+    shared_cache=True, cache_name="model",
     calls_api=True, cost=OpenAIJudgeConfig.cost_basis))
 
 register_backend(Backend(

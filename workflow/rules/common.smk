@@ -33,6 +33,27 @@ TARGET = PLAN.target
 FIGURE_NAMES = [f"{name}.{ext}" for name in ("figure2", "figure3", "elo_chart")
                 for ext in ("png", "svg")]
 TABLES = ["winrate.csv", "winrate.md", "elo.csv", "elo.md"]
+# Elo fitted per family beside the pooled fit (only with evaluation.families)
+if PLAN.families:
+    TABLES += ["elo_families.csv", "elo_families.md"]
+
+
+def _family_tables(path, caption, subcategory, seed):
+    """The elo and across_seeds rules' extra outputs with `evaluation.families`: each
+    family fitted from its own battles, in elo_families.{csv,md} (pooled and per-family
+    rows, column `fit`); none without families (elo.{csv,md} alone, as before)."""
+    if not PLAN.families:
+        return {}
+    return {
+        "families_csv": report(
+            path("elo_families.csv"),
+            caption=caption,
+            category="Tables",
+            subcategory=subcategory,
+            labels={"table": "Elo per family", "seed": seed},
+        ),
+        "families_md": path("elo_families.md"),
+    }
 
 
 def _one_of(names):

@@ -126,10 +126,17 @@ rule elo:
             labels={"table": "Elo", "seed": "{seed}"},
         ),
         md=LAYOUT.seed_table("elo.md"),
+        **_family_tables(LAYOUT.seed_table, "../report/elo_families.rst", "seed {seed}", "{seed}"),
     params:
         anchor=PLAN.baseline,
         elo=config["evaluation"]["elo"],
         seed=lambda wildcards: int(wildcards.seed),
+        families=to_json(PLAN.families),
+        out_families=lambda wildcards, output: (
+            f"--out-families-csv {output.families_csv} --out-families-md {output.families_md}"
+            if PLAN.families
+            else ""
+        ),
         code=code("elo"),
     conda:
         "../../environment.yml"
@@ -140,13 +147,17 @@ rule elo:
         " --mode {params.elo[mode]} --rounds {params.elo[bootstrap_rounds]}"
         " --confidence {params.elo[confidence]} --seed {params.seed}"
         " --paper-trials {params.elo[paper_trials]} --paper-passes {params.elo[paper_passes]}"
-        " --out-csv {output.csv} --out-md {output.md} > {log} 2>&1"
+        " --families {params.families:q} --out-csv {output.csv} --out-md {output.md}"
+        " {params.out_families} > {log} 2>&1"
 
 
 rule across_seeds:
     input:
         winrate=expand(LAYOUT.seed_table("winrate.csv"), seed=SEEDS),
         elo=expand(LAYOUT.seed_table("elo.csv"), seed=SEEDS),
+        elo_families=expand(LAYOUT.seed_table("elo_families.csv"), seed=SEEDS)
+        if PLAN.families
+        else [],
     output:
         winrate_csv=report(
             LAYOUT.table("winrate.csv"),
@@ -164,9 +175,17 @@ rule across_seeds:
             labels={"table": "Elo", "seed": "all"},
         ),
         elo_md=LAYOUT.table("elo.md"),
+        **_family_tables(LAYOUT.table, "../report/across_seeds.rst", "across seeds", "all"),
     params:
         seeds=" ".join(map(str, SEEDS)),
         confidence=config["evaluation"]["winrate"]["confidence"],
+        families=lambda wildcards, input, output: (
+            f"--elo-families {' '.join(input.elo_families)}"
+            f" --out-elo-families-csv {output.families_csv}"
+            f" --out-elo-families-md {output.families_md}"
+            if PLAN.families
+            else ""
+        ),
         code=code("across_seeds"),
     conda:
         "../../environment.yml"
@@ -176,7 +195,8 @@ rule across_seeds:
         "python -m sacpo_steps across_seeds --seeds {params.seeds}"
         " --winrate {input.winrate} --elo {input.elo} --confidence {params.confidence}"
         " --out-winrate-csv {output.winrate_csv} --out-winrate-md {output.winrate_md}"
-        " --out-elo-csv {output.elo_csv} --out-elo-md {output.elo_md} > {log} 2>&1"
+        " --out-elo-csv {output.elo_csv} --out-elo-md {output.elo_md} {params.families}"
+        " > {log} 2>&1"
 
 
 rule figures:
