@@ -17,7 +17,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from sacpo_steps import data_formats, losses, ref_logps
+from sacpo_steps import data_formats, lineage, losses, ref_logps, reproducibility
 from sacpo_steps.config_schema import load_config_schema as load_schema
 from sacpo_steps.errors import InputError
 from sacpo_steps.judges import registry as judge_registry
@@ -280,6 +280,27 @@ class Plan:
         elif name in self.baselines:
             merged.update(self.baselines[name].get("resources", {}))
         return merged
+
+    @cached_property
+    def reproducibility(self) -> dict[str, Any]:
+        """The `reproducibility` section as every torch job's params take it: with
+        `rerun_on_library_change`, the installed library versions too."""
+        setting = dict(self.config.get("reproducibility", {}))
+        if setting.get("rerun_on_library_change"):
+            setting["libraries"] = lineage.library_versions()
+        return setting
+
+    def job_env(self) -> dict[str, str]:
+        """The variables every job's shell exports (reproducibility.job_env)."""
+        return reproducibility.job_env(self.config.get("reproducibility", {}))
+
+    def torch_threads(self, kind: str, threads: int) -> int:
+        """Threads a torch job uses: with pinned kernels the configured `threads.<kind>`
+        (a parallel sum splits by thread, so the count is part of the numbers), even
+        where Snakemake gave the job fewer because the machine has fewer cores."""
+        if self.config.get("reproducibility", {}).get("cpu_kernels") == "pinned":
+            return int(self.config["threads"][kind])
+        return int(threads)
 
     def sft_spec(self, seed: int | str | None = None) -> dict[str, Any]:
         """The sft_checkpoint step's spec: a built SFT depends on its seed, a linked

@@ -193,7 +193,8 @@ def test_sweep_siblings_share_one_job_and_key_parts_split_it():
 
     for part, value in [("max_length", 80), ("max_prompt_length", 32), ("max_examples", 32),
                         ("bf16", True), ("precompute_ref_batch_size", 8),
-                        ("per_device_train_batch_size", 8), ("trl", {"truncation_mode": "keep_start"})]:
+                        ("per_device_train_batch_size", 8),
+                        ("trl", {"truncation_mode": "keep_start"})]:
         cfg = sweep_config()
         cfg["models"]["dpo_h.dpo_s-1.0"]["training"][part] = value
         split = load_plan(cfg)

@@ -22,6 +22,8 @@ rule ref_logps:
             wildcards.reference, wildcards.ref_key, wildcards.seed
         ),
         code=code("ref_logps"),
+        reproducibility=REPRODUCIBILITY,
+        threads=torch_threads("align"),
     threads: config["threads"]["align"]
     resources:
         gpu=lambda wildcards: _ref_resource(wildcards, "gpu", 0),
@@ -36,7 +38,7 @@ rule ref_logps:
         "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 {params.launcher} ref_logps"
         " --reference-dir {input.reference} --data {params.data} --out {output}"
         " --spec {params.spec:q} --scratch-dir {params.scratch}"
-        " --threads {threads} > {log} 2>&1"
+        " --threads {params.threads} > {log} 2>&1"
 
 
 rule align:
@@ -57,6 +59,8 @@ rule align:
             f"--ref-logps {input.ref_logps}" if input.ref_logps else ""
         ),
         code=code("align"),
+        reproducibility=REPRODUCIBILITY,
+        threads=torch_threads("align"),
     threads: config["threads"]["align"]
     resources:
         gpu=resource("align", "gpu", 0, per="aligned"),
@@ -71,4 +75,4 @@ rule align:
         "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 {params.launcher} align"
         " --parent-dir {input.parent} --data {params.data} --out {output}"
         " --spec {params.spec:q} --checkpoint-dir {params.checkpoints} {params.ref_logps}"
-        " --threads {threads} > {log} 2>&1"
+        " --threads {params.threads} > {log} 2>&1"

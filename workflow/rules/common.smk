@@ -84,8 +84,21 @@ def code(module):
 
 # Jobs run `python -m sacpo_steps ...` with the Python that runs Snakemake, even
 # when its environment is not activated; with --use-conda, the rule's environment.
-if not workflow.deployment_settings.deployment_method:
-    shell.prefix(f'set -euo pipefail; export PATH="{Path(sys.executable).parent}:$PATH"; ')
+# Every job exports the reproducibility settings (pinned kernels, GPU determinism);
+# `python -m sacpo_steps` applies them before torch loads.
+_JOB_ENV = " ".join(f"{key}={value}" for key, value in PLAN.job_env().items())
+_PATH = (
+    ""
+    if workflow.deployment_settings.deployment_method
+    else f'export PATH="{Path(sys.executable).parent}:$PATH"; '
+)
+shell.prefix(f"set -euo pipefail; {_PATH}export {_JOB_ENV}; ")
+REPRODUCIBILITY = PLAN.reproducibility  # in every torch job's params
+
+
+def torch_threads(kind):
+    """The `--threads` of a torch job (Plan.torch_threads): fixed when kernels are pinned."""
+    return lambda wildcards, threads: PLAN.torch_threads(kind, threads)
 
 
 def model_dir(name, seed=SEED_WILDCARD):

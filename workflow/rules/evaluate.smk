@@ -14,6 +14,8 @@ rule generate:
     params:
         spec=lambda wildcards: to_json(PLAN.generation_spec(wildcards.model, wildcards.seed)),
         code=code("generate"),
+        reproducibility=REPRODUCIBILITY,
+        threads=torch_threads("generate"),
     threads: config["threads"]["generate"]
     resources:
         gpu=resource("generate", "gpu", 0, per="model"),
@@ -26,7 +28,7 @@ rule generate:
     shell:
         "HF_HUB_OFFLINE=1 python -m sacpo_steps generate --model-dir {input.model} --model-name {wildcards.model}"
         " --prompts {input.prompts} --out {output} --spec {params.spec:q}"
-        " --threads {threads} > {log} 2>&1"
+        " --threads {params.threads} > {log} 2>&1"
 
 
 rule constant_answers:
@@ -69,6 +71,7 @@ rule judge:
             else ""
         ),
         code=code("judge"),
+        reproducibility=REPRODUCIBILITY,
     resources:
         judge_api=1,
     conda:

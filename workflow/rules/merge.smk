@@ -21,6 +21,7 @@ for _rule_name, _nodes in PLAN.merge_rules().items():
             ),
             members=to_json([{"name": n.name, "q": n.q} for n in _nodes]),
             code=code("merge"),
+            reproducibility=REPRODUCIBILITY,
         resources:
             mem_mb=resource("merge", "mem_mb", 16000, per=None),
             runtime=resource("merge", "runtime", 60, per=None),
@@ -54,6 +55,8 @@ if TARGET:
             rounds=config["evaluation"]["winrate"]["bootstrap_rounds"],
             seed=lambda wildcards: int(wildcards.seed),
             code=code("target_search"),
+            reproducibility=REPRODUCIBILITY,
+            threads=torch_threads("generate"),
         threads: config["threads"]["generate"]
         resources:
             judge_api=1,
@@ -69,4 +72,4 @@ if TARGET:
             " {params.baseline_name} --judges {params.judges:q} {params.spec}"
             " --measure {params.target[measure]}"
             " --generation {params.generation:q} --rounds {params.rounds} --seed {params.seed}"
-            " --threads {threads} --out-json {output.json} --out-md {output.md} > {log} 2>&1"
+            " --threads {params.threads} --out-json {output.json} --out-md {output.md} > {log} 2>&1"

@@ -17,6 +17,8 @@ if config["sft"]["source"] != "hub":
             spec=lambda wildcards: to_json(PLAN.sft_spec(getattr(wildcards, "seed", None))),
             corpus=lambda wildcards, input: f"--corpus {input.corpus}" if input.corpus else "",
             code=code("sft_checkpoint"),
+            reproducibility=REPRODUCIBILITY,
+            threads=torch_threads("sft"),
         threads: config["threads"]["sft"]
         resources:
             gpu=resource("sft_checkpoint", "gpu", 0, per=None),
@@ -29,7 +31,7 @@ if config["sft"]["source"] != "hub":
                        SEED_WILDCARD if config["sft"]["source"] == "build" else None),
         shell:
             "python -m sacpo_steps sft_checkpoint --spec {params.spec:q} {params.corpus}"
-            " --out {output} --threads {threads} > {log} 2>&1"
+            " --out {output} --threads {params.threads} > {log} 2>&1"
 
 
 rule download_model:
