@@ -33,6 +33,7 @@ from sacpo_steps.errors import InputError
 from sacpo_steps.fileio import atomic_output, json_object_arg, read_jsonl, setup_logging
 from sacpo_steps.judges import CRITERIA, Judge, JudgeReply, JudgeRequest
 from sacpo_steps.judges.registry import ProtocolSettings, make_judge, protocol
+from sacpo_steps.lineage import drop_sidecar, file_input, make_record, write_sidecar
 
 log = logging.getLogger("sacpo.judge")
 
@@ -180,6 +181,8 @@ def judge_model(
     max_error_rate: float | None = None,
     replies_path: str | Path | None = None,
     usage_path: str | Path | None = None,
+    settings: dict[str, Any] | None = None,
+    spec_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Judge candidate (model a) against baseline (model b) on every prompt of a set.
 
@@ -187,7 +190,10 @@ def judge_model(
     file (by default `<out stem>.replies.jsonl` and `<out stem>.usage.json`), all or
     none: none when the share of "error" judgments exceeds `max_error_rate` (None: no
     limit). `progress=None` shows a progress bar only when there is more than one
-    batch. Returns a summary with the outcome counts.
+    batch. Returns a summary with the outcome counts. The battles' lineage record
+    (`<out>.record.json`) names both generation files' records (a generation file
+    that no longer matches its own record is refused), the prompts, `settings` (the
+    judge config as the step got it) and the rule judge's `spec_path`.
     """
     if criterion not in CRITERIA:
         raise InputError(f"unknown criterion {criterion!r} (known: {CRITERIA})",
@@ -203,6 +209,10 @@ def judge_model(
     cand_path, base_path = Path(candidate_generations), Path(baseline_generations)
     prompts_path, out_path = Path(prompts_path), Path(out_path)
 
+    inputs = {"candidate": file_input(cand_path), "baseline": file_input(base_path),
+              "prompts": file_input(prompts_path)}
+    if spec_path is not None:
+        inputs["spec"] = file_input(spec_path)
     prompts = read_prompt_set(prompts_path)
     model_a, cand = read_generations(cand_path)
     model_b, base = read_generations(base_path)
@@ -263,6 +273,10 @@ def judge_model(
     errors_by_prompt: Counter[str] = Counter()
     show = len(requests) > batch_size if progress is None else progress
     line = 0
+    record = make_record("judge", inputs=inputs, settings={
+        "criterion": criterion, "repetitions": repetitions, "judge": judge.name,
+        "config": settings or {}})
+    drop_sidecar(out_path)
     # battles renamed into place last: a finished battles file implies the others exist
     with atomic_output(out_path) as tmp_out, atomic_output(usage_path) as tmp_usage, \
             atomic_output(replies_path) as tmp_rep, \
@@ -301,6 +315,7 @@ def judge_model(
         tmp_usage.write_text(json.dumps(usage, indent=2, ensure_ascii=False) + "\n",
                              encoding="utf-8")
 
+    write_sidecar(out_path, record)
     if outcomes["error"]:
         log.warning("%d of %d judgments failed (outcome 'error'; see %s)", outcomes["error"],
                     len(requests), replies_path)
@@ -367,7 +382,9 @@ def main(argv: list[str] | None = None) -> None:
         judge_model(args.candidate, args.baseline, args.prompts, args.criterion, judge,
                     args.repetitions, args.out, batch_size=args.batch_size,
                     max_error_rate=max_error_rate, replies_path=args.out_replies,
-                    usage_path=args.out_usage)
+                    usage_path=args.out_usage, spec_path=args.spec,
+                    # where the cache lies changes no verdict
+                    settings={k: v for k, v in config.items() if k != "cache"})
     finally:
         judge.close()
 

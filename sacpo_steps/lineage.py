@@ -241,8 +241,10 @@ def artifacts(root: str | Path) -> list[tuple[str, Path, dict[str, Any] | None]]
                 record = None
             found.append(("reference log-probs", path, record))
     for kind, folder, pattern in (("generation", "generations", "*.jsonl"),
-                                  ("battles", "battles", "*__vs__*.csv")):
+                                  ("battles", "battles", "*__vs__*.jsonl")):
         for path in root.rglob(f"{folder}/**/{pattern}"):
+            if path.name.endswith(".replies.jsonl"):  # part of its battles file
+                continue
             try:
                 found.append((kind, path, read_sidecar(path)))
             except InputError as exc:
