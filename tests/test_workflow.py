@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -410,3 +411,49 @@ def test_a_second_experiment_never_touches_the_first(done):
         assert (card["method"], card["loss_type"], card["training"]["steps"]) == (
             "ipo", "ipo", 4)
     assert (second / "figures/figure2.png").is_file()
+
+
+@pytest.mark.slow
+def test_every_artifact_carries_a_record_that_matches_its_inputs(done, monkeypatch):
+    """Models, reference files, generations and battles: each has a record, and each
+    record's inputs are what lies beside it now (`python -m sacpo_steps lineage`)."""
+    from sacpo_steps import lineage
+
+    monkeypatch.chdir(done.workdir)  # records name their inputs relative to the workdir
+    rows = lineage.report(RESULTS)
+    assert {kind for kind, _, _ in rows} == {"model", "reference log-probs", "generation",
+                                              "battles"}
+    assert [row for row in rows if row[2] != "ok"] == []
+    child = lineage.model_record(f"{SEED0}/models/dpo_h.dpo_s-0.1")
+    parent = lineage.model_record(f"{SEED0}/models/dpo_h")
+    assert child["inputs"]["parent"]["fingerprint"] == parent["fingerprint"]
+    assert child["inputs"]["ref_logps"]["path"].startswith(f"{SEED0}/ref_logps/dpo_h/")
+    assert child["runtime"]["cpu_kernels"] == "pinned"  # the schema's default
+    merge = lineage.model_record(f"{SEED0}/models/p-sacpo-0.5")
+    assert merge["inputs"]["parent_b"]["fingerprint"] == child["inputs"]["parent"][
+        "fingerprint"] or merge["inputs"]["parent_a"]["fingerprint"] == parent["fingerprint"]
+    proc = subprocess.run([sys.executable, "-m", "sacpo_steps", "fingerprint", RESULTS],
+                          cwd=done.workdir, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "tables fingerprint: " in proc.stdout and "trained under: cpu_kernels=pinned" in \
+        proc.stdout
+
+
+TORCH_RULES = {"sft_checkpoint", "ref_logps", "align", "generate", "judge"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", [{"cpu_kernels": "native"},
+                                     {"rerun_on_library_change": True}])
+def test_kernel_and_library_settings_rerun_every_torch_job(done, setting):
+    """Pinned and unpinned results never mix; with rerun_on_library_change, the library
+    versions join the params, so the first run under it reruns every torch job."""
+    cfg = reduced_config()
+    cfg["reproducibility"] = setting
+    config = write_config(done.workdir / "kernels.yaml", cfg)
+    _, jobs = dry_run(done.workdir, "--configfile", str(config))
+    rules = {j.rule for j in jobs}
+    assert TORCH_RULES <= rules and any(r.startswith("merge_") for r in rules)
+    assert not rules & {"demo_world", "preference_data"}
+    sft = next(j for j in jobs if j.rule == "sft_checkpoint")
+    assert "param" in sft.reason.lower()
