@@ -131,38 +131,52 @@ def checkpoints_of(folder: Path, record: dict[str, Any], *, owner: bool) -> None
     was retrained (or the data, the code or a library changed) a checkpoint there
     belongs to another model. Its lineage record (written when training starts) must
     match this job's, otherwise the folder is set aside and training starts fresh, and
-    the log says why. Only the owner (rank 0) moves it: the rename is atomic and the new
-    record is written after it, so a rank that reads the new record sees no stale
-    checkpoint.
+    the log says why. Only the owner (rank 0) moves it; the other ranks wait until the
+    folder holds THIS job's record, which the owner writes only after the stale folder
+    is out of the way (renamed atomically, deleted last), so every rank sees the same
+    checkpoints.
     """
     saved = folder / CHECKPOINT_RECORD
     if owner:
         stale = None
         if saved.is_file():
-            old = json.loads(saved.read_text(encoding="utf-8"))
+            old = _read_checkpoint_record(saved)
             if old.get("fingerprint") != record["fingerprint"]:
                 stale = "; ".join(differences(old, record))
-        elif last_checkpoint(folder) is not None:
+        elif folder.exists():
             stale = "it has no lineage record (made before records existed)"
+        aside = None
         if stale is not None:
             found = last_checkpoint(folder)
             if found is not None:
                 log.warning("not resuming from %s: it was made for another model: %s; "
                             "training starts fresh", found, stale)
-            aside = folder.with_name(f".{folder.name}.stale-{os.getpid()}")
+            aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.stale-", dir=folder.parent))
             os.replace(folder, aside)
-            shutil.rmtree(aside, ignore_errors=True)
         if not saved.is_file():
             folder.mkdir(parents=True, exist_ok=True)
             with atomic_output(saved) as tmp:
                 tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
         return
     deadline = time.monotonic() + 600
-    while not saved.is_file():  # the owner decides and writes the record first
+    while True:  # the owner decides and writes this job's record first
+        if saved.is_file() and _read_checkpoint_record(saved).get("fingerprint") == \
+                record["fingerprint"]:
+            return
         if time.monotonic() > deadline:
-            raise InputError("rank 0 wrote no lineage record into the checkpoint folder",
-                             path=folder)
+            raise InputError("rank 0 wrote no lineage record of this job into the checkpoint "
+                             "folder within 600 s", path=folder)
         time.sleep(0.2)
+
+
+def _read_checkpoint_record(path: Path) -> dict[str, Any]:
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}  # being replaced, or torn: no record that matches
+    return found if isinstance(found, dict) else {}
 
 
 def trl_config(loss: str | Loss, training: TrainingConfig, *, beta: float,
@@ -380,6 +394,7 @@ def align(
         tokenizer = AutoTokenizer.from_pretrained(parent_dir)
     examples = load_examples(data_path, entry, prompt_template, seed, training.max_examples,
                              tokenizer=tokenizer, prompt_cap=cap)
+    set_threads(threads)
     table = None
     inputs = {"parent": model_input(parent_dir, parent), "data": file_input(data_path)}
     if ref_logps is not None:
@@ -390,13 +405,12 @@ def align(
         table.check_reference(inputs["parent"])
         inputs["ref_logps"] = file_input(ref_logps)
     if reference_dir is not None:
-        inputs["reference"] = model_input(reference_dir, str(reference_dir))
+        inputs["reference"] = model_input(reference_dir, Path(reference_dir).name)
     record = make_record("align", inputs=inputs, settings={
         "name": name, "parent": parent, "data": data, "loss": loss, "beta": beta,
         "training": asdict(training), "prompt_template": prompt_template, "seed": seed})
     log.info("prompt cap %s: %d of %d prompts truncated (start cut), %d dropped",
              cap.max_prompt_length, cap.truncated, cap.seen, cap.dropped)
-    set_threads(threads)
     out_dir = Path(out_dir)
     # Every process trains and takes part in the save calls (FSDP gathers the weights
     # there); only rank 0 writes the model folder and moves it into place.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sacpo_steps.errors import InputError
 from sacpo_steps.fileio import atomic_output, setup_logging
-from sacpo_steps.lineage import make_record, sampled_fingerprint
+from sacpo_steps.lineage import make_record, model_record, sampled_fingerprint
 from sacpo_steps.modelio import LINEAGE_FILE, check_model_dir
 
 log = logging.getLogger("sacpo.download_model")
@@ -42,7 +42,10 @@ def download_model(repo_id: str, revision: str, out: str | Path, *,
                              f"convert them once)", field="convert_bin")
         check_model_dir(tmp, role=f"downloaded model {repo_id}")
         # the record: the hub id and revision asked for, and what arrived (file list,
-        # sizes, first and last MiB), so a moved branch is told apart
+        # sizes, first and last MiB), so a moved branch is told apart; a model this
+        # pipeline made and uploaded keeps its own record
+        if model_record(tmp) is not None:
+            return out
         record = make_record("download_model", settings={
             "repo_id": repo_id, "revision": revision, "convert_bin": convert_bin},
             inputs={"hub": {"name": repo_id, "fingerprint": sampled_fingerprint(tmp)}})

@@ -45,9 +45,9 @@ def fingerprint(root: str | Path) -> dict[str, Any]:
         files[rel] = hashlib.sha256(data).hexdigest()[:16]
     trained_under = None
     for folder in sorted(root.glob("seed-*/models/*")) + sorted(root.glob("models/*")):
-        record = model_record(folder)
+        record = None if folder.name.startswith(".") else model_record(folder)
         if record is not None:
-            trained_under = record.get("runtime")
+            trained_under = {**record.get("runtime", {}), **record.get("measured", {})}
             break
     return {"fingerprint": digest.hexdigest()[:16], "files": files,
             "trained_under": trained_under, "cpu": cpu_model(), "cpu_flags": cpu_flags(),

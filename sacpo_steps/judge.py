@@ -209,13 +209,13 @@ def judge_model(
     cand_path, base_path = Path(candidate_generations), Path(baseline_generations)
     prompts_path, out_path = Path(prompts_path), Path(out_path)
 
+    prompts = read_prompt_set(prompts_path)
+    model_a, cand = read_generations(cand_path)
+    model_b, base = read_generations(base_path)
     inputs = {"candidate": file_input(cand_path), "baseline": file_input(base_path),
               "prompts": file_input(prompts_path)}
     if spec_path is not None:
         inputs["spec"] = file_input(spec_path)
-    prompts = read_prompt_set(prompts_path)
-    model_a, cand = read_generations(cand_path)
-    model_b, base = read_generations(base_path)
     _check_coverage(cand_path, cand, prompts, prompts_path)
     _check_coverage(base_path, base, prompts, prompts_path)
     if model_a == model_b:

@@ -42,6 +42,8 @@ LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate")
 SIDECAR = ".record.json"
 MODEL_RECORD_FILE = "sacpo.json"
 SAMPLE_BYTES = 1 << 20
+#: steps that load torch anyway: their records also say which kernels torch chose
+TORCH_STEPS = frozenset({"sft_checkpoint", "ref_logps", "align", "merge", "generate"})
 #: files of a model folder that describe it rather than make it up
 NOT_CONTENT = frozenset({MODEL_RECORD_FILE, "README.md"})
 
@@ -91,17 +93,22 @@ def sampled_fingerprint(folder: str | Path) -> str:
 def make_record(step: str, *, settings: Any, inputs: dict[str, dict[str, Any]]
                 ) -> dict[str, Any]:
     """The record of an artifact made now by `step`, with its fingerprint."""
+    runtime = runtime_record(measure_torch=step in TORCH_STEPS)
+    measured = runtime.pop("measured")
     record = {"format": FORMAT, "step": step, "code": source_hash(f"sacpo_steps.{step}"),
               "settings": settings, "inputs": inputs, "libraries": library_versions(),
-              "runtime": runtime_record()}
+              "runtime": runtime, "measured": measured}
     record["fingerprint"] = fingerprint_of(record)
     return record
 
 
 def fingerprint_of(record: dict[str, Any]) -> str:
     """A record's fingerprint: everything in it but where its inputs lie (a copied
-    results tree keeps its fingerprints) and the fingerprint itself."""
-    content = {k: v for k, v in record.items() if k not in ("fingerprint", "output")}
+    results tree keeps its fingerprints), what was measured of the machine (torch's
+    kernel choice, the GPU: a rerun elsewhere under the same settings is the same
+    artifact), and the fingerprint itself."""
+    content = {k: v for k, v in record.items()
+               if k not in ("fingerprint", "output", "measured")}
     content["inputs"] = {role: {k: v for k, v in spec.items() if k != "path"}
                          for role, spec in record.get("inputs", {}).items()}
     return _digest(content)
@@ -150,6 +157,8 @@ def model_input(folder: str | Path, name: str) -> dict[str, Any]:
 
 def file_input(path: str | Path) -> dict[str, Any]:
     """A file input: its record's fingerprint where it has a sidecar, else its hash."""
+    if not Path(path).is_file():
+        raise InputError("input file not found", path=path)
     record = read_sidecar(path)
     if record is not None:
         return {"path": str(path), "fingerprint": record["fingerprint"], "from": "record"}
@@ -189,7 +198,12 @@ def read_sidecar(path: str | Path) -> dict[str, Any] | None:
         raise InputError(f"unreadable record: {exc}", path=side) from None
     if not isinstance(record, dict) or not record.get("fingerprint"):
         raise InputError("not a record (no fingerprint)", path=side, field="fingerprint")
-    recorded = record.get("output", {}).get("sha256")
+    if not isinstance(record.get("inputs", {}), dict) or \
+            record["fingerprint"] != fingerprint_of(record):
+        raise InputError("the record was edited after it was written (its fingerprint does "
+                         "not match its content)", path=side, field="fingerprint")
+    output = record.get("output")
+    recorded = output.get("sha256") if isinstance(output, dict) else None
     if recorded != file_sha256(path):
         raise InputError(f"does not describe {path}: the file changed after it was made "
                          "(its hash differs from the record's); rerun the step that makes "
@@ -212,7 +226,11 @@ def stale_reasons(record: dict[str, Any] | None, *, current: dict[str, str | Non
         reasons.append("libraries changed: " + ", ".join(changed))
     for role, spec in record.get("inputs", {}).items():
         path = spec.get("path")
-        if not path or not Path(path).exists():
+        if not path:
+            continue
+        if not Path(path).exists():
+            reasons.append(f"input {role} missing at {path} (run the report from the folder "
+                           "Snakemake ran in)")
             continue
         if Path(path).is_dir():
             now = model_fingerprint(path)[0]
@@ -229,11 +247,22 @@ def artifacts(root: str | Path) -> list[tuple[str, Path, dict[str, Any] | None]]
     """(kind, path, record or None) of every artifact under `root`, sorted by path."""
     root = Path(root)
     found: list[tuple[str, Path, dict[str, Any] | None]] = []
+
+    def skipped(path: Path) -> bool:  # leftovers of killed jobs, trainer scratch
+        return any(part.startswith(".") or part.startswith("checkpoint-")
+                   for part in path.relative_to(root).parts)
+
     for config in root.rglob("config.json"):
         folder = config.parent
-        if any(folder.glob("*.safetensors")):
+        if skipped(folder) or not any(folder.glob("*.safetensors")):
+            continue
+        try:
             found.append(("model", folder, model_record(folder)))
+        except InputError as exc:
+            found.append(("model", folder, {"invalid": str(exc)}))
     for path in root.rglob("*.json"):
+        if skipped(path):
+            continue
         if path.parent.parent.name == "ref_logps" or path.parent.name == "ref_logps":
             try:
                 record = json.loads(path.read_text(encoding="utf-8")).get("record")
@@ -243,7 +272,7 @@ def artifacts(root: str | Path) -> list[tuple[str, Path, dict[str, Any] | None]]
     for kind, folder, pattern in (("generation", "generations", "*.jsonl"),
                                   ("battles", "battles", "*__vs__*.jsonl")):
         for path in root.rglob(f"{folder}/**/{pattern}"):
-            if path.name.endswith(".replies.jsonl"):  # part of its battles file
+            if path.name.endswith(".replies.jsonl") or skipped(path):
                 continue
             try:
                 found.append((kind, path, read_sidecar(path)))

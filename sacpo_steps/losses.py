@@ -207,8 +207,8 @@ def _keeps_pure_loss(value: Any) -> bool:
     return value is None or value == [1]  # TRL's own default: weight 1 for the one loss
 
 
-def _keeps_fixed_reference(value: Any) -> bool:
-    return not value  # TRL syncs the reference only when sync_ref_model is truthy
+def _is_off(value: Any) -> bool:
+    return not value  # TRL acts on sync_ref_model and use_weighting only when truthy
 
 
 #: TRL arguments whose value can break Theorem 1 in a stage-2 node: the stage-2 optimum
@@ -229,7 +229,12 @@ THEOREM1_ARGS: dict[str, tuple[Callable[[Any], bool], str]] = {
         "it weighs a combination of TRL losses, but Theorem 1 holds for the node's loss "
         "alone (on the single loss the pipeline sets, a weight only rescales it: change "
         "learning_rate instead). Leave it out")),
-    "sync_ref_model": (_keeps_fixed_reference, (
+    "use_weighting": (_is_off, (
+        "WPO weighs each pair by the policy's own probability of its answers, so the loss "
+        "is no longer DPO's on the preference data and its minimiser is not, as Theorem 1 "
+        "needs, the stage-1 model re-weighted by exp(lambda g / beta). Leave it out or set "
+        "false")),
+    "sync_ref_model": (_is_off, (
         "TR-DPO moves the reference towards the policy during training, but Theorem 1 needs "
         "the stage-2 reference to stay the stage-1 model (the node's parent). Leave it out "
         "or set false")),

@@ -91,8 +91,10 @@ class ReferenceTable:
         self.keys: list[str] = data["keys"]
         self.values: list[list[float]] = data["values"]
         self.spec: dict[str, Any] = data.get("spec", {})
-        self.record: dict[str, Any] = data.get("record") or {}
-        if not isinstance(self.record.get("inputs", {}).get("reference"), dict):
+        record = data.get("record")
+        self.record: dict[str, Any] = record if isinstance(record, dict) else {}
+        inputs = self.record.get("inputs")
+        if not isinstance(inputs, dict) or not isinstance(inputs.get("reference"), dict):
             raise InputError("has no lineage record of its reference model", path=self.path,
                              field="record.inputs.reference")
         if len(self.values) != len(self.columns) or any(
@@ -250,6 +252,7 @@ def compute(reference_dir: str | Path, data_path: str | Path, out: str | Path, *
     training = TrainingConfig.from_dict({**spec.get("training", {}),
                                          "precompute_ref_log_probs": True})
     reference_dir = check_model_dir(reference_dir, role=f"reference model '{spec['reference']}'")
+    set_threads(threads)
     lineage = make_record("ref_logps", settings=spec, inputs={
         "reference": model_input(reference_dir, spec["reference"]),
         "data": file_input(data_path)})

@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -118,16 +117,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def runtime_record() -> dict[str, Any]:
-    """What decided this process's kernels: setting, variables, the CPU, torch's choice."""
-    record: dict[str, Any] = {
+def runtime_record(*, measure_torch: bool = False) -> dict[str, Any]:
+    """What decides this process's kernels: the settings and variables (the same on every
+    run of a config), and under `measured` what this machine made of them: torch's kernel
+    choice and threads, the GPU (only with `measure_torch`; a step without torch does
+    not load it for this)."""
+    measured: dict[str, Any] = {"machine": platform.machine()}
+    if measure_torch:
+        import torch
+
+        measured.update(torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                        torch_threads=torch.get_num_threads())
+        if torch.cuda.is_available():
+            measured.update(gpu=torch.cuda.get_device_name(0), cuda=torch.version.cuda)
+    return {
         "cpu_kernels": os.environ.get(KERNELS_VAR, "native"),
         "gpu_deterministic": os.environ.get(GPU_VAR) == "1",
         "env": {k: os.environ[k] for k in (*AVX2_MACHINE_ENV, *GPU_DETERMINISTIC_ENV)
                 if k in os.environ},
-        "machine": platform.machine(),
+        "measured": measured,
     }
-    torch = sys.modules.get("torch")  # a step that never imported torch does not load it
-    if torch is not None:
-        record["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-    return record

@@ -160,13 +160,13 @@ def link_local(spec: dict[str, Any], out: Path) -> None:
     src = check_model_dir(spec["local"]["path"], role="local SFT model (sft.local.path)")
     with atomic_output(out, is_dir=True) as tmp:
         link_or_copy_tree(src, tmp)
-        if model_record(tmp) is None:
+        if model_record(src) is None:
             # a folder the pipeline did not make: its record names where it came from
             # (a new file, not a link, so the source folder is never written to)
             # (its model card stays the source's own)
             (tmp / LINEAGE_FILE).unlink(missing_ok=True)
             record = make_record("sft_checkpoint", settings=spec, inputs={
-                "source": model_input(src, spec["local"]["path"])})
+                "source": model_input(src, spec["name"])})
             (tmp / LINEAGE_FILE).write_text(json.dumps(
                 {"name": spec["name"], "method": "sft", "lineage": [], "record": record},
                 indent=2) + "\n", encoding="utf-8")

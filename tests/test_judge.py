@@ -381,3 +381,48 @@ def test_cli_end_to_end(files, tmp_path):
             "--judge-config", "{backend: rule}", "--out", str(tmp_path / "x.jsonl"),
         ])
     assert err.value.field == "--judge-config"
+
+
+def test_battles_record_names_both_generation_records_and_an_edited_one_is_refused(files):
+    from sacpo_steps import lineage
+
+    for name in ("cand_help", "base"):
+        lineage.write_sidecar(files[name], lineage.make_record(
+            "generate", settings={"model_name": name}, inputs={}))
+    judge = RuleJudge.from_file(files["spec"])
+    judge_step.judge_model(files["cand_help"], files["base"], files["prompts"], "helpfulness",
+                           judge, 1, files["out"], spec_path=files["spec"],
+                           settings={"backend": "rule"})
+    record = lineage.read_sidecar(files["out"])
+    assert record["inputs"]["candidate"]["fingerprint"] == \
+        lineage.read_sidecar(files["cand_help"])["fingerprint"]
+    assert record["inputs"]["spec"]["sha256"] == lineage.file_sha256(files["spec"])
+    assert record["settings"] == {"criterion": "helpfulness", "repetitions": 1,
+                                  "judge": "rule", "config": {"backend": "rule"}}
+
+    files["out"].unlink()
+    lineage.sidecar_path(files["out"]).unlink()
+    files["cand_help"].write_text(files["cand_help"].read_text().replace("dpo-h", "dpo-x"))
+    with pytest.raises(InputError) as err:
+        judge_step.judge_model(files["cand_help"], files["base"], files["prompts"],
+                               "helpfulness", judge, 1, files["out"])
+    assert "cand_help.jsonl.record.json" in str(err.value)
+    assert not files["out"].exists()
+
+
+def test_a_missing_generation_file_exits_2_naming_it(files):
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    missing = files["out"].parent / "missing.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sacpo_steps", "judge", "--candidate", str(missing),
+         "--baseline", str(files["base"]), "--prompts", str(files["prompts"]),
+         "--criterion", "helpfulness", "--judge-config", '{"backend": "rule"}',
+         "--spec", str(files["spec"]), "--out", str(files["out"])],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "missing.jsonl" in proc.stderr
+    assert not files["out"].exists()

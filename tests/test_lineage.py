@@ -170,3 +170,55 @@ def test_the_report_cli_exits_non_zero_when_strict(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         lineage.main([str(tmp_path), "--strict"])
     assert exit_.value.code == 1
+
+
+def test_an_edited_record_or_a_reference_file_without_one_is_refused(tiny_models, pairs_file,
+                                                                      tmp_path):
+    from sacpo_steps.ref_logps import ReferenceTable
+
+    out = tmp_path / "gen.jsonl"
+    out.write_text("{}\n")
+    lineage.write_sidecar(out, lineage.make_record("generate", settings={"a": 1}, inputs={}))
+    side = lineage.sidecar_path(out)
+    record = json.loads(side.read_text())
+    record["settings"]["a"] = 2
+    side.write_text(json.dumps(record))
+    with pytest.raises(InputError, match="edited after it was written"):
+        lineage.read_sidecar(out)
+
+    table = _reference_file(tiny_models["stage1"], "stage1", pairs_file, tmp_path / "ref.json")
+    data = json.loads(table.read_text())
+    for broken in (None, {"inputs": "x"}, {"inputs": {}}):
+        table.write_text(json.dumps({**data, "record": broken}))
+        with pytest.raises(InputError) as err:
+            ReferenceTable(table)
+        assert err.value.field == "record.inputs.reference"
+
+
+def test_a_missing_input_is_an_input_error_naming_it(tmp_path):
+    with pytest.raises(InputError, match="not found") as err:
+        lineage.file_input(tmp_path / "nope.jsonl")
+    assert "nope.jsonl" in str(err.value)
+
+
+def test_the_report_skips_leftovers_and_names_bad_or_missing_inputs(tiny_models, tmp_path):
+    root = tmp_path / "results"
+    models = root / "models"
+    shutil.copytree(tiny_models["sft"], models / ".stage1.tmp-99")  # a killed job's leftover
+    shutil.copytree(tiny_models["sft"], models / "x" / ".trainer" / "checkpoint-2")
+    shutil.copytree(tiny_models["sft"], models / "bad")
+    (models / "bad" / "sacpo.json").write_text("{not json")
+    gen = root / "generations" / "m" / "set.jsonl"
+    gen.parent.mkdir(parents=True)
+    gen.write_text("{}\n")
+    gone = tmp_path / "prompts.jsonl"
+    gone.write_text("{}\n")
+    lineage.write_sidecar(gen, lineage.make_record(
+        "generate", settings={}, inputs={"prompts": lineage.file_input(gone)}))
+    gone.unlink()
+    rows = lineage.report(root)
+    assert [(kind, path) for kind, path, _ in rows] == [
+        ("generation", str(gen)), ("model", str(models / "bad"))]
+    assert rows[0][2].startswith(f"input prompts missing at {gone}")
+    assert "unreadable model record" in rows[1][2]
+

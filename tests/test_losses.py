@@ -206,6 +206,7 @@ THEOREM1_BREAKERS = [
     ("dpo", "loss_weights", [0.5]),
     ("dpo", "sync_ref_model", True),
     ("kto", "sync_ref_model", True),
+    ("dpo", "use_weighting", True),
 ]
 
 
@@ -230,9 +231,9 @@ def test_stage2_names_the_global_trl_section_it_inherits():
 
 def test_stage2_keeps_the_values_that_keep_theorem1():
     kept = {"f_divergence_type": "reverse_kl", "ld_alpha": 1.0, "loss_weights": [1.0],
-            "sync_ref_model": False,
-            # not refused: unused by the sigmoid loss, or a per-pair weight of summed log-ratios
-            "label_smoothing": 0.1, "use_weighting": True, "f_alpha_divergence_coef": 0.3}
+            "sync_ref_model": False, "use_weighting": False,
+            # not refused: unused by TRL 1.16's sigmoid loss
+            "label_smoothing": 0.1, "f_alpha_divergence_coef": 0.3}
     check_node(get_loss("dpo"), stage2=True,
                training={"per_device_train_batch_size": 4, "trl": kept}, where="models.safe")
     assert all(THEOREM1_ARGS[k][0](kept[k]) for k in THEOREM1_ARGS)
@@ -251,7 +252,7 @@ def test_stage2_accepts_the_installed_trl_defaults():
             if key in defaults:
                 assert keeps(defaults[key]), (name, key, defaults[key])
                 checked += 1
-    assert checked == 5  # four DPOConfig fields, and KTOConfig's sync_ref_model
+    assert checked == 6  # five DPOConfig fields, and KTOConfig's sync_ref_model
 
 
 def test_stage2_refuses_a_loss_entry_that_fixes_a_combination():

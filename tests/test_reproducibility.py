@@ -88,10 +88,31 @@ def test_a_step_process_runs_and_records_the_kernels_asked_for(tiny_models, tmp_
                            "--threads", "1"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    runtime = json.loads((tmp_path / "gen.jsonl.record.json").read_text())["runtime"]
+    record = json.loads((tmp_path / "gen.jsonl.record.json").read_text())
+    runtime = record["runtime"]
     assert runtime["cpu_kernels"] == kernels
+    assert record["measured"]["torch_threads"] == 1
     if kernels == "pinned":
-        assert runtime["torch_cpu_capability"] == "AVX2"
+        assert record["measured"]["torch_cpu_capability"] == "AVX2"
         assert runtime["env"] == reproducibility.PINNED_ENV
     else:
         assert runtime["env"] == {}
+
+
+def test_the_entry_point_applies_the_setting_before_torch_or_numpy_loads():
+    """torch reads ATEN_CPU_CAPABILITY lazily, but MKL and OpenBLAS read their variables
+    when they load: `python -m sacpo_steps` must apply the setting first."""
+    script = (
+        "import sys\n"
+        "import sacpo_steps.reproducibility as r\n"
+        "real = r.apply\n"
+        "def checked(*a, **k):\n"
+        "    loaded = [m for m in ('torch', 'numpy') if m in sys.modules]\n"
+        "    print('loaded before apply:', loaded)\n"
+        "    return real(*a, **k)\n"
+        "r.apply = checked\n"
+        "from sacpo_steps.__main__ import main\n"
+        "main(['align', '--help'])\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert "loaded before apply: []" in proc.stdout, proc.stdout + proc.stderr[-2000:]

@@ -171,3 +171,32 @@ def test_a_checkpoint_of_other_library_versions_or_none_is_set_aside(tmp_path, c
     assert not (folder / "checkpoint-5").exists()
     assert "the library versions changed" in caplog.text
     assert json.loads((folder / CHECKPOINT_RECORD).read_text()) == upgraded
+
+
+def test_other_ranks_wait_for_this_jobs_record_before_they_look_for_checkpoints(tmp_path):
+    """A stale record from the parent's old training is there at once: the other ranks
+    must not take it, but wait until rank 0 has set the old checkpoints aside."""
+    import threading
+
+    from sacpo_steps import lineage
+    from sacpo_steps.align import CHECKPOINT_RECORD, checkpoints_of, last_checkpoint
+
+    old = lineage.make_record("align", settings={"beta": 0.1}, inputs={})
+    new = lineage.make_record("align", settings={"beta": 0.2}, inputs={})
+    folder = tmp_path / "scratch"
+    (folder / "checkpoint-5").mkdir(parents=True)
+    (folder / "checkpoint-5" / "trainer_state.json").write_text("{}")
+    (folder / CHECKPOINT_RECORD).write_text(json.dumps(old))
+    seen = {}
+
+    def other_rank():
+        checkpoints_of(folder, new, owner=False)
+        seen["checkpoint"] = last_checkpoint(folder)
+
+    waiter = threading.Thread(target=other_rank)
+    waiter.start()
+    time.sleep(1.0)
+    assert waiter.is_alive()  # the old record does not release it
+    checkpoints_of(folder, new, owner=True)
+    waiter.join(timeout=30)
+    assert not waiter.is_alive() and seen["checkpoint"] is None
