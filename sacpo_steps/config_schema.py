@@ -11,7 +11,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+#: files a step reads at run time ship inside the package (a wheel carries them);
+#: workflow/schemas/config.schema.yaml and config/accelerate/ are links to them
+ASSETS = Path(__file__).resolve().parent / "assets"
+SCHEMA_PATH = ASSETS / "config.schema.yaml"
+ACCELERATE_CONFIGS = ASSETS / "accelerate"
 
 
 @cache

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sacpo_steps import data_formats, lineage, losses, ref_logps, reproducibility
+from sacpo_steps.config_schema import ACCELERATE_CONFIGS
 from sacpo_steps.config_schema import load_config_schema as load_schema
 from sacpo_steps.errors import InputError
 from sacpo_steps.judges import registry as judge_registry
@@ -417,7 +418,7 @@ class Plan:
             return "python -m sacpo_steps"
         dist = self.nodes[name].training["distributed"]
         return (f"accelerate launch --num_processes {gpus} "
-                f"--config_file config/accelerate/{dist}.yaml -m sacpo_steps")
+                f"--config_file {ACCELERATE_CONFIGS / dist}.yaml -m sacpo_steps")
 
     def merge_rules(self) -> dict[str, list[MergeNode]]:
         """One merge rule per parent pair, named after the pair (`merge_<a>__<b>`, made

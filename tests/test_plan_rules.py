@@ -67,7 +67,11 @@ def test_launcher_uses_accelerate_only_with_several_gpus(paper):
     assert paper.launcher("dpo_h", 1) == "python -m sacpo_steps"
     launch = paper.launcher("dpo_h", 8)
     assert launch.startswith("accelerate launch --num_processes 8")
-    assert "--config_file config/accelerate/fsdp.yaml" in launch
+    # found through the package, wherever it is installed (the wheel carries it)
+    from sacpo_steps.config_schema import ACCELERATE_CONFIGS
+
+    config = ACCELERATE_CONFIGS / "fsdp.yaml"
+    assert f"--config_file {config} " in launch and config.is_file()
 
 
 def test_resources_take_the_kind_defaults_then_the_node_own(paper):

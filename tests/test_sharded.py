@@ -42,10 +42,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sacpo_steps.config_schema import ACCELERATE_CONFIGS
 from tests.helpers import PROMPT_TEMPLATE, TEXTS
 
 ROOT = Path(__file__).resolve().parent.parent
-ACCELERATE_CONFIGS = ROOT / "config" / "accelerate"
 PROBE_ENV = "SACPO_TEST_PROBE"  # folder the probe writes rank<r>.json into
 SNAPSHOT_ENV = "SACPO_TEST_SNAPSHOT"  # "<step>:<folder>": copy the scratch folder there
 WAIT_ENV = "SACPO_TEST_WAIT_FOR"  # a folder to wait for (after the imports) before training
