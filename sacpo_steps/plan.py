@@ -67,19 +67,26 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     return out
 
 
-def resolve_extends(config: dict[str, Any], base_dir: str | Path) -> dict[str, Any]:
+def resolve_extends(config: dict[str, Any], base_dir: str | Path,
+                    config_dir: str | Path | None = None) -> dict[str, Any]:
     """A config with `extends: <file>` is that file's config with its own keys on top
     (mappings merge key by key; lists and scalars replace). A variant of an experiment
-    (other seeds, another beta) then states only what differs. Paths are relative to
-    `base_dir` (the workflow's folder); chains are followed, cycles refused."""
+    (other seeds, another beta) then states only what differs. A path is relative to
+    the folder of the config that names it (`config_dir` for the first), or, where no
+    such file is there, to `base_dir` (the clone's root: `extends: config/config.yaml`
+    names the demo); chains are followed, cycles refused."""
     import yaml
 
     seen: list[str] = []
+    here = Path(config_dir) if config_dir is not None else None
     while "extends" in config:
         name = config["extends"]
         if not isinstance(name, str):
             raise PlanError(f"extends: expected a config file path, got {name!r}")
         path = Path(base_dir) / name
+        if here is not None and (here / name).is_file():
+            path = here / name
+        here = path.parent
         if str(path) in seen:
             raise PlanError(f"extends: {name} extends itself (chain: {' -> '.join(seen)})")
         seen.append(str(path))
@@ -874,11 +881,13 @@ def _check_global_batch(training: dict[str, Any], resources: dict[str, Any], whe
 
 
 def load_plan(config: dict[str, Any], *, source: str = "config",
-              base_dir: str | Path = WORKFLOW_ROOT) -> Plan:
-    """Resolve `extends`, validate (filling defaults) and expand a config; the config
-    dict is updated in place, so the workflow's rules read the resolved one."""
+              base_dir: str | Path = WORKFLOW_ROOT,
+              config_dir: str | Path | None = None) -> Plan:
+    """Resolve `extends` (against `config_dir`, the config file's folder, then
+    `base_dir`), validate (filling defaults) and expand a config; the config dict is
+    updated in place, so the workflow's rules read the resolved one."""
     if "extends" in config:
-        resolved = resolve_extends(config, base_dir)
+        resolved = resolve_extends(config, base_dir, config_dir)
         config.clear()
         config.update(resolved)
     for line in migrate_config(config):

@@ -150,3 +150,26 @@ def test_extends_merges_mappings_and_refuses_cycles_and_missing_files(tmp_path):
         resolve_extends({"extends": "loop.yaml"}, tmp_path)
     with pytest.raises(PlanError, match="cannot read nowhere.yaml"):
         resolve_extends({"extends": "nowhere.yaml"}, tmp_path)
+
+
+def test_extends_resolves_against_the_config_files_own_folder_first(tmp_path):
+    """A user's folder outside the clone: `extends: base.yaml` names the file beside the
+    config, and that file's own `extends:` is relative to its folder; a path found only
+    under the clone's root (`config/config.yaml`) still resolves there."""
+    clone, mine = tmp_path / "clone", tmp_path / "mine"
+    (clone / "config").mkdir(parents=True)
+    (mine / "shared").mkdir(parents=True)
+    (clone / "config" / "demo.yaml").write_text(yaml.safe_dump({"experiment": "demo",
+                                                               "seeds": [0], "a": 1}))
+    (mine / "shared" / "base.yaml").write_text(yaml.safe_dump(
+        {"extends": "middle.yaml", "experiment": "base"}))
+    (mine / "shared" / "middle.yaml").write_text(yaml.safe_dump(
+        {"extends": "config/demo.yaml", "b": 2}))
+    cfg = resolve_extends({"extends": "shared/base.yaml", "seeds": [3]}, clone, mine)
+    assert cfg == {"experiment": "base", "seeds": [3], "a": 1, "b": 2}
+    # the same name beside the config wins over the clone's
+    (mine / "config").mkdir()
+    (mine / "config" / "demo.yaml").write_text(yaml.safe_dump({"experiment": "mine"}))
+    assert resolve_extends({"extends": "config/demo.yaml"}, clone, mine) == \
+        {"experiment": "mine"}
+    assert resolve_extends({"extends": "config/demo.yaml"}, clone)["experiment"] == "demo"

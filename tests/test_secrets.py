@@ -1,4 +1,8 @@
-"""The API key never reaches any file the workflow writes (run through Snakemake)."""
+"""The API key never reaches any file the workflow writes (run through Snakemake).
+
+The run is also the deployment check: Snakemake runs the clone's workflow/Snakefile
+from a folder outside the repository that holds only the user's config (and a
+template of theirs), the way a snakedeploy `module` sets it up."""
 
 from __future__ import annotations
 
@@ -10,14 +14,16 @@ import pytest
 import yaml
 
 from tests.fake_openai import FakeOpenAI
-from tests.helpers import REDUCED, ROOT, copy_workflow, parse_jobs
+from tests.helpers import REDUCED, ROOT, parse_jobs
 
 SECRET = "sk-test-WORKFLOW-SECRET-0451"
 
 
 @pytest.mark.slow
 def test_api_key_is_in_no_output_log_metadata_or_report(tmp_path):
-    work = copy_workflow(tmp_path / "wf")
+    work = tmp_path / "my-project"  # the user's own folder: only their config
+    work.mkdir()
+    entry = ["-s", str(ROOT / "workflow" / "Snakefile")]
     cfg = yaml.safe_load((ROOT / REDUCED).read_text())
     cfg["models"] = {"dpo_h": cfg["models"]["dpo_h"]}
     with FakeOpenAI() as server:
@@ -27,7 +33,7 @@ def test_api_key_is_in_no_output_log_metadata_or_report(tmp_path):
         (work / "secret.yaml").write_text(yaml.safe_dump(cfg))
         env = {**os.environ, "OPENAI_API_KEY": SECRET}
         for args in ([], ["--report", "report.html"]):
-            proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2",
+            proc = subprocess.run([sys.executable, "-m", "snakemake", *entry, "--cores", "2",
                                    "--configfile", "secret.yaml", *args], cwd=work, env=env,
                                   capture_output=True, text=True, timeout=900)
             assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
@@ -36,7 +42,7 @@ def test_api_key_is_in_no_output_log_metadata_or_report(tmp_path):
 
         # unchanged templates: judge jobs forced to rerun make zero requests (all cached)
         before = server.requests
-        proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2",
+        proc = subprocess.run([sys.executable, "-m", "snakemake", *entry, "--cores", "2",
                                "--configfile", "secret.yaml", "--forcerun", "judge"],
                               cwd=work, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
@@ -48,7 +54,7 @@ def test_api_key_is_in_no_output_log_metadata_or_report(tmp_path):
                                           + "\nBe brief.\n")
         cfg["evaluation"]["judge"]["templates"] = {"helpfulness": "my_help.txt"}
         (work / "own.yaml").write_text(yaml.safe_dump(cfg))
-        dry = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "2",
+        dry = subprocess.run([sys.executable, "-m", "snakemake", *entry, "-n", "--cores", "2",
                               "--configfile", "own.yaml"], cwd=work, env=env,
                              capture_output=True, text=True, timeout=300)
         assert dry.returncode == 0, dry.stdout + dry.stderr
@@ -58,7 +64,7 @@ def test_api_key_is_in_no_output_log_metadata_or_report(tmp_path):
             ("figures", None, None), ("figures_across_seeds", None, None),
             ("judge", "dpo_h", "helpfulness"), ("winrate", None, None)]
         before = server.requests
-        proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2",
+        proc = subprocess.run([sys.executable, "-m", "snakemake", *entry, "--cores", "2",
                                "--configfile", "own.yaml"], cwd=work, env=env,
                               capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
@@ -74,3 +80,8 @@ def test_api_key_is_in_no_output_log_metadata_or_report(tmp_path):
                 assert SECRET.encode() not in path.read_bytes(), path
     assert SECRET.encode() not in (work / "report.html").read_bytes()
     assert checked > 50
+    # nothing of the run landed in the clone; the folder holds the run and the user's files
+    made = {p.name for p in work.iterdir() if not p.name.startswith(".")}
+    assert made - {"scratch"} == {"logs", "my_help.txt", "own.yaml", "report.html",
+                                  "resources", "results", "secret.yaml"}
+    assert (work / "results/reduced-demo/tables/winrate.csv").is_file()

@@ -6,7 +6,9 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(workflow.basedir)))
+# the clone's root (workflow/rules/ is two levels down), whichever Snakefile was run
+REPO_ROOT = Path(workflow.current_basedir).parents[1]
+sys.path.insert(0, str(REPO_ROOT))
 
 from sacpo_steps.errors import InputError  # noqa: E402
 from sacpo_steps.layout import SEED as SEED_WILDCARD  # noqa: E402
@@ -17,7 +19,17 @@ from sacpo_steps.provenance import source_hash  # noqa: E402
 _config_source = ", ".join(map(str, workflow.overwrite_configfiles)) or "config/config.yaml"
 try:
     # resolves `extends: <file>` (relative to the workflow) in place, then validates
-    PLAN = load_plan(config, source=_config_source, base_dir=workflow.basedir)
+    PLAN = load_plan(
+        config,
+        source=_config_source,
+        base_dir=REPO_ROOT,
+        # `extends:` is relative to the (last) config file's own folder first
+        config_dir=(
+            Path(workflow.overwrite_configfiles[-1]).parent
+            if workflow.overwrite_configfiles
+            else None
+        ),
+    )
 except PlanError as exc:
     raise WorkflowError(str(exc)) from None
 
