@@ -232,9 +232,17 @@ def test_a_wheel_carries_what_the_steps_read_at_run_time(tmp_path):
     configs and the judge templates are found through the package."""
     import zipfile
 
+    import shutil
+
+    # built from a copy: setuptools' build/ folder in the clone could carry stale files
+    source = tmp_path / "source"
+    shutil.copytree(ROOT / "sacpo_steps", source / "sacpo_steps",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
     wheels = tmp_path / "wheels"
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
-                            str(wheels), str(ROOT)], capture_output=True, text=True,
+                            str(wheels), str(source)], capture_output=True, text=True,
                            timeout=600)
     assert build.returncode == 0, build.stderr[-3000:]
     wheel = next(wheels.glob("sacpo_steps-*.whl"))
