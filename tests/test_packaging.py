@@ -230,9 +230,8 @@ def test_the_readme_lists_every_rule_with_its_module():
 def test_a_wheel_carries_what_the_steps_read_at_run_time(tmp_path):
     """Installed as a wheel (not editable), outside a clone: the schema, the accelerate
     configs and the judge templates are found through the package."""
-    import zipfile
-
     import shutil
+    import zipfile
 
     # built from a copy: setuptools' build/ folder in the clone could carry stale files
     source = tmp_path / "source"
