@@ -111,7 +111,8 @@ def parse_dry_run(output: str) -> tuple[list[Job], dict[int, str]]:
 def local_rules() -> set[str]:
     """The rule names of the workflow's `localrules:` directives."""
     names: set[str] = set()
-    for path in [ROOT / "workflow" / "Snakefile", *sorted((ROOT / "workflow" / "rules").glob("*.smk"))]:
+    rules = sorted((ROOT / "workflow" / "rules").glob("*.smk"))
+    for path in [ROOT / "workflow" / "Snakefile", *rules]:
         text = path.read_text(encoding="utf-8")
         for block in re.findall(r"^localrules:[ \t]*\n((?:[ \t]+[\w, \t]*\n)+)", text, re.M):
             names.update(n for n in re.split(r"[\s,]+", block) if n)
