@@ -165,10 +165,11 @@ def link_local(spec: dict[str, Any], out: Path) -> None:
             # (a new file, not a link, so the source folder is never written to)
             # (its model card stays the source's own)
             (tmp / LINEAGE_FILE).unlink(missing_ok=True)
+            name = spec.get("name") or src.resolve().name
             record = make_record("sft_checkpoint", settings=spec, inputs={
-                "source": model_input(src, spec["name"])})
+                "source": model_input(src, name)})
             (tmp / LINEAGE_FILE).write_text(json.dumps(
-                {"name": spec["name"], "method": "sft", "lineage": [], "record": record},
+                {"name": name, "method": "sft", "lineage": [], "record": record},
                 indent=2) + "\n", encoding="utf-8")
 
 

@@ -69,9 +69,18 @@ def test_generate_refuses_duplicate_prompt_ids(tiny_models, tmp_path):
 
 def test_local_sft_source_links_a_checked_folder(tiny_models, tmp_path):
     out = tmp_path / "results" / "models" / "sft"
+    source_card = (tiny_models["sft"] / "sacpo.json").read_bytes()
     link_local({"local": {"path": str(tiny_models["sft"])}}, out)
     assert (out / "model.safetensors").read_bytes() == \
         (tiny_models["sft"] / "model.safetensors").read_bytes()
+    # a folder the pipeline did not make gets a record naming it; the source (hard
+    # linked) is never written to
+    from sacpo_steps import lineage
+
+    record = lineage.model_record(out)
+    assert record["inputs"]["source"]["fingerprint"] == \
+        lineage.model_fingerprint(tiny_models["sft"])[0]
+    assert (tiny_models["sft"] / "sacpo.json").read_bytes() == source_card
 
 
 @pytest.mark.parametrize("missing", ["config.json", "model.safetensors", "tokenizer.json"])
