@@ -406,9 +406,9 @@ def align(
         inputs["ref_logps"] = file_input(ref_logps)
     if reference_dir is not None:
         inputs["reference"] = model_input(reference_dir, Path(reference_dir).name)
-    record = make_record("align", inputs=inputs, settings={
-        "name": name, "parent": parent, "data": data, "loss": loss, "beta": beta,
-        "training": asdict(training), "prompt_template": prompt_template, "seed": seed})
+    record = make_record("align", name=name, inputs=inputs, settings={
+        "data": data, "loss": loss, "beta": beta, "training": asdict(training),
+        "prompt_template": prompt_template, "seed": seed})
     log.info("prompt cap %s: %d of %d prompts truncated (start cut), %d dropped",
              cap.max_prompt_length, cap.truncated, cap.seen, cap.dropped)
     out_dir = Path(out_dir)

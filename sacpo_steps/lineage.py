@@ -90,12 +90,14 @@ def sampled_fingerprint(folder: str | Path) -> str:
     return digest.hexdigest()[:32]
 
 
-def make_record(step: str, *, settings: Any, inputs: dict[str, dict[str, Any]]
-                ) -> dict[str, Any]:
-    """The record of an artifact made now by `step`, with its fingerprint."""
+def make_record(step: str, *, settings: Any, inputs: dict[str, dict[str, Any]],
+                name: str | None = None) -> dict[str, Any]:
+    """The record of an artifact made now by `step`, with its fingerprint. `name` (the
+    model's name in the plan) is recorded but is not part of the fingerprint."""
     runtime = runtime_record(measure_torch=step in TORCH_STEPS)
     measured = runtime.pop("measured")
-    record = {"format": FORMAT, "step": step, "code": source_hash(f"sacpo_steps.{step}"),
+    record = {"format": FORMAT, "step": step, "name": name,
+              "code": source_hash(f"sacpo_steps.{step}"),
               "settings": settings, "inputs": inputs, "libraries": library_versions(),
               "runtime": runtime, "measured": measured}
     record["fingerprint"] = fingerprint_of(record)
@@ -103,13 +105,14 @@ def make_record(step: str, *, settings: Any, inputs: dict[str, dict[str, Any]]
 
 
 def fingerprint_of(record: dict[str, Any]) -> str:
-    """A record's fingerprint: everything in it but where its inputs lie (a copied
-    results tree keeps its fingerprints), what was measured of the machine (torch's
-    kernel choice, the GPU: a rerun elsewhere under the same settings is the same
-    artifact), and the fingerprint itself."""
+    """A record's fingerprint: everything in it but names and places (the model's and its
+    inputs' names in the plan, where the inputs lie: a renamed node or a copied results
+    tree keeps its fingerprints; a name is not the content), what was measured of the
+    machine (torch's kernel choice, the GPU: a rerun elsewhere under the same settings is
+    the same artifact), and the fingerprint itself."""
     content = {k: v for k, v in record.items()
-               if k not in ("fingerprint", "output", "measured")}
-    content["inputs"] = {role: {k: v for k, v in spec.items() if k != "path"}
+               if k not in ("fingerprint", "output", "measured", "name")}
+    content["inputs"] = {role: {k: v for k, v in spec.items() if k not in ("path", "name")}
                          for role, spec in record.get("inputs", {}).items()}
     return _digest(content)
 
@@ -198,8 +201,9 @@ def read_sidecar(path: str | Path) -> dict[str, Any] | None:
         raise InputError(f"unreadable record: {exc}", path=side) from None
     if not isinstance(record, dict) or not record.get("fingerprint"):
         raise InputError("not a record (no fingerprint)", path=side, field="fingerprint")
-    if not isinstance(record.get("inputs", {}), dict) or \
-            record["fingerprint"] != fingerprint_of(record):
+    # a record of another format was fingerprinted another way: it cannot be checked here
+    if not isinstance(record.get("inputs", {}), dict) or (
+            record.get("format") == FORMAT and record["fingerprint"] != fingerprint_of(record)):
         raise InputError("the record was edited after it was written (its fingerprint does "
                          "not match its content)", path=side, field="fingerprint")
     output = record.get("output")

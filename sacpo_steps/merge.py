@@ -467,9 +467,8 @@ def merge(parent_a: str | Path, parent_b: str | Path, qs: Sequence[float],
                                 f"q = {q}, computed in {compute} and saved as {dtype}."),
                 "lineage": [*lineage, stage],
                 "merge": {"parent_a": name_a, "parent_b": name_b, "q": q, "dtype": dtype},
-                "record": make_record("merge", inputs=parents, settings={
-                    "name": out_name, "parent_a": name_a, "parent_b": name_b, "q": q,
-                    "dtype": dtype, "compute": compute}),
+                "record": make_record("merge", name=out_name, inputs=parents, settings={
+                    "q": q, "dtype": dtype, "compute": compute}),
             })
     log.info("merged %d output(s) in %.1f s wall", len(outs), time.monotonic() - started)
     return [Path(o) for o in outs]

@@ -146,7 +146,8 @@ def build(spec: dict[str, Any], corpus: str | Path, out: Path, threads: int | No
             "training": {"source": "build", **train_cfg, "model": build_cfg["model"],
                          "tokenizer": build_cfg["tokenizer"], "seed": seed,
                          "final_loss": _last_loss(trainer)},
-            "record": make_record("sft_checkpoint", settings=spec,
+            "record": make_record("sft_checkpoint", name=spec["name"],
+                                  settings={k: v for k, v in spec.items() if k != "name"},
                                   inputs={"corpus": file_input(corpus)}),
         })
 
@@ -166,7 +167,9 @@ def link_local(spec: dict[str, Any], out: Path) -> None:
             # (its model card stays the source's own)
             (tmp / LINEAGE_FILE).unlink(missing_ok=True)
             name = spec.get("name") or src.resolve().name
-            record = make_record("sft_checkpoint", settings=spec, inputs={
+            # the folder's place is not its content: its fingerprint is in the inputs
+            record = make_record("sft_checkpoint", name=name, settings={
+                k: v for k, v in spec.items() if k not in ("name", "local")}, inputs={
                 "source": model_input(src, name)})
             (tmp / LINEAGE_FILE).write_text(json.dumps(
                 {"name": name, "method": "sft", "lineage": [], "record": record},
