@@ -96,25 +96,25 @@ def deterministic_torch() -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def cpu_flags() -> list[str]:
-    """The instruction-set flags that choose kernels (from /proc/cpuinfo on Linux)."""
+def _cpuinfo(field: str) -> str | None:
+    """The first `field` line of /proc/cpuinfo (Linux), its value."""
     info = Path("/proc/cpuinfo")
     if not info.is_file():
-        return []
+        return None
     for line in info.read_text(encoding="utf-8", errors="replace").splitlines():
-        if line.startswith("flags"):
-            flags = line.split(":", 1)[1].split()
-            return sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "sse4")))
-    return []
+        if line.startswith(field):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def cpu_flags() -> list[str]:
+    """The instruction-set flags that choose kernels."""
+    flags = (_cpuinfo("flags") or "").split()
+    return sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "sse4")))
 
 
 def cpu_model() -> str:
-    info = Path("/proc/cpuinfo")
-    if info.is_file():
-        for line in info.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def runtime_record(*, measure_torch: bool = False) -> dict[str, Any]:

@@ -45,7 +45,10 @@ def test_a_record_fingerprint_ignores_paths_and_covers_inputs(tmp_path):
     assert lineage.differences(one, three) == [
         f"input data is now {three['inputs']['data']['sha256'][:12]} "
         f"(was {one['inputs']['data']['sha256'][:12]})"]
-    assert set(one["libraries"]) >= {"torch", "transformers", "trl", "peft", "accelerate"}
+    from importlib.metadata import version
+
+    assert one["libraries"]["trl"] == version("trl")
+    assert one["libraries"]["torch"] == version("torch")
 
 
 def test_an_aligned_model_records_its_parent_data_and_versions(tiny_models, pairs_file, tmp_path):

@@ -41,22 +41,7 @@ def test_sigkill_then_rerun_resumes(tiny_models, pairs_file, tmp_path):
     out = tmp_path / "models" / "stage2"
     checkpoints = tmp_path / "scratch" / "stage2-abc"
     cmd = align_cmd(tiny_models["stage1"], pairs_file, out, checkpoints, table)
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline:
-            done = [p for p in checkpoints.glob("checkpoint-*")
-                    if (p / "trainer_state.json").is_file()]
-            if done or proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "training finished before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _kill_after_first_checkpoint(cmd, checkpoints)
     assert not out.exists()  # no folder that looks finished
     killed_at = max(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*")
                     if (p / "trainer_state.json").is_file())
