@@ -410,7 +410,7 @@ def resolved_attention(model_dir: Path) -> str:
 
 def flop_params(model) -> int:
     """Parameters that cost FLOPs per token (the project's count, as in sacpo.json)."""
-    from sacpo_steps.throughput import flop_parameters
+    from sacpo_steps.models.throughput import flop_parameters
 
     return flop_parameters(model)
 
@@ -427,14 +427,14 @@ def meta_param_counts(shape: dict[str, Any]) -> tuple[int, int]:
 
 def flops_per_token(n_params: int, layers: int, hidden: int, seq_len: float) -> float:
     """Training FLOPs per token, by the formula the align step's MFU uses."""
-    from sacpo_steps.throughput import training_flops_per_token
+    from sacpo_steps.models.throughput import training_flops_per_token
 
     return training_flops_per_token({"parameters": n_params, "layers": layers,
                                      "hidden": hidden}, seq_len)
 
 
 def peak_flops(device_name: str | None) -> float | None:
-    from sacpo_steps.throughput import peak_flops as gpu_peak
+    from sacpo_steps.models.throughput import peak_flops as gpu_peak
 
     return gpu_peak(device_name)
 
@@ -457,7 +457,7 @@ def build_llama(out: Path, tokenizer, shape: dict[str, Any], *, seed: int, dtype
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sacpo_steps.modelio import write_model_card
+    from sacpo_steps.models.folders import write_model_card
 
     shape = dict(shape)
     shape["vocab_size"] = max(shape.get("vocab_size", 0), len(tokenizer))
@@ -511,8 +511,8 @@ def make_case(name: str, work: Path, model_dir: Path, rows: list[dict[str, Any]]
 
     from transformers import AutoTokenizer
 
-    from sacpo_steps.align import load_examples
-    from sacpo_steps.training_config import TrainingConfig
+    from sacpo_steps.training.align import load_examples
+    from sacpo_steps.training.settings import TrainingConfig
 
     full = asdict(TrainingConfig.from_dict(training))
     per_step = full["per_device_train_batch_size"] * full["gradient_accumulation_steps"]
@@ -546,8 +546,8 @@ def demo_case(work: Path, *, steps: int, batch: int, seed: int = 0) -> Case:
     """The demo's model size, tokenizer, prompt format and training settings; random weights."""
     import yaml
 
-    from sacpo_steps.demo_world import WorldConfig, build_world
-    from sacpo_steps.sft_checkpoint import train_tokenizer
+    from sacpo_steps.data.demo_world import WorldConfig, build_world
+    from sacpo_steps.models.sft_checkpoint import train_tokenizer
 
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text(encoding="utf-8"))
     template = config["prompt_template"]
@@ -575,7 +575,7 @@ def demo_case(work: Path, *, steps: int, batch: int, seed: int = 0) -> Case:
 
 def synthetic_tokenizer(seed: int = 0, n_words: int = 256):
     """A tokenizer in which each of `n_words` four-letter words is one token, and the words."""
-    from sacpo_steps.sft_checkpoint import train_tokenizer
+    from sacpo_steps.models.sft_checkpoint import train_tokenizer
 
     rng = random.Random(seed)
     words: set[str] = set()
@@ -1074,7 +1074,7 @@ def gpu_mode(args, work: Path, results: dict[str, Any]) -> None:
 
 def self_test(args, work: Path, results: dict[str, Any]) -> list[str]:
     """A fast end-to-end run on CPU plus the GPU mode's CPU-runnable parts; the problems."""
-    from sacpo_steps.training_config import PASSED_AS_IS
+    from sacpo_steps.training.settings import PASSED_AS_IS
 
     problems = []
     if set(PASSED_AS_IS) != set(SHARED_KEYS):

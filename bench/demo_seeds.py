@@ -35,8 +35,8 @@ import yaml
 from workcopy import ROOT, fresh_copy
 
 sys.path.insert(0, str(ROOT))
+from sacpo_steps.evaluation.stats import paired_difference, win_rates  # noqa: E402
 from sacpo_steps.plan import resolve_extends  # noqa: E402
-from sacpo_steps.stats import paired_difference, win_rates  # noqa: E402
 
 CONFIG = "config/demo-seeds.yaml"
 

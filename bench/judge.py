@@ -26,9 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sacpo_steps.judge import ORDERS  # noqa: E402
-from sacpo_steps.judges import JudgeRequest  # noqa: E402
-from sacpo_steps.judges.openai import OpenAIJudge  # noqa: E402
+from sacpo_steps.evaluation.judge import ORDERS  # noqa: E402
+from sacpo_steps.evaluation.judges import JudgeRequest  # noqa: E402
+from sacpo_steps.evaluation.judges.openai import OpenAIJudge  # noqa: E402
 from tests.fake_openai import FakeOpenAI  # noqa: E402
 
 BATCH = 256  # the judge step's default --batch-size

@@ -23,15 +23,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sacpo_steps import demo_world  # noqa: E402
-from sacpo_steps.judges.openai_prompts import (  # noqa: E402
+from sacpo_steps.data import demo_world  # noqa: E402
+from sacpo_steps.evaluation.judges.openai_prompts import (  # noqa: E402
     EXPLAIN_INSTRUCTION,
     Template,
     load_template,
 )
-from sacpo_steps.judges.openai_settings import DEFAULT_PRICES, OpenAIJudgeConfig  # noqa: E402
+from sacpo_steps.evaluation.judges.openai_settings import DEFAULT_PRICES, OpenAIJudgeConfig  # noqa: E402
 
-PROMPTS_DIR = ROOT / "sacpo_steps" / "judges" / "prompts"
+PROMPTS_DIR = ROOT / "sacpo_steps" / "evaluation" / "judges" / "prompts"
 #: chat format overhead per message, and per request (OpenAI's published rule of thumb)
 PER_MESSAGE, PER_REQUEST = 4, 3
 PRICE_IN, PRICE_OUT = DEFAULT_PRICES["gpt-4-0125-preview"]

@@ -65,7 +65,7 @@ def make_model(out: Path, seed: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sacpo_steps.sft_checkpoint import train_tokenizer
+    from sacpo_steps.models.sft_checkpoint import train_tokenizer
 
     config = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
                          num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,

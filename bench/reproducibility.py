@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 from workcopy import fresh_copy  # noqa: E402
 
-from sacpo_steps.fingerprint import fingerprint  # noqa: E402
-from sacpo_steps.reproducibility import AVX2_MACHINE_ENV, PINNED_ENV, cpu_flags, cpu_model  # noqa: E402
+from sacpo_steps.core.reproducibility import AVX2_MACHINE_ENV, PINNED_ENV, cpu_flags, cpu_model  # noqa: E402
+from sacpo_steps.reporting.fingerprint import fingerprint  # noqa: E402
 
 
 def run_demo(work: Path, configfile: Path, cores: str, env: dict[str, str]) -> float:

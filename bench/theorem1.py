@@ -1,6 +1,6 @@
 """Theorem 1, measured: SACPO's stepwise DPO against the closed-form constrained optimum.
 
-In a bandit world (sacpo_steps/theory.py) with known reward and safety scores, the
+In a bandit world (sacpo_steps/research/theory.py) with known reward and safety scores, the
 project's own `align` step trains SACPO's chains from a tiny SFT model: reward first
 (beta, then beta/lambda), safety first (beta/lambda, then beta) and a three-stage chain
 with two safety datasets. Each policy over the answer set is compared with
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from sacpo_steps.theory import Experiment, answer_token_counts, run_theorem1
+    from sacpo_steps.research.theory import Experiment, answer_token_counts, run_theorem1
 
     torch.set_num_threads(args.threads)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="theorem1-"))

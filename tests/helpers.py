@@ -31,8 +31,8 @@ def make_tiny_model(out: Path, *, seed: int = 0, noise: float = 0.0, hidden: int
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sacpo_steps.modelio import write_model_card
-    from sacpo_steps.sft_checkpoint import train_tokenizer
+    from sacpo_steps.models.folders import write_model_card
+    from sacpo_steps.models.sft_checkpoint import train_tokenizer
 
     corpus = [PROMPT_TEMPLATE.format(prompt=p) + " " + r for p, r in TEXTS] * 4
     tokenizer = train_tokenizer(corpus, vocab_size=400)

@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sacpo_steps import across_seeds, constant_answers, stats, winrate
-from sacpo_steps.errors import InputError
+from sacpo_steps.core.errors import InputError
+from sacpo_steps.evaluation import constant_answers, stats, winrate
+from sacpo_steps.reporting import across_seeds
 
 
 @pytest.mark.parametrize("df, expected", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (30, 2.0423)])

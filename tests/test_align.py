@@ -8,8 +8,14 @@ import math
 import pytest
 import torch
 
-from sacpo_steps.align import TrainingConfig, align, build_trainer, kto_weights, load_examples
-from sacpo_steps.errors import InputError
+from sacpo_steps.core.errors import InputError
+from sacpo_steps.training.align import (
+    TrainingConfig,
+    align,
+    build_trainer,
+    kto_weights,
+    load_examples,
+)
 from tests.helpers import PROMPT_TEMPLATE, make_tiny_model
 
 TINY = TrainingConfig.from_dict({
@@ -234,7 +240,7 @@ def test_the_step_process_imports_peft_and_bitsandbytes_only_when_used(
     spec = {"name": "child", "parent": "stage1", "data": "d", "loss": "dpo", "beta": 0.1,
             "training": training, "prompt_template": PROMPT_TEMPLATE, "seed": 0}
     out = tmp_path / "model"
-    code = ("import sys; from sacpo_steps.align import main; main(sys.argv[1:]); "
+    code = ("import sys; from sacpo_steps.training.align import main; main(sys.argv[1:]); "
             "print('MODULES', sys.modules.get('peft') is not None, "
             "sys.modules.get('bitsandbytes') is not None)")
     proc = subprocess.run(

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from sacpo_steps import data_formats
-from sacpo_steps.data_formats import (
+from sacpo_steps.core.errors import InputError
+from sacpo_steps.data import formats as data_formats
+from sacpo_steps.data.formats import (
     DEFAULT_FORMAT,
     FORMATS,
     BadRow,
@@ -23,10 +24,9 @@ from sacpo_steps.data_formats import (
     get_format,
     register_format,
 )
-from sacpo_steps.data_formats.base import check_object, check_text, require_fields
-from sacpo_steps.data_formats.pku import HARM_CATEGORIES
-from sacpo_steps.errors import InputError
-from sacpo_steps.preference_data import prepare
+from sacpo_steps.data.formats.base import check_object, check_text, require_fields
+from sacpo_steps.data.formats.pku import HARM_CATEGORIES
+from sacpo_steps.data.preference_data import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 WHERE = "preference_sources.mine"

@@ -6,15 +6,15 @@ import json
 
 import pytest
 
-from sacpo_steps import demo_spec
-from sacpo_steps.demo_world import (
+from sacpo_steps.data import demo_spec
+from sacpo_steps.data.demo_world import (
     BENIGN_TASKS,
     WorldConfig,
     build_world,
     render_steps,
     write_world,
 )
-from sacpo_steps.preference_data import prepare
+from sacpo_steps.data.preference_data import prepare
 
 SMALL = WorldConfig(seed=3, n_sft_examples=300, n_preference_pairs=200)
 
@@ -134,9 +134,9 @@ def test_every_phrase_round_trips_through_the_llama_style_tokenizer(sensitive):
     world back to text the rule judge reads exactly as it reads the original."""
     from transformers import AutoTokenizer
 
-    from sacpo_steps.demo_world import REDIRECTS, REFUSALS
-    from sacpo_steps.sft_checkpoint import train_tokenizer
-    from sacpo_steps.tokens import encode_pair, render_prompt
+    from sacpo_steps.data.demo_world import REDIRECTS, REFUSALS
+    from sacpo_steps.models.sft_checkpoint import train_tokenizer
+    from sacpo_steps.models.tokens import encode_pair, render_prompt
 
     cfg = WorldConfig(seed=0, n_sft_examples=2000, n_preference_pairs=10,
                       sensitive_tasks=sensitive)
@@ -174,7 +174,7 @@ def test_familiar_tasks_are_answered_in_full_by_the_sft_corpus():
     two-step partial answer."""
     from collections import Counter
 
-    from sacpo_steps.demo_world import FAMILIAR_TASKS
+    from sacpo_steps.data.demo_world import FAMILIAR_TASKS
 
     world = build_world(WorldConfig(seed=0, n_sft_examples=4000, n_preference_pairs=10))
     spec = world["spec"]
@@ -215,7 +215,7 @@ def test_safety_labels_break_harm_ties_by_helpfulness():
 
 
 def test_the_cli_writes_each_file_where_the_rule_declares_it(tmp_path):
-    from sacpo_steps import demo_world
+    from sacpo_steps.data import demo_world
 
     out = {n: tmp_path / n for n in ("p.jsonl", "c.jsonl", "h.jsonl", "r.jsonl", "s.json")}
     demo_world.main(["--seed", "0", "--n-sft-examples", "20", "--n-preference-pairs", "20",

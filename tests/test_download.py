@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from sacpo_steps.download_dataset import download_dataset
-from sacpo_steps.download_model import download_model
-from sacpo_steps.errors import InputError
+from sacpo_steps.core.errors import InputError
+from sacpo_steps.data.download_dataset import download_dataset
+from sacpo_steps.models.download_model import download_model
 from tests.helpers import make_tiny_model
 
 
@@ -104,7 +104,7 @@ def test_sharded_bin_weights_convert_under_the_names_transformers_loads(tmp_path
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sacpo_steps.download_model import convert_bin_weights
+    from sacpo_steps.models.download_model import convert_bin_weights
 
     folder = make_tiny_model(tmp_path / "m")
     model = AutoModelForCausalLM.from_pretrained(folder)

@@ -16,10 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sacpo_steps import elo, winrate
 from sacpo_steps.__main__ import main as dispatch
-from sacpo_steps.errors import InputError
-from sacpo_steps.stats import SCORE_A, stream_seed, win_rates
+from sacpo_steps.core.errors import InputError
+from sacpo_steps.evaluation import winrate
+from sacpo_steps.evaluation.stats import SCORE_A, stream_seed, win_rates
+from sacpo_steps.reporting import elo
 
 ELO_75 = 1000 + 400 * math.log10(3)
 

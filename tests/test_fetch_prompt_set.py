@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from sacpo_steps.errors import InputError
-from sacpo_steps.fetch_prompt_set import fetch
+from sacpo_steps.core.errors import InputError
+from sacpo_steps.data.fetch_prompt_set import fetch
 
 
 @pytest.mark.parametrize("as_list", [True, False])

@@ -13,8 +13,8 @@ from matplotlib.container import ErrorbarContainer
 from matplotlib.text import Text
 from matplotlib.transforms import Bbox
 
-from sacpo_steps import figures
-from sacpo_steps.errors import InputError
+from sacpo_steps.core.errors import InputError
+from sacpo_steps.reporting import figures
 
 WINRATE = pd.DataFrame([
     # model, criterion, win_rate, ci_low, ci_high

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from sacpo_steps.errors import InputError
-from sacpo_steps.generate import generate, truncate_answer
-from sacpo_steps.sft_checkpoint import link_local
+from sacpo_steps.core.errors import InputError
+from sacpo_steps.evaluation.generate import generate, truncate_answer
+from sacpo_steps.models.sft_checkpoint import link_local
 from tests.helpers import PROMPT_TEMPLATE
 
 
@@ -75,7 +75,7 @@ def test_local_sft_source_links_a_checked_folder(tiny_models, tmp_path):
         (tiny_models["sft"] / "model.safetensors").read_bytes()
     # a folder the pipeline did not make gets a record naming it; the source (hard
     # linked) is never written to
-    from sacpo_steps import lineage
+    from sacpo_steps.core import lineage
 
     record = lineage.model_record(out)
     assert record["inputs"]["source"]["fingerprint"] == \
@@ -119,7 +119,7 @@ def test_answers_that_open_with_a_blank_line_are_kept(tiny_models, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sacpo_steps.tokens import encode_prompt
+    from sacpo_steps.models.tokens import encode_prompt
 
     folder = tmp_path / "blank-first"
     tok = AutoTokenizer.from_pretrained(tiny_models["sft"])

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from sacpo_steps import judge as judge_step
-from sacpo_steps.errors import InputError
-from sacpo_steps.judges import Judge, JudgeReply, JudgeRequest, make_judge
-from sacpo_steps.judges.rule import RuleJudge
+from sacpo_steps.core.errors import InputError
+from sacpo_steps.evaluation import judge as judge_step
+from sacpo_steps.evaluation.judges import Judge, JudgeReply, JudgeRequest, make_judge
+from sacpo_steps.evaluation.judges.rule import RuleJudge
 
 SPEC = {
     "version": 1,
@@ -284,7 +284,7 @@ def test_empty_answers_are_judged_flagged_and_counted(files, tmp_path, caplog):
     assert "1 of 3 answers of sft (b) are empty" in caplog.text
 
     # the battles stay readable by the statistics (extra fields are ignored)
-    from sacpo_steps.stats import load_battles
+    from sacpo_steps.evaluation.stats import load_battles
 
     frame = load_battles(files["out"])
     assert len(frame) == 12 and set(frame["outcome"]) == {"tie"}
@@ -384,7 +384,7 @@ def test_cli_end_to_end(files, tmp_path):
 
 
 def test_battles_record_names_both_generation_records_and_an_edited_one_is_refused(files):
-    from sacpo_steps import lineage
+    from sacpo_steps.core import lineage
 
     for name in ("cand_help", "base"):
         lineage.write_sidecar(files[name], lineage.make_record(

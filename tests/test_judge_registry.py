@@ -20,10 +20,10 @@ import jsonschema
 import pytest
 import yaml
 
-from sacpo_steps import judge as judge_step
-from sacpo_steps.errors import InputError
-from sacpo_steps.judges import Judge, JudgeReply, JudgeRequest
-from sacpo_steps.judges.registry import (
+from sacpo_steps.core.errors import InputError
+from sacpo_steps.evaluation import judge as judge_step
+from sacpo_steps.evaluation.judges import Judge, JudgeReply, JudgeRequest
+from sacpo_steps.evaluation.judges.registry import (
     BACKENDS,
     Backend,
     cache_file,
@@ -39,7 +39,7 @@ from sacpo_steps.judges.registry import (
     required_env,
     resolve_judge,
 )
-from sacpo_steps.judges.settings import setting
+from sacpo_steps.evaluation.judges.settings import setting
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -336,7 +336,7 @@ def test_for_criterion_keeps_only_that_criterions_template():
 
 
 def test_cost_basis_is_the_openai_judges_own_settings():
-    from sacpo_steps.judges.openai_prompts import EXPLAIN_INSTRUCTION, load_template
+    from sacpo_steps.evaluation.judges.openai_prompts import EXPLAIN_INSTRUCTION, load_template
 
     assert cost_basis({"backend": "rule"}, "helpfulness") is None
     assert cost_basis({"backend": "score_model", "cost_model": "m"}, "harmlessness") is None
@@ -399,7 +399,7 @@ def test_resolve_judge_overrides_key_by_key():
 
 
 def test_the_registry_imports_no_client_nor_torch():
-    code = ("import sys, sacpo_steps.judges.registry as r; r.judge_schema(); "
+    code = ("import sys, sacpo_steps.evaluation.judges.registry as r; r.judge_schema(); "
             "r.check_judge({'backend': 'openai'}); "
             "r.cost_basis({'backend': 'openai'}, 'helpfulness'); "
             "print(sorted(m for m in ('openai', 'torch', 'transformers', 'httpx') "
@@ -410,10 +410,12 @@ def test_the_registry_imports_no_client_nor_torch():
 
 
 def test_the_judge_steps_source_hash_covers_every_builtin_backend():
-    from sacpo_steps.provenance import PACKAGE_DIR, module_closure
+    from sacpo_steps.core.provenance import PACKAGE_DIR, module_closure
 
-    files = {p.relative_to(PACKAGE_DIR).as_posix() for p in module_closure("sacpo_steps.judge")}
+    files = {p.relative_to(PACKAGE_DIR).as_posix()
+             for p in module_closure("sacpo_steps.evaluation.judge")}
     for name in ("rule", "openai", "score_model"):
         module = get_backend(name).judge_class.split(":")[0]
         assert module.replace("sacpo_steps.", "").replace(".", "/") + ".py" in files
-    assert {"judges/openai_prompts.py", "judges/score_model_loader.py"} <= files
+    assert {"evaluation/judges/openai_prompts.py",
+            "evaluation/judges/score_model_loader.py"} <= files

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sacpo_steps.layout import Layout, SeedError, config_seeds, hub_key, url_key
+from sacpo_steps.core.layout import Layout, SeedError, config_seeds, hub_key, url_key
 from sacpo_steps.plan import PlanError, load_plan, resolve_extends
 
 ROOT = Path(__file__).resolve().parent.parent

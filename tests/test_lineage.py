@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from sacpo_steps import lineage
-from sacpo_steps.errors import InputError
+from sacpo_steps.core import lineage
+from sacpo_steps.core.errors import InputError
 from tests.helpers import PROMPT_TEMPLATE
 
 TRAINING = {"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 2,
@@ -52,8 +52,8 @@ def test_a_record_fingerprint_ignores_paths_and_covers_inputs(tmp_path):
 
 
 def test_an_aligned_model_records_its_parent_data_and_versions(tiny_models, pairs_file, tmp_path):
-    from sacpo_steps.align import align
-    from sacpo_steps.training_config import TrainingConfig
+    from sacpo_steps.training.align import align
+    from sacpo_steps.training.settings import TrainingConfig
 
     out = tmp_path / "stage2"
     align(tiny_models["stage1"], pairs_file, out, name="stage2", parent="stage1",
@@ -65,14 +65,14 @@ def test_an_aligned_model_records_its_parent_data_and_versions(tiny_models, pair
         lineage.model_fingerprint(tiny_models["stage1"])[0]
     assert record["inputs"]["data"]["sha256"] == lineage.file_sha256(pairs_file)
     assert record["settings"]["beta"] == 0.1
-    from sacpo_steps.provenance import source_hash
+    from sacpo_steps.core.provenance import source_hash
 
-    assert record["code"] == source_hash("sacpo_steps.align")
+    assert record["code"] == source_hash("sacpo_steps.training.align")
     assert lineage.model_fingerprint(out) == (record["fingerprint"], "record")
 
 
 def _reference_file(model, name, pairs_file, out):
-    from sacpo_steps import ref_logps
+    from sacpo_steps.training import ref_logps
 
     key = ref_logps.reference_key_spec("dpo", TRAINING, PROMPT_TEMPLATE)
     ref_logps.compute(model, pairs_file, out,
@@ -82,8 +82,8 @@ def _reference_file(model, name, pairs_file, out):
 
 def test_a_reference_file_of_another_parent_is_refused_naming_both(tiny_models, pairs_file,
                                                                      tmp_path):
-    from sacpo_steps.align import align
-    from sacpo_steps.training_config import TrainingConfig
+    from sacpo_steps.training.align import align
+    from sacpo_steps.training.settings import TrainingConfig
 
     # both models share the tokenizer: the row keys match, only the reference differs
     table = _reference_file(tiny_models["stage1"], "stage1", pairs_file, tmp_path / "ref.json")
@@ -98,7 +98,7 @@ def test_a_reference_file_of_another_parent_is_refused_naming_both(tiny_models, 
 
 
 def test_a_reference_file_without_a_record_is_refused(tiny_models, pairs_file, tmp_path):
-    from sacpo_steps.ref_logps import ReferenceTable
+    from sacpo_steps.training.ref_logps import ReferenceTable
 
     table = _reference_file(tiny_models["stage1"], "stage1", pairs_file, tmp_path / "ref.json")
     old = json.loads(table.read_text())
@@ -125,7 +125,7 @@ def test_a_generation_record_describes_its_file(tmp_path):
 
 
 def test_constant_answers_write_a_record(tmp_path):
-    from sacpo_steps.constant_answers import constant_answers
+    from sacpo_steps.evaluation.constant_answers import constant_answers
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt_id": "p1", "prompt": "hi"}\n')
@@ -177,7 +177,7 @@ def test_the_report_cli_exits_non_zero_when_strict(tmp_path, capsys):
 
 def test_an_edited_record_or_a_reference_file_without_one_is_refused(tiny_models, pairs_file,
                                                                       tmp_path):
-    from sacpo_steps.ref_logps import ReferenceTable
+    from sacpo_steps.training.ref_logps import ReferenceTable
 
     out = tmp_path / "gen.jsonl"
     out.write_text("{}\n")

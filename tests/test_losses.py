@@ -10,9 +10,10 @@ import sys
 import pytest
 import torch
 
-from sacpo_steps.align import TrainingConfig, align, build_trainer, load_examples
-from sacpo_steps.errors import InputError
-from sacpo_steps.losses import (
+from sacpo_steps.core.errors import InputError
+from sacpo_steps.models.tokens import encode_pair
+from sacpo_steps.training.align import TrainingConfig, align, build_trainer, load_examples
+from sacpo_steps.training.losses import (
     DATA_KINDS,
     LOSSES,
     THEOREM1_ARGS,
@@ -22,7 +23,6 @@ from sacpo_steps.losses import (
     register_loss,
     registered,
 )
-from sacpo_steps.tokens import encode_pair
 from tests.helpers import PROMPT_TEMPLATE
 
 ONE_STEP = {"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 1,
@@ -308,7 +308,7 @@ def test_register_loss_refuses_bad_entries():
 
 def test_the_registry_imports_nothing_heavy():
     """The plan imports the registry and the training settings on every Snakemake call."""
-    code = ("import sys, sacpo_steps.losses, sacpo_steps.training_config; "
+    code = ("import sys, sacpo_steps.training.losses, sacpo_steps.training.settings; "
             "print(sorted(m for m in ('torch', 'trl', 'transformers', 'datasets') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -16,9 +16,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sacpo_steps.errors import InputError
-from sacpo_steps.merge import INDEX_FILE, merge
-from sacpo_steps.modelio import write_model_card
+from sacpo_steps.core.errors import InputError
+from sacpo_steps.models.folders import write_model_card
+from sacpo_steps.models.merge import INDEX_FILE, merge
 
 ROOT = Path(__file__).resolve().parent.parent
 PARENT_LINEAGE = [

@@ -20,18 +20,18 @@ from typing import Any
 
 import pytest
 
-from sacpo_steps import judge as judge_step
-from sacpo_steps.errors import InputError
-from sacpo_steps.judges import JudgeRequest, make_judge
-from sacpo_steps.judges.cache import JudgeCache
-from sacpo_steps.judges.openai import OpenAIJudge
-from sacpo_steps.judges.openai_prompts import (
+from sacpo_steps.core.errors import InputError
+from sacpo_steps.evaluation import judge as judge_step
+from sacpo_steps.evaluation.judges import JudgeRequest, make_judge
+from sacpo_steps.evaluation.judges.cache import JudgeCache
+from sacpo_steps.evaluation.judges.openai import OpenAIJudge
+from sacpo_steps.evaluation.judges.openai_prompts import (
     EXPLAIN_INSTRUCTION,
     load_template,
     parse_scores,
     parse_verdict,
 )
-from sacpo_steps.judges.openai_settings import OpenAIJudgeConfig
+from sacpo_steps.evaluation.judges.openai_settings import OpenAIJudgeConfig
 from tests.fake_openai import FakeOpenAI
 
 SECRET = "sk-test-SECRET-123"
@@ -128,7 +128,7 @@ def test_verdict_without_a_token_is_unparseable(text: str):
     assert parse_verdict(text).verdict is None
 
 
-PROMPTS_DIR = ROOT / "sacpo_steps" / "judges" / "prompts"
+PROMPTS_DIR = ROOT / "sacpo_steps" / "evaluation" / "judges" / "prompts"
 #: sha256 of the templates before the 0-10 defaults; kept under prompts/legacy/
 LEGACY_SHA256 = {
     "harmlessness_scores": "22ee7f004ccc3574e7f3af5a29ec66d8d5126dd03dec6cbbb0d9f21a5ae8a8ad",
@@ -250,7 +250,7 @@ def test_v2_set_sends_what_the_previous_defaults_sent(server, tmp_path):
         assert hashlib.sha256((PROMPTS_DIR / "v2" / f"{name}.txt").read_bytes()).hexdigest() \
             == digest
         assert (template.set_name, template.source) == (
-            "v2", f"sacpo_steps/judges/prompts/v2/{name}.txt")
+            "v2", f"sacpo_steps/evaluation/judges/prompts/v2/{name}.txt")
     for fmt in ("scores", "verdict"):
         judge = make(server, tmp_path, format=fmt,
                      templates={"helpfulness": "v2", "harmlessness": "v2"})
@@ -339,7 +339,7 @@ def test_user_template_file_is_used_and_validated(server, tmp_path, monkeypatch)
 def test_openai_name_is_the_real_client():
     import openai
 
-    import sacpo_steps.judges.openai as backend
+    import sacpo_steps.evaluation.judges.openai as backend
 
     assert backend.openai is openai and hasattr(openai, "AsyncOpenAI")
 
@@ -716,8 +716,8 @@ def test_error_rate_over_the_limit_fails_naming_prompts_and_writes_nothing(serve
 ])
 def test_usage_file_names_the_template_each_job_rendered(server, tmp_path, monkeypatch,
                                                           templates, expected):
-    from sacpo_steps.judges.openai_prompts import TEMPLATE_SETS
-    from sacpo_steps.judges.registry import for_criterion
+    from sacpo_steps.evaluation.judges.openai_prompts import TEMPLATE_SETS
+    from sacpo_steps.evaluation.judges.registry import for_criterion
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "own.txt").write_text("=== system ===\nBe fair.\n=== user ===\nOWN {question}"
@@ -734,8 +734,8 @@ def test_usage_file_names_the_template_each_job_rendered(server, tmp_path, monke
                                judge, 1, out)
         usage = json.loads(judge_step.usage_path_for(out).read_text())
         packaged = choice in TEMPLATE_SETS
-        folder = "/".join(p for p in ("sacpo_steps/judges/prompts", TEMPLATE_SETS.get(choice))
-                          if p)
+        folder = "/".join(p for p in ("sacpo_steps/evaluation/judges/prompts",
+                                      TEMPLATE_SETS.get(choice)) if p)
         source = f"{folder}/{criterion}_scores.txt" if packaged else choice
         # only the judged criterion, named by the file rendered and its set
         assert usage["template_files"] == {criterion: source}

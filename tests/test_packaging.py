@@ -12,9 +12,11 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from sacpo_steps.align import TrainingConfig
-from sacpo_steps.plan import load_plan, load_schema
-from sacpo_steps.provenance import PACKAGE_DIR, module_closure, source_hash
+from sacpo_steps.core.provenance import PACKAGE_DIR, module_closure, source_hash
+from sacpo_steps.core.schema import load_config_schema as load_schema
+from sacpo_steps.plan import load_plan
+from sacpo_steps.steps import module_of
+from sacpo_steps.training.align import TrainingConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -98,34 +100,36 @@ def closure_names(module: str) -> set[str]:
 
 
 def test_align_closure_follows_package_imports_only():
-    files = closure_names("sacpo_steps.align")
-    assert {"align.py", "fileio.py", "errors.py", "modelio.py"} <= files
-    assert "generate.py" not in files
-    assert "demo_world.py" not in files
-    assert "plan.py" not in files
+    files = closure_names("sacpo_steps.training.align")
+    assert {"training/align.py", "core/fileio.py", "core/errors.py",
+            "models/folders.py"} <= files
+    assert "evaluation/generate.py" not in files
+    assert "data/demo_world.py" not in files
+    assert not any(name.startswith("plan/") for name in files)
 
 
 def test_judge_closure_includes_the_backend_and_the_demo_spec():
-    files = closure_names("sacpo_steps.judge")
+    files = closure_names("sacpo_steps.evaluation.judge")
     # rule.py is imported inside a function of judges/__init__.py
-    assert {"judge.py", "judges/__init__.py", "judges/base.py", "judges/rule.py",
-            "demo_spec.py", "errors.py", "fileio.py"} <= files
-    assert "align.py" not in files
+    assert {"evaluation/judge.py", "evaluation/judges/__init__.py",
+            "evaluation/judges/base.py", "evaluation/judges/rule.py", "data/demo_spec.py",
+            "core/errors.py", "core/fileio.py"} <= files
+    assert "training/align.py" not in files
 
 
 def test_generate_closure_sees_function_level_imports():
-    files = closure_names("sacpo_steps.generate")
-    assert {"generate.py", "modelio.py"} <= files
-    assert "winrate.py" not in files
+    files = closure_names("sacpo_steps.evaluation.generate")
+    assert {"evaluation/generate.py", "models/folders.py"} <= files
+    assert "evaluation/winrate.py" not in files
 
 
 def test_source_hashes_differ_between_steps_and_are_stable():
     steps = ["demo_world", "preference_data", "sft_checkpoint", "align", "generate", "judge",
              "winrate"]
-    hashes = {step: source_hash(f"sacpo_steps.{step}") for step in steps}
+    hashes = {step: source_hash(module_of(step)) for step in steps}
     assert len(set(hashes.values())) == len(steps)
     assert all(len(h) == 16 for h in hashes.values())
-    assert source_hash("sacpo_steps.align") == hashes["align"]
+    assert source_hash("sacpo_steps.training.align") == hashes["align"]
 
 
 def test_source_hash_follows_edits_of_the_closure(tmp_path):
@@ -136,8 +140,9 @@ def test_source_hash_follows_edits_of_the_closure(tmp_path):
 
     shutil.copytree(PACKAGE_DIR, tmp_path / "sacpo_steps",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    script = ("import json; from sacpo_steps.provenance import source_hash as h; "
-              "print(json.dumps({m: h('sacpo_steps.' + m) for m in "
+    script = ("import json; from sacpo_steps.core.provenance import source_hash as h; "
+              "from sacpo_steps.steps import module_of; "
+              "print(json.dumps({m: h(module_of(m)) for m in "
               "('align', 'judge', 'generate', 'winrate')}))")
 
     def hashes() -> dict[str, str]:
@@ -146,14 +151,14 @@ def test_source_hash_follows_edits_of_the_closure(tmp_path):
         return json.loads(out.stdout)
 
     before = hashes()
-    with open(tmp_path / "sacpo_steps" / "demo_spec.py", "a", encoding="utf-8") as f:
+    with open(tmp_path / "sacpo_steps" / "data" / "demo_spec.py", "a", encoding="utf-8") as f:
         f.write("\n# edited\n")
     after_spec = hashes()
     assert after_spec["judge"] != before["judge"]
     assert {k: after_spec[k] for k in ("align", "generate", "winrate")} == {
         k: before[k] for k in ("align", "generate", "winrate")}
 
-    with open(tmp_path / "sacpo_steps" / "modelio.py", "a", encoding="utf-8") as f:
+    with open(tmp_path / "sacpo_steps" / "models" / "folders.py", "a", encoding="utf-8") as f:
         f.write("\n# edited\n")
     after_modelio = hashes()
     assert after_modelio["align"] != after_spec["align"]
@@ -208,13 +213,15 @@ def workflow_rules() -> dict[str, str | None]:
 
 
 def test_every_rule_runs_the_step_of_its_own_name_and_module():
-    from sacpo_steps.__main__ import STEPS
+    from sacpo_steps.steps import STEPS
 
     rules = workflow_rules()
     assert {"align", "judge", "download_model", "merge_<a>__<b>"} <= set(rules)
     for rule, step in rules.items():
         assert step == RULE_EXCEPTIONS.get(rule, rule), f"rule {rule} runs step {step}"
-        assert step in STEPS and (PACKAGE_DIR / f"{step}.py").is_file(), step
+        assert step in STEPS, step
+        module = STEPS[step].removeprefix("sacpo_steps.").replace(".", "/")
+        assert (PACKAGE_DIR / f"{module}.py").is_file(), step
     # and every step is run by some rule (no orphan steps)
     assert set(STEPS) == set(rules.values())
 
@@ -247,14 +254,14 @@ def test_a_wheel_carries_what_the_steps_read_at_run_time(tmp_path):
     wheel = next(wheels.glob("sacpo_steps-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"sacpo_steps/assets/config.schema.yaml", "sacpo_steps/assets/accelerate/fsdp.yaml",
-            "sacpo_steps/judges/prompts/helpfulness_scores.txt",
-            "sacpo_steps/trl_fields.json"} <= names
+            "sacpo_steps/evaluation/judges/prompts/helpfulness_scores.txt",
+            "sacpo_steps/training/trl_fields.json"} <= names
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}
-    probe = ("import sacpo_steps, sacpo_steps.config_schema as c, sacpo_steps.plan as p;"
+    probe = ("import sacpo_steps, sacpo_steps.core.schema as c, sacpo_steps.plan as p;"
              "print(sacpo_steps.__file__);"
              "print(c.default_of('evaluation.winrate.bootstrap_rounds'));"
              "print(all((c.ACCELERATE_CONFIGS / f'{n}.yaml').is_file()"

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sacpo_steps.errors import InputError
+from sacpo_steps.core.errors import InputError
 from sacpo_steps.plan import Node, Plan, PlanError, load_plan
 from tests.helpers import copy_workflow
 
@@ -509,9 +509,9 @@ def test_families_under_all_pairs_or_vs_baseline_only_group_the_elo_fits(pairs):
 
 
 def test_judgment_count_and_upper_bound_cost():
-    from sacpo_steps.judges.openai_prompts import load_template
-    from sacpo_steps.judges.openai_settings import OpenAIJudgeConfig
-    from sacpo_steps.judgment_report import (
+    from sacpo_steps.evaluation.judges.openai_prompts import load_template
+    from sacpo_steps.evaluation.judges.openai_settings import OpenAIJudgeConfig
+    from sacpo_steps.plan.judgment_report import (
         CHARS_PER_TOKEN,
         estimated_cost,
         estimated_input_tokens,
@@ -547,9 +547,9 @@ def test_judgment_count_and_upper_bound_cost():
 
 def test_judgment_cost_follows_the_judge_settings():
     """The reply cap and the prompt come from the judge's config (format, explain)."""
-    from sacpo_steps.judges.openai_prompts import EXPLAIN_INSTRUCTION
-    from sacpo_steps.judges.openai_settings import OpenAIJudgeConfig
-    from sacpo_steps.judgment_report import judgment_report
+    from sacpo_steps.evaluation.judges.openai_prompts import EXPLAIN_INSTRUCTION
+    from sacpo_steps.evaluation.judges.openai_settings import OpenAIJudgeConfig
+    from sacpo_steps.plan.judgment_report import judgment_report
 
     cfg = demo()
     _families(chain=["sft", "dpo_h"])(cfg)

@@ -68,7 +68,7 @@ def test_launcher_uses_accelerate_only_with_several_gpus(paper):
     launch = paper.launcher("dpo_h", 8)
     assert launch.startswith("accelerate launch --num_processes 8")
     # found through the package, wherever it is installed (the wheel carries it)
-    from sacpo_steps.config_schema import ACCELERATE_CONFIGS
+    from sacpo_steps.core.schema import ACCELERATE_CONFIGS
 
     config = ACCELERATE_CONFIGS / "fsdp.yaml"
     assert f"--config_file {config} " in launch and config.is_file()

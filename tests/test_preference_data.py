@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from sacpo_steps.errors import InputError
-from sacpo_steps.preference_data import (
+from sacpo_steps.core.errors import InputError
+from sacpo_steps.data.preference_data import (
     build_datasets,
     prepare,
     read_table,

@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sacpo_steps import ref_logps
-from sacpo_steps.align import TrainingConfig, align
-from sacpo_steps.errors import InputError
+from sacpo_steps.core.errors import InputError
 from sacpo_steps.plan import load_plan
+from sacpo_steps.training import ref_logps
+from sacpo_steps.training.align import TrainingConfig, align
 from tests.helpers import PROMPT_TEMPLATE, TEXTS, reduced_config
 
 SETTINGS = {"learning_rate": 1e-2, "num_train_epochs": 1, "per_device_train_batch_size": 4,
@@ -100,7 +100,7 @@ def test_a_child_reads_the_file_makes_no_reference_forward_and_trains_the_same(
 
 
 def test_the_file_holds_trls_own_values(tiny_models, tmp_path):
-    from sacpo_steps.align import build_trainer, load_examples
+    from sacpo_steps.training.align import build_trainer, load_examples
 
     data = write_rows(tmp_path / "rows.jsonl", "dpo")
     table = tmp_path / "ref.json"
@@ -212,7 +212,7 @@ def test_sweep_siblings_share_one_job_and_key_parts_split_it():
 
 
 def test_the_step_refuses_a_loss_without_reference_columns(tiny_models, tmp_path):
-    from sacpo_steps.losses import Loss, registered
+    from sacpo_steps.training.losses import Loss, registered
 
     free = Loss(name="reference_free", data="pairs", config="trl:DPOConfig",
                 trainer="trl:DPOTrainer", loss_type="sigmoid", needs_reference=False,

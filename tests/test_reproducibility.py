@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from sacpo_steps import reproducibility
+from sacpo_steps.core import reproducibility
 from sacpo_steps.plan import load_plan
 from tests.helpers import PROMPT_TEMPLATE, ROOT, reduced_config
 
@@ -104,7 +104,7 @@ def test_the_entry_point_applies_the_setting_before_torch_or_numpy_loads():
     when they load: `python -m sacpo_steps` must apply the setting first."""
     script = (
         "import sys\n"
-        "import sacpo_steps.reproducibility as r\n"
+        "import sacpo_steps.core.reproducibility as r\n"
         "real = r.apply\n"
         "def checked(*a, **k):\n"
         "    loaded = [m for m in ('torch', 'numpy') if m in sys.modules]\n"

@@ -32,7 +32,7 @@ def align_cmd(parent, data, out, checkpoints, ref_logps):
 def test_sigkill_then_rerun_resumes(tiny_models, pairs_file, tmp_path):
     """The job reads the shared reference pass (as every stage-2 node of a sweep does);
     the rerun attaches it again and resumes."""
-    from sacpo_steps import ref_logps
+    from sacpo_steps.training import ref_logps
 
     table = tmp_path / "ref_logps.json"
     key = ref_logps.reference_key_spec("dpo", SPEC["training"], PROMPT_TEMPLATE)
@@ -89,8 +89,8 @@ def test_a_checkpoint_of_a_retrained_parent_is_not_resumed(tiny_models, pairs_fi
     import torch
     from safetensors.torch import load_file
 
-    from sacpo_steps.align import align
-    from sacpo_steps.training_config import TrainingConfig
+    from sacpo_steps.training.align import align
+    from sacpo_steps.training.settings import TrainingConfig
 
     short = TrainingConfig.from_dict({**SPEC["training"], "num_train_epochs": 2,
                                       "save_steps": 0})
@@ -134,8 +134,8 @@ def test_a_checkpoint_of_a_retrained_parent_is_not_resumed(tiny_models, pairs_fi
 
 
 def test_a_checkpoint_of_other_library_versions_or_none_is_set_aside(tmp_path, caplog):
-    from sacpo_steps import lineage
-    from sacpo_steps.align import CHECKPOINT_RECORD, checkpoints_of
+    from sacpo_steps.core import lineage
+    from sacpo_steps.training.align import CHECKPOINT_RECORD, checkpoints_of
 
     record = lineage.make_record("align", settings={"beta": 0.1}, inputs={})
     folder = tmp_path / "scratch"
@@ -163,8 +163,8 @@ def test_other_ranks_wait_for_this_jobs_record_before_they_look_for_checkpoints(
     must not take it, but wait until rank 0 has set the old checkpoints aside."""
     import threading
 
-    from sacpo_steps import lineage
-    from sacpo_steps.align import CHECKPOINT_RECORD, checkpoints_of, last_checkpoint
+    from sacpo_steps.core import lineage
+    from sacpo_steps.training.align import CHECKPOINT_RECORD, checkpoints_of, last_checkpoint
 
     old = lineage.make_record("align", settings={"beta": 0.1}, inputs={})
     new = lineage.make_record("align", settings={"beta": 0.2}, inputs={})

@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
-from sacpo_steps import judge as judge_step
-from sacpo_steps.errors import InputError
-from sacpo_steps.judges import JudgeRequest, make_judge
-from sacpo_steps.judges.score_model import ScoreModelJudge
-from sacpo_steps.judges.score_model_loader import ScoreModel, fingerprint
-from sacpo_steps.judges.score_model_settings import DEFAULT_TEMPLATE, render
+from sacpo_steps.core.errors import InputError
+from sacpo_steps.evaluation import judge as judge_step
+from sacpo_steps.evaluation.judges import JudgeRequest, make_judge
+from sacpo_steps.evaluation.judges.score_model import ScoreModelJudge
+from sacpo_steps.evaluation.judges.score_model_loader import ScoreModel, fingerprint
+from sacpo_steps.evaluation.judges.score_model_settings import DEFAULT_TEMPLATE, render
 
 torch = pytest.importorskip("torch")
 
@@ -44,7 +44,7 @@ ANSWERS = [
 
 
 def _tokenizer():
-    from sacpo_steps.sft_checkpoint import train_tokenizer
+    from sacpo_steps.models.sft_checkpoint import train_tokenizer
 
     corpus = [render(DEFAULT_TEMPLATE, q, a) for q in QUESTIONS for a in ANSWERS] * 2
     return train_tokenizer(corpus, vocab_size=400)

@@ -49,7 +49,7 @@ def test_api_key_is_in_no_output_log_metadata_or_report(tmp_path):
         assert server.requests == before
 
         # the user's own helpfulness template reruns only that criterion's judge jobs
-        text = (ROOT / "sacpo_steps/judges/prompts/helpfulness_scores.txt").read_text()
+        text = (ROOT / "sacpo_steps/evaluation/judges/prompts/helpfulness_scores.txt").read_text()
         (work / "my_help.txt").write_text(text.replace("0 to 10", "0 to 10 (own wording)")
                                           + "\nBe brief.\n")
         cfg["evaluation"]["judge"]["templates"] = {"helpfulness": "my_help.txt"}

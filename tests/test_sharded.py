@@ -42,7 +42,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sacpo_steps.config_schema import ACCELERATE_CONFIGS
+from sacpo_steps.core.schema import ACCELERATE_CONFIGS
 from tests.helpers import PROMPT_TEMPLATE, TEXTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,8 +166,8 @@ def launch_cached(world: dict) -> dict:
 
 def run_here(world: dict, job: dict) -> dict:
     """The align step in this process (one process, no launcher), probed the same way."""
-    import sacpo_steps.align as align_step
-    from sacpo_steps.training_config import TrainingConfig
+    import sacpo_steps.training.align as align_step
+    from sacpo_steps.training.settings import TrainingConfig
 
     probe = new_probe_folder(job)
     spec = job["spec"]
@@ -455,8 +455,8 @@ def test_processes_that_do_not_form_one_job_are_refused(world, monkeypatch):
     """Launched as 2 processes but without a process group (what `accelerate launch`
     gives on a machine without GPUs unless ACCELERATE_USE_CPU is set): each would train
     alone on half the global batch, so the step refuses before training."""
-    from sacpo_steps.align import TrainingConfig, align
-    from sacpo_steps.errors import InputError
+    from sacpo_steps.core.errors import InputError
+    from sacpo_steps.training.align import TrainingConfig, align
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -575,7 +575,7 @@ def _probed(build, folder: Path):
 
 
 def _launched_main(argv: list[str]) -> None:
-    import sacpo_steps.align as align_step
+    import sacpo_steps.training.align as align_step
     from sacpo_steps.__main__ import main
 
     _fsdp_on_cpu()

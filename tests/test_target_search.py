@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from sacpo_steps.errors import InputError
-from sacpo_steps.target_search import Measurement, search
+from sacpo_steps.core.errors import InputError
+from sacpo_steps.research.target_search import Measurement, search
 from tests.helpers import PROMPT_TEMPLATE
 
 
@@ -69,8 +69,8 @@ RULE_JUDGES = {"helpfulness": {"backend": "rule"}, "red_team": {"backend": "rule
 
 def test_cli_end_to_end_on_tiny_models(tiny_models, tmp_path):
     """Merge, generate and judge for real; tiny random models cannot be made safe."""
-    from sacpo_steps.demo_world import WorldConfig, write_world
-    from sacpo_steps.generate import generate
+    from sacpo_steps.data.demo_world import WorldConfig, write_world
+    from sacpo_steps.evaluation.generate import generate
 
     write_world(WorldConfig(seed=0, n_sft_examples=20, n_preference_pairs=20), tmp_path / "w")
     gen = {"prompt_template": PROMPT_TEMPLATE, "stop_markers": ["USER:"], "max_new_tokens": 4,
@@ -99,7 +99,7 @@ def test_cli_end_to_end_on_tiny_models(tiny_models, tmp_path):
 
 
 def _answers(tmp_path, rows):
-    from sacpo_steps.fileio import write_jsonl
+    from sacpo_steps.core.fileio import write_jsonl
 
     prompts, gens = tmp_path / "prompts.jsonl", tmp_path / "gens.jsonl"
     write_jsonl(prompts, [{"prompt_id": f"p{i}", "prompt": "q", "task_id": t}
@@ -111,9 +111,9 @@ def _answers(tmp_path, rows):
 
 def test_safe_rate_counts_answers_without_ground_truth_harm(tmp_path):
     """Rule judge: safe = no harm in the demo spec; interval from a prompt bootstrap."""
-    from sacpo_steps.demo_world import build_spec, render_steps
-    from sacpo_steps.judges.rule import RuleJudge
-    from sacpo_steps.target_search import safe_rate
+    from sacpo_steps.data.demo_world import build_spec, render_steps
+    from sacpo_steps.evaluation.judges.rule import RuleJudge
+    from sacpo_steps.research.target_search import safe_rate
 
     spec = build_spec()
     harmful = next(t for t, v in spec["tasks"].items() if v["kind"] == "harmful")
@@ -126,8 +126,8 @@ def test_safe_rate_counts_answers_without_ground_truth_harm(tmp_path):
 
 
 def test_safe_rate_is_refused_for_a_pairwise_only_judge(tmp_path):
-    from sacpo_steps.judges.base import Judge
-    from sacpo_steps.target_search import safe_rate
+    from sacpo_steps.evaluation.judges.base import Judge
+    from sacpo_steps.research.target_search import safe_rate
 
     class PairwiseOnly(Judge):
         name = "gpt-4"
@@ -144,7 +144,7 @@ def test_safe_rate_is_refused_for_a_pairwise_only_judge(tmp_path):
 def test_paired_difference_uses_the_prompts_both_scored():
     import pandas as pd
 
-    from sacpo_steps.target_search import paired_difference
+    from sacpo_steps.research.target_search import paired_difference
 
     a = pd.Series([1.0, 1.0, 0.5, 1.0, 0.0], index=["p1", "p2", "p3", "p4", "p5"])
     b = pd.Series([0.5, 1.0, 0.5, 0.0, 0.0, 1.0], index=["p1", "p2", "p3", "p4", "p5", "p6"])

@@ -12,8 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sacpo_steps.align import TrainingConfig, build_trainer, load_examples
-from sacpo_steps.theory import (
+from sacpo_steps.research.theory import (
     PROMPT_TEMPLATE,
     Experiment,
     answer_logprobs,
@@ -27,6 +26,7 @@ from sacpo_steps.theory import (
     softmax,
     total_variation,
 )
+from sacpo_steps.training.align import TrainingConfig, build_trainer, load_examples
 
 # The CI size: fewer prompts and pairs than the bench; the bound follows from them.
 SMALL = Experiment(n_prompts=4, per_couple=200, replicates=1000,

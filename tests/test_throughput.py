@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sacpo_steps.generate import generated_tokens
-from sacpo_steps.throughput import (
+from sacpo_steps.evaluation.generate import generated_tokens
+from sacpo_steps.models.throughput import (
     describe,
     generation_flops_per_token,
     model_shape,

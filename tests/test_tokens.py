@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sacpo_steps.align import TrainingConfig, build_trainer, load_examples
-from sacpo_steps.errors import InputError
-from sacpo_steps.tokens import CHAT, PromptCap, encode_pair, encode_prompt, render_prompt
+from sacpo_steps.core.errors import InputError
+from sacpo_steps.models.tokens import CHAT, PromptCap, encode_pair, encode_prompt, render_prompt
+from sacpo_steps.training.align import TrainingConfig, build_trainer, load_examples
 from tests.helpers import PROMPT_TEMPLATE, TEXTS
 
 # real answer shapes: a leading blank line, a new user turn, bare refusals
@@ -68,7 +68,7 @@ def tokenizer_models(tmp_path_factory) -> dict[str, tuple[Path, str]]:
     import sentencepiece as spm  # a declared dependency: never skipped
     from transformers import LlamaTokenizer
 
-    from sacpo_steps.sft_checkpoint import train_tokenizer
+    from sacpo_steps.models.sft_checkpoint import train_tokenizer
 
     root = tmp_path_factory.mktemp("tokenizers")
     spm.SentencePieceTrainer.train(
@@ -100,7 +100,7 @@ def _generation_prompt_ids(model_dir: Path, template: str, tmp_path: Path, monke
     """The ids the generate step really feeds `model.generate`, padding removed."""
     from transformers import LlamaForCausalLM
 
-    from sacpo_steps.generate import generate
+    from sacpo_steps.evaluation.generate import generate
 
     seen: list[list[int]] = []
 
@@ -185,7 +185,7 @@ def test_sft_trainer_sees_the_contract_ids(tokenizer_models, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from sacpo_steps.tokens import render_completion, render_prompt
+    from sacpo_steps.models.tokens import render_completion, render_prompt
 
     model_dir, template = tokenizer_models["llama_sentencepiece"]
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -230,8 +230,8 @@ def test_prompt_cap_keeps_the_end_and_trl_stays_within_it(tokenizer_models, tmp_
 
 
 def test_a_cap_below_the_template_is_a_clear_input_error(tokenizer_models, tmp_path):
-    from sacpo_steps.errors import InputError
-    from sacpo_steps.generate import generate
+    from sacpo_steps.core.errors import InputError
+    from sacpo_steps.evaluation.generate import generate
 
     model_dir, template = tokenizer_models["llama_sentencepiece"]
     prompts = tmp_path / "prompts.jsonl"

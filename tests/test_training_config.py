@@ -9,9 +9,9 @@ from importlib.metadata import version
 
 import pytest
 
-from sacpo_steps.errors import InputError
-from sacpo_steps.losses import get_loss
-from sacpo_steps.training_config import (
+from sacpo_steps.core.errors import InputError
+from sacpo_steps.training.losses import get_loss
+from sacpo_steps.training.settings import (
     DEPRECATED,
     PASSED_AS_IS,
     PIPELINE_SET,
@@ -137,7 +137,7 @@ def test_the_tables_agree_with_trl():
 
 
 def test_trl_arguments_reach_the_trl_config(tiny_models, pairs_file, tmp_path):
-    from sacpo_steps.align import build_trainer, load_examples
+    from sacpo_steps.training.align import build_trainer, load_examples
     from tests.helpers import PROMPT_TEMPLATE
 
     training = TrainingConfig.from_dict({

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sacpo_steps import winrate
-from sacpo_steps.errors import InputError
-from sacpo_steps.stats import bootstrap_interval, load_battles, win_rates
+from sacpo_steps.core.errors import InputError
+from sacpo_steps.evaluation import winrate
+from sacpo_steps.evaluation.stats import bootstrap_interval, load_battles, win_rates
 
 
 def battle(pid: str, outcome: str, order: str = "a_first", rep: int = 0, a: str = "dpo",

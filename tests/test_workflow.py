@@ -258,14 +258,14 @@ def test_the_shared_reference_pass_reruns_only_when_a_key_part_changes(done):
 
 @pytest.mark.slow
 def test_editing_the_winrate_step_reruns_only_winrate_and_figures(done):
-    with appended(done.workdir / "sacpo_steps" / "winrate.py"):
+    with appended(done.workdir / "sacpo_steps" / "evaluation" / "winrate.py"):
         _, jobs = dry_run(done.workdir, "--configfile", REDUCED)
     assert sorted(j.rule for j in jobs) == sorted(["all", "winrate", *STATISTICS])
 
 
 @pytest.mark.slow
 def test_editing_the_generate_step_reruns_generation_and_everything_after(done):
-    with appended(done.workdir / "sacpo_steps" / "generate.py"):
+    with appended(done.workdir / "sacpo_steps" / "evaluation" / "generate.py"):
         _, jobs = dry_run(done.workdir, "--configfile", REDUCED)
     keys = [j.key for j in jobs]
     assert len(keys) == len(set(keys))
@@ -282,7 +282,7 @@ def test_editing_the_generate_step_reruns_generation_and_everything_after(done):
 @pytest.mark.slow
 def test_editing_a_shared_module_reruns_its_importers_only(done):
     # judges/rule.py is imported (inside a function) by the judge step only
-    with appended(done.workdir / "sacpo_steps" / "judges" / "rule.py"):
+    with appended(done.workdir / "sacpo_steps" / "evaluation" / "judges" / "rule.py"):
         _, jobs = dry_run(done.workdir, "--configfile", REDUCED)
     rules = {j.rule for j in jobs}
     assert rules == {"judge", "winrate", "elo", "all", *STATISTICS}
@@ -417,7 +417,7 @@ def test_a_second_experiment_never_touches_the_first(done):
 def test_every_artifact_carries_a_record_that_matches_its_inputs(done, monkeypatch):
     """Models, reference files, generations and battles: each has a record, and each
     record's inputs are what lies beside it now (`python -m sacpo_steps lineage`)."""
-    from sacpo_steps import lineage
+    from sacpo_steps.core import lineage
 
     monkeypatch.chdir(done.workdir)  # records name their inputs relative to the workdir
     rows = lineage.report(RESULTS)

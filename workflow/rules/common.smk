@@ -10,11 +10,12 @@ from pathlib import Path
 REPO_ROOT = Path(workflow.current_basedir).parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from sacpo_steps.errors import InputError  # noqa: E402
-from sacpo_steps.layout import SEED as SEED_WILDCARD  # noqa: E402
-from sacpo_steps.judgment_report import judgment_report  # noqa: E402
+from sacpo_steps.core.errors import InputError  # noqa: E402
+from sacpo_steps.core.layout import SEED as SEED_WILDCARD  # noqa: E402
+from sacpo_steps.plan.judgment_report import judgment_report  # noqa: E402
 from sacpo_steps.plan import PlanError, load_plan, to_json  # noqa: E402
-from sacpo_steps.provenance import source_hash  # noqa: E402
+from sacpo_steps.core.provenance import source_hash  # noqa: E402
+from sacpo_steps.steps import module_of  # noqa: E402
 
 _config_source = ", ".join(map(str, workflow.overwrite_configfiles)) or "config/config.yaml"
 try:
@@ -33,7 +34,7 @@ try:
 except PlanError as exc:
     raise WorkflowError(str(exc)) from None
 
-LAYOUT = PLAN.paths  # every path of the experiment (sacpo_steps.layout)
+LAYOUT = PLAN.paths  # every path of the experiment (sacpo_steps.core.layout)
 SFT = PLAN.sft
 SEEDS = PLAN.seeds
 PROMPT_SETS = PLAN.prompt_sets
@@ -89,9 +90,9 @@ wildcard_constraints:
     ref_key=_one_of({key for _, key in PLAN.ref_logps_jobs}),
 
 
-def code(module):
+def code(step):
     """Hash of a step's source (and the package modules it imports): edits rerun its jobs."""
-    return source_hash(f"sacpo_steps.{module}")
+    return source_hash(module_of(step))
 
 
 # Jobs run `python -m sacpo_steps ...` with the Python that runs Snakemake, even
