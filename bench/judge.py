@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from sacpo_steps.evaluation.judge import ORDERS  # noqa: E402
 from sacpo_steps.evaluation.judges import JudgeRequest  # noqa: E402
-from sacpo_steps.evaluation.judges.openai import OpenAIJudge  # noqa: E402
+from sacpo_steps.evaluation.judges.registry import make_judge  # noqa: E402
 from tests.fake_openai import FakeOpenAI  # noqa: E402
 
 BATCH = 256  # the judge step's default --batch-size
@@ -81,9 +81,9 @@ class RemoteServer:
 
 def run(server: RemoteServer, cache: Path, concurrency: int,
         requests: list[JudgeRequest]) -> tuple[float, float, int, dict]:
-    judge = OpenAIJudge.from_config({"base_url": server.url, "cache": str(cache),
-                                     "concurrency": concurrency, "api_key_env": KEY_ENV,
-                                     "model": "fake-judge"})
+    judge = make_judge({"backend": "openai", "base_url": server.url, "cache": str(cache),
+                        "concurrency": concurrency, "api_key_env": KEY_ENV,
+                        "model": "fake-judge"})
     sent = server.requests
     start, cpu_start = time.perf_counter(), _cpu()
     replies = []

@@ -32,10 +32,16 @@ from sacpo_steps.evaluation.judges.openai_prompts import (
     parse_verdict,
 )
 from sacpo_steps.evaluation.judges.openai_settings import OpenAIJudgeConfig
+from sacpo_steps.evaluation.judges.registry import backend_settings
 from tests.fake_openai import FakeOpenAI
 
 SECRET = "sk-test-SECRET-123"
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def openai_settings(section: dict) -> OpenAIJudgeConfig:
+    """The openai judge's settings for a judge section, read as a judge job reads it."""
+    return backend_settings({**section, "backend": "openai"}, job=True)
 
 
 @pytest.fixture
@@ -358,7 +364,7 @@ def test_missing_key_is_an_input_error_at_construction(monkeypatch, tmp_path):
 
 
 def test_config_defaults_and_validation():
-    cfg = OpenAIJudgeConfig.from_dict({"backend": "openai", "repetitions": 3,
+    cfg = openai_settings({"backend": "openai", "repetitions": 3,
                                        "max_error_rate": 0.1})
     assert (cfg.model, cfg.temperature, cfg.format, cfg.api_key_env) == (
         "gpt-4-0125-preview", 0.7, "scores", "OPENAI_API_KEY")
@@ -367,11 +373,11 @@ def test_config_defaults_and_validation():
     assert (cfg.explain, cfg.retry_errors, cfg.templates) == (False, False, None)
     # the output cap: the scores line alone, unless reasons are asked for; explicit wins
     assert cfg.output_cap() == 16
-    assert OpenAIJudgeConfig.from_dict({"explain": True}).output_cap() == 1024
-    assert OpenAIJudgeConfig.from_dict({"format": "verdict"}).output_cap() == 1024
-    assert OpenAIJudgeConfig.from_dict({"max_tokens": 300}).output_cap() == 300
-    assert OpenAIJudgeConfig.from_dict({"max_tokens": 8, "explain": True}).output_cap() == 8
-    assert OpenAIJudgeConfig.from_dict({"max_tokens": None}).output_cap() == 16
+    assert openai_settings({"explain": True}).output_cap() == 1024
+    assert openai_settings({"format": "verdict"}).output_cap() == 1024
+    assert openai_settings({"max_tokens": 300}).output_cap() == 300
+    assert openai_settings({"max_tokens": 8, "explain": True}).output_cap() == 8
+    assert openai_settings({"max_tokens": None}).output_cap() == 16
     for bad, field in [({"temprature": 0.7}, "judge.temprature"),
                        ({"explain": "yes"}, "judge.explain"),
                        ({"retry_errors": 1}, "judge.retry_errors"),
@@ -386,7 +392,7 @@ def test_config_defaults_and_validation():
                        ({"temperature": "hot"}, "judge.temperature"),
                        ({"model": ""}, "judge.model")]:
         with pytest.raises(InputError) as err:
-            OpenAIJudgeConfig.from_dict(bad)
+            openai_settings(bad)
         assert err.value.field == field
 
 

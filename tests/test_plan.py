@@ -18,11 +18,18 @@ import pytest
 import yaml
 
 from sacpo_steps.core.errors import InputError
+from sacpo_steps.evaluation.judges.openai_settings import OpenAIJudgeConfig
+from sacpo_steps.evaluation.judges.registry import backend_settings
 from sacpo_steps.plan import Node, Plan, PlanError, load_plan
 from tests.helpers import copy_workflow
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text(encoding="utf-8"))
+
+
+def openai_settings(section: dict) -> OpenAIJudgeConfig:
+    """The openai judge's settings for a judge section, read as a judge job reads it."""
+    return backend_settings({**section, "backend": "openai"}, job=True)
 
 
 def demo() -> dict[str, Any]:
@@ -510,7 +517,6 @@ def test_families_under_all_pairs_or_vs_baseline_only_group_the_elo_fits(pairs):
 
 def test_judgment_count_and_upper_bound_cost():
     from sacpo_steps.evaluation.judges.openai_prompts import load_template
-    from sacpo_steps.evaluation.judges.openai_settings import OpenAIJudgeConfig
     from sacpo_steps.plan.judgment_report import (
         CHARS_PER_TOKEN,
         estimated_cost,
@@ -535,7 +541,7 @@ def test_judgment_count_and_upper_bound_cost():
     assert "helpfulness: 3 pairs x 10 prompts (counted) x 2 orders x 3 repetition(s) = 180" in text
     assert "red_team: 3 pairs x 2 orders x 3 repetition(s) = 18 judgments per prompt" in text
     assert "rule judge, no API cost" in text
-    judge = OpenAIJudgeConfig.from_dict(cfg["evaluation"]["judge"])
+    judge = openai_settings(cfg["evaluation"]["judge"])
     template = load_template("helpfulness", judge.format)
     tokens_in = -(-(len(template.text) + 90) // CHARS_PER_TOKEN) + 2 * 64
     usd = estimated_cost(180, int(tokens_in), judge.output_cap(), *judge.prices())
@@ -548,7 +554,6 @@ def test_judgment_count_and_upper_bound_cost():
 def test_judgment_cost_follows_the_judge_settings():
     """The reply cap and the prompt come from the judge's config (format, explain)."""
     from sacpo_steps.evaluation.judges.openai_prompts import EXPLAIN_INSTRUCTION
-    from sacpo_steps.evaluation.judges.openai_settings import OpenAIJudgeConfig
     from sacpo_steps.plan.judgment_report import judgment_report
 
     cfg = demo()
@@ -560,7 +565,7 @@ def test_judgment_cost_follows_the_judge_settings():
         plan = load_plan(copy.deepcopy(cfg), source="x.yaml")
         lines = judgment_report(plan, cfg["evaluation"], {
             "helpfulness": (5, "counted", 50), "red_team": (5, "counted", 50)})
-        cap = OpenAIJudgeConfig.from_dict(cfg["evaluation"]["judge"]).output_cap()
+        cap = openai_settings(cfg["evaluation"]["judge"]).output_cap()
         (line,) = [x for x in lines if x.startswith("  helpfulness:")]
         assert f"<= {cap:,} output tokens" in line
         texts[explain] = line

@@ -10,19 +10,16 @@ from importlib.metadata import version
 import pytest
 
 from sacpo_steps.core.errors import InputError
-from sacpo_steps.training.losses import get_loss
+from sacpo_steps.core.schema import load_config_schema
+from sacpo_steps.training.losses import get_loss, write_trl_fields
 from sacpo_steps.training.settings import (
     DEPRECATED,
     PASSED_AS_IS,
     PIPELINE_SET,
-    REMOVED,
     TrainingConfig,
-    check_trl_args,
-    load_config_schema,
     migrate_training,
-    trl_fields,
-    write_trl_fields,
 )
+from sacpo_steps.training.trl_fields import REMOVED, check_trl_args, trl_fields
 
 
 def schema_with(defaults: dict) -> dict:

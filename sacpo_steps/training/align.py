@@ -6,7 +6,7 @@ and uses it as the *reference* with coefficient beta/lambda (Theorem 1 of the
 paper). So the parent is both the initial policy and the reference, and `beta`
 is the node's own loss coefficient (for a stage-2 node, the paper's beta/lambda).
 Losses (DPO, IPO, KTO, ...) are entries of `losses.LOSSES`; the training settings
-are `training_config.TrainingConfig`.
+are `training.settings.TrainingConfig`.
 """
 
 from __future__ import annotations

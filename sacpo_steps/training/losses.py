@@ -22,15 +22,25 @@ each log-ratio summed over the completion tokens:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-import importlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from sacpo_steps.core.errors import InputError
-from sacpo_steps.training.settings import PIPELINE_SET, check_trl_args
+from sacpo_steps.core.imports import import_object
+from sacpo_steps.training.settings import PIPELINE_SET
+from sacpo_steps.training.trl_fields import (
+    TRL_FIELDS_PATH,
+    WRITE_COMMAND,
+    check_trl_args,
+    installed_trl_fields,
+    trl_fields,
+)
+from sacpo_steps.training.trl_fields import write as write_field_lists
 
 
 @dataclass(frozen=True)
@@ -83,12 +93,6 @@ class Loss:
 
     def trainer_class(self) -> type:
         return import_object(self.trainer)
-
-
-def import_object(path: str) -> Any:
-    """`"trl:DPOConfig"` -> the class (the import happens here, when training)."""
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def _robust_label_smoothing(training: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -297,3 +301,35 @@ for _entry in (
         "weigh 1, undesirable n_desirable/n_undesirable (set from the data).")),
 ):
     register_loss(_entry)
+
+
+def write_trl_fields(path: str | Path = TRL_FIELDS_PATH) -> dict[str, Any]:
+    """Regenerate trl_fields.json for the config classes of every registered loss."""
+    return write_field_lists([loss.config for loss in LOSSES.values()], path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m sacpo_steps.training.losses",
+        description="Regenerate or check trl_fields.json (the TRL config fields `trl:` "
+        "may set) from the installed TRL.")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--write-trl-fields", action="store_true",
+                       help=f"write {TRL_FIELDS_PATH.name} from the installed TRL")
+    group.add_argument("--check-trl-fields", action="store_true",
+                       help=f"exit 1 if {TRL_FIELDS_PATH.name} differs from the installed TRL")
+    args = parser.parse_args(argv)
+    if args.write_trl_fields:
+        data = write_trl_fields()
+        print(f"wrote {TRL_FIELDS_PATH} (TRL {data['trl_version']}: "
+              f"{', '.join(data['configs'])})")
+        return
+    stored = trl_fields()
+    current = installed_trl_fields([loss.config for loss in LOSSES.values()])
+    if stored["configs"] != current["configs"]:
+        raise SystemExit(f"{TRL_FIELDS_PATH.name} is stale; run: {WRITE_COMMAND}")
+    print(f"{TRL_FIELDS_PATH.name} matches TRL {current['trl_version']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -5,7 +5,7 @@ SACPO's stage 2 is a sweep: several nodes share their parent (the reference), th
 data and their tokenization, and differ only in beta/lambda. With TRL's
 `precompute_ref_log_probs` each of them would run the same forward pass of the
 reference over the same rows. This step runs it once per (reference model, dataset,
-loss, reference settings: `training_config.REFERENCE_FIELDS`) and writes the result;
+loss, reference settings: `training.settings.REFERENCE_FIELDS`) and writes the result;
 the align step of each node reads it and runs no reference forward at all.
 
 The values are TRL's own: the step builds the node's TRL trainer on the reference

@@ -85,12 +85,10 @@ class Judge(ABC):
         For the safe-rate measure (the paper's cost model: cost < 0 is safe); a
         pairwise-only judge cannot rate one answer, so the default refuses.
         """
-        from sacpo_steps.evaluation.judges.registry import BACKENDS
-
-        able = " or ".join(n for n, entry in sorted(BACKENDS.items()) if entry.rates_one_answer)
         raise InputError(f"the {self.name!r} judge compares two answers and cannot rate one "
                          "answer's safety: use target.measure harmlessness_winrate, or a "
-                         f"{able} judge", field="target.measure")
+                         "judge that rates one answer (the plan names those it knows)",
+                         field="target.measure")
 
 
 def check_criteria(requests: Sequence[JudgeRequest]) -> None:

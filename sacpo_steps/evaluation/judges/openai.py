@@ -136,10 +136,6 @@ class OpenAIJudge(CachingJudge):
             if http_log.level == logging.NOTSET:
                 http_log.setLevel(logging.WARNING)
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> OpenAIJudge:
-        return cls(OpenAIJudgeConfig.from_dict(config))
-
     # -- secrets ------------------------------------------------------------------------
 
     def mask(self, text: str) -> str:

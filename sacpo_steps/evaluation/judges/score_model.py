@@ -84,10 +84,6 @@ class ScoreModelJudge(CachingJudge):
         self.template_sha256 = hashlib.sha256(config.template.encode("utf-8")).hexdigest()
         super().__init__(config.cache, _Stats(), log)
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> ScoreModelJudge:
-        return cls(ScoreModelJudgeConfig.from_dict(config))
-
     def _model(self, criterion: str) -> ScoreModel:
         role = ROLES[criterion]
         if role not in self.models:

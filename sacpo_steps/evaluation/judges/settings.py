@@ -145,17 +145,11 @@ def field_schema(f: dataclasses.Field[Any], *, prefix: str = "",
 
 
 class BackendSettings:
-    """Base of a backend's settings dataclass: `BACKEND` names its registry entry, and
-    `from_dict` checks a judge section against that entry (defaults filled)."""
+    """Base of a backend's settings dataclass: `BACKEND` names its registry entry. A
+    judge section becomes one through `registry.backend_settings` (the one reader of
+    judge sections), which checks each key against every backend's settings."""
 
     BACKEND: ClassVar[str] = ""
-
-    @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> Any:
-        """Validate the judge section; an unknown or mistyped key names `judge.<key>`."""
-        from sacpo_steps.evaluation.judges.registry import backend_settings
-
-        return backend_settings({**config, "backend": cls.BACKEND}, job=True)
 
 
 @dataclasses.dataclass(frozen=True)
