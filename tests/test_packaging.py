@@ -95,6 +95,48 @@ def test_training_defaults_live_only_in_the_schema():
         assert getattr(empty, f.name) == props[f.name]["default"], f.name
 
 
+#: the resource keys a job kind of the config sets (`$defs/resources`)
+RESOURCE_KEYS = ("gpu", "gpu_model", "cpus_per_gpu", "mem_mb", "runtime")
+
+
+def test_resource_defaults_live_only_in_the_schema():
+    """The rules pass no resource default of their own: every gpu, cpus_per_gpu, mem_mb
+    and runtime of a rule is `resource(kind, key, per=...)` or `ref_resource(key)`
+    (common.smk), with no number, and each key read has its default in the schema's
+    `resources.<kind>`; no shipped config restates one of those defaults."""
+    import re
+
+    kinds = load_schema()["properties"]["resources"]["properties"]
+    defaults = {kind: {key: sub["default"] for key, sub in spec["properties"].items()}
+                for kind, spec in kinds.items()}
+    helper = re.compile(r"(?<![\w.])(ref_)?resource\(([^()]*)\)")
+    read: set[tuple[str, str]] = set()
+    for smk in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
+        text = smk.read_text(encoding="utf-8")
+        for match in helper.finditer(text):
+            args = [a.strip() for a in match.group(2).split(",")]
+            where = f"{smk.name}: {match.group(0)}"
+            assert not any(re.fullmatch(r"-?[\d_.]+", a.split("=")[-1]) for a in args), (
+                f"{where} passes a numeric default (defaults live in the config schema)")
+            if match.group(2).startswith(("kind", "key")):
+                continue  # the helpers' definitions
+            kind, key = ("align", args[0]) if match.group(1) else (args[0], args[1])
+            read.add((kind.strip("\"'"), key.strip("\"'")))
+        for key, value in re.findall(
+                rf"^\s+({'|'.join(RESOURCE_KEYS)})\s*=\s*(.+?),?\s*$", text, re.M):
+            assert re.match(r"(ref_)?resource\(", value), (
+                f"{smk.name}: {key}={value} (a rule's resources come from the plan: "
+                f"resource(kind, key) or ref_resource(key), defaults in the config schema)")
+    assert {kind for kind, _ in read} == set(defaults), read
+    missing = sorted(f"{kind}.{key}" for kind, key in read if key not in defaults[kind])
+    assert not missing, f"rules read resources with no schema default: {missing}"
+    for path in SHIPPED_CONFIGS:
+        given = yaml.safe_load(path.read_text(encoding="utf-8")).get("resources") or {}
+        restated = sorted(f"{kind}.{key}" for kind, keys in given.items()
+                          for key, value in keys.items() if defaults[kind].get(key) == value)
+        assert not restated, f"{path.name} restates the schema's defaults of {restated}"
+
+
 def closure_names(module: str) -> set[str]:
     return {p.relative_to(PACKAGE_DIR).as_posix() for p in module_closure(module)}
 

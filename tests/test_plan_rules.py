@@ -82,6 +82,53 @@ def test_resources_take_the_kind_defaults_then_the_node_own(paper):
     assert paper.resources("merge") == {"mem_mb": 64000, "runtime": 60}
 
 
+def schema_resource_defaults() -> dict[str, dict[str, Any]]:
+    """{job kind: {key: default}} of the schema's `resources.<kind>`."""
+    from sacpo_steps.core.schema import default_of, load_config_schema
+
+    kinds = load_config_schema()["properties"]["resources"]["properties"]
+    return {kind: {key: default_of(f"resources.{kind}.{key}") for key in spec["properties"]}
+            for kind, spec in kinds.items()}
+
+
+def test_a_job_of_each_kind_gets_the_schema_default_resources(demo):
+    """The demo sets no `resources:`: each planned job (the SFT build and hub downloads,
+    every align and ref_logps job, every merge, every generation) gets its kind's
+    defaults, which live in the config schema alone (the rules pass none)."""
+    defaults = schema_resource_defaults()
+    assert "resources" not in DEMO
+    assert set(defaults) == {"sft_checkpoint", "align", "merge", "generate"}
+    for kind, keys in defaults.items():
+        assert {"mem_mb", "runtime"} <= set(keys), kind
+    assert {"gpu", "cpus_per_gpu"} <= set(defaults["align"])
+    assert demo.resources("sft_checkpoint") == defaults["sft_checkpoint"]
+    for node in demo.nodes:
+        assert demo.resources("align", node) == defaults["align"], node
+    assert demo.ref_logps_jobs
+    for reference, key in demo.ref_logps_jobs:
+        reader = demo.ref_logps_consumer(reference, key)
+        assert demo.resources("align", reader) == defaults["align"], reader
+    assert demo.merges
+    for merge in demo.merges:
+        assert demo.resources("merge", merge) == defaults["merge"], merge
+    generated = [m for m in demo.models
+                 if demo.baselines.get(m, {}).get("source") != "constant"]
+    assert "sft" in generated and len(generated) > len(demo.nodes)
+    for model in generated:
+        assert demo.resources("generate", model) == defaults["generate"], model
+
+
+def test_a_kind_or_node_that_sets_some_resources_keeps_the_other_defaults(paper):
+    defaults = schema_resource_defaults()
+    child = "dpo_h.dpo_s-0.1"
+    # the paper sets gpu and mem_mb of align jobs, dpo_h its own gpu: the rest is default
+    assert paper.resources("align", child) == {**defaults["align"], "gpu": 2, "mem_mb": 200000}
+    assert paper.resources("align", "dpo_h") == {**defaults["align"], "gpu": 8,
+                                                 "mem_mb": 200000}
+    assert paper.resources("merge")["runtime"] == defaults["merge"]["runtime"]
+    assert paper.resources("sft_checkpoint")["mem_mb"] == defaults["sft_checkpoint"]["mem_mb"]
+
+
 def test_merge_rules_are_named_after_their_pair_not_their_position(demo):
     rules = demo.merge_rules()
     assert list(rules) == ["merge_dpo_h__dpo_h_dpo_s_0_01"]

@@ -26,10 +26,10 @@ rule ref_logps:
         threads=torch_threads("align"),
     threads: config["threads"]["align"]
     resources:
-        gpu=lambda wildcards: _ref_resource(wildcards, "gpu", 0),
-        cpus_per_gpu=lambda wildcards: _ref_resource(wildcards, "cpus_per_gpu", 8),
-        mem_mb=lambda wildcards: _ref_resource(wildcards, "mem_mb", 16000),
-        runtime=lambda wildcards: _ref_resource(wildcards, "runtime", 240),
+        gpu=ref_resource("gpu"),
+        cpus_per_gpu=ref_resource("cpus_per_gpu"),
+        mem_mb=ref_resource("mem_mb"),
+        runtime=ref_resource("runtime"),
     conda:
         "../../environment.yml"
     log:
@@ -63,10 +63,10 @@ rule align:
         threads=torch_threads("align"),
     threads: config["threads"]["align"]
     resources:
-        gpu=resource("align", "gpu", 0, per="aligned"),
-        cpus_per_gpu=resource("align", "cpus_per_gpu", 8, per="aligned"),
-        mem_mb=resource("align", "mem_mb", 16000, per="aligned"),
-        runtime=resource("align", "runtime", 240, per="aligned"),
+        gpu=resource("align", "gpu", per="aligned"),
+        cpus_per_gpu=resource("align", "cpus_per_gpu", per="aligned"),
+        mem_mb=resource("align", "mem_mb", per="aligned"),
+        runtime=resource("align", "runtime", per="aligned"),
     conda:
         "../../environment.yml"
     log:

@@ -124,18 +124,20 @@ def _ref_reader(wildcards):
     return PLAN.ref_logps_consumer(wildcards.reference, wildcards.ref_key)
 
 
-def _ref_resource(wildcards, key, default):
-    return PLAN.resources("align", _ref_reader(wildcards)).get(key, default)
-
-
-def resource(kind, key, default, per="name"):
-    """A resource callable for a rule (reads the node's config at job time)."""
+def resource(kind, key, per="name"):
+    """A resource callable for a rule: the job's `key` from the plan (Plan.resources:
+    `resources.<kind>`, whose defaults live in the config schema, then the node's own)."""
 
     def get(wildcards):
         name = getattr(wildcards, per, None) if per else None
-        return PLAN.resources(kind, name).get(key, default)
+        return PLAN.resources(kind, name)[key]
 
     return get
+
+
+def ref_resource(key):
+    """A ref_logps job's `key`: the align resources of the node it is run for."""
+    return lambda wildcards: PLAN.resources("align", _ref_reader(wildcards))[key]
 
 
 # API keys come from the environment only: refuse before any job if one is missing.

@@ -18,9 +18,9 @@ rule generate:
         threads=torch_threads("generate"),
     threads: config["threads"]["generate"]
     resources:
-        gpu=resource("generate", "gpu", 0, per="model"),
-        mem_mb=resource("generate", "mem_mb", 8000, per="model"),
-        runtime=resource("generate", "runtime", 60, per="model"),
+        gpu=resource("generate", "gpu", per="model"),
+        mem_mb=resource("generate", "mem_mb", per="model"),
+        runtime=resource("generate", "runtime", per="model"),
     conda:
         "../../environment.yml"
     log:

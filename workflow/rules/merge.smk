@@ -23,8 +23,8 @@ for _rule_name, _nodes in PLAN.merge_rules().items():
             code=code("merge"),
             reproducibility=REPRODUCIBILITY,
         resources:
-            mem_mb=resource("merge", "mem_mb", 16000, per=None),
-            runtime=resource("merge", "runtime", 60, per=None),
+            mem_mb=resource("merge", "mem_mb", per=None),
+            runtime=resource("merge", "runtime", per=None),
         conda:
             "../../environment.yml"
         log:

@@ -21,9 +21,9 @@ if config["sft"]["source"] != "hub":
             threads=torch_threads("sft"),
         threads: config["threads"]["sft"]
         resources:
-            gpu=resource("sft_checkpoint", "gpu", 0, per=None),
-            mem_mb=resource("sft_checkpoint", "mem_mb", 16000, per=None),
-            runtime=resource("sft_checkpoint", "runtime", 240, per=None),
+            gpu=resource("sft_checkpoint", "gpu", per=None),
+            mem_mb=resource("sft_checkpoint", "mem_mb", per=None),
+            runtime=resource("sft_checkpoint", "runtime", per=None),
         conda:
             "../../environment.yml"
         log:
@@ -45,7 +45,7 @@ rule download_model:
         ),
         code=code("download_model"),
     resources:
-        mem_mb=resource("sft_checkpoint", "mem_mb", 16000, per=None),
+        mem_mb=resource("sft_checkpoint", "mem_mb", per=None),
     conda:
         "../../environment.yml"
     log:
