@@ -511,8 +511,8 @@ def make_case(name: str, work: Path, model_dir: Path, rows: list[dict[str, Any]]
 
     from transformers import AutoTokenizer
 
-    from sacpo_steps.training.align import load_examples
     from sacpo_steps.training.settings import TrainingConfig
+    from sacpo_steps.training.trainer import load_examples
 
     full = asdict(TrainingConfig.from_dict(training))
     per_step = full["per_device_train_batch_size"] * full["gradient_accumulation_steps"]

@@ -9,13 +9,9 @@ import pytest
 import torch
 
 from sacpo_steps.core.errors import InputError
-from sacpo_steps.training.align import (
-    TrainingConfig,
-    align,
-    build_trainer,
-    kto_weights,
-    load_examples,
-)
+from sacpo_steps.training.align import align
+from sacpo_steps.training.settings import TrainingConfig
+from sacpo_steps.training.trainer import build_trainer, kto_weights, load_examples
 from tests.helpers import PROMPT_TEMPLATE, make_tiny_model
 
 TINY = TrainingConfig.from_dict({

@@ -72,9 +72,9 @@ def test_an_aligned_model_records_its_parent_data_and_versions(tiny_models, pair
 
 
 def _reference_file(model, name, pairs_file, out):
-    from sacpo_steps.training import ref_logps
+    from sacpo_steps.training import ref_logps, reference
 
-    key = ref_logps.reference_key_spec("dpo", TRAINING, PROMPT_TEMPLATE)
+    key = reference.reference_key_spec("dpo", TRAINING, PROMPT_TEMPLATE)
     ref_logps.compute(model, pairs_file, out,
                       spec={"reference": name, "data": "safety", **key, "seed": 0})
     return out
@@ -98,7 +98,7 @@ def test_a_reference_file_of_another_parent_is_refused_naming_both(tiny_models, 
 
 
 def test_a_reference_file_without_a_record_is_refused(tiny_models, pairs_file, tmp_path):
-    from sacpo_steps.training.ref_logps import ReferenceTable
+    from sacpo_steps.training.reference import ReferenceTable
 
     table = _reference_file(tiny_models["stage1"], "stage1", pairs_file, tmp_path / "ref.json")
     old = json.loads(table.read_text())
@@ -177,7 +177,7 @@ def test_the_report_cli_exits_non_zero_when_strict(tmp_path, capsys):
 
 def test_an_edited_record_or_a_reference_file_without_one_is_refused(tiny_models, pairs_file,
                                                                       tmp_path):
-    from sacpo_steps.training.ref_logps import ReferenceTable
+    from sacpo_steps.training.reference import ReferenceTable
 
     out = tmp_path / "gen.jsonl"
     out.write_text("{}\n")

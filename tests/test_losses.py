@@ -12,7 +12,7 @@ import torch
 
 from sacpo_steps.core.errors import InputError
 from sacpo_steps.models.tokens import encode_pair
-from sacpo_steps.training.align import TrainingConfig, align, build_trainer, load_examples
+from sacpo_steps.training.align import align
 from sacpo_steps.training.losses import (
     DATA_KINDS,
     LOSSES,
@@ -23,6 +23,8 @@ from sacpo_steps.training.losses import (
     register_loss,
     registered,
 )
+from sacpo_steps.training.settings import TrainingConfig
+from sacpo_steps.training.trainer import build_trainer, load_examples
 from tests.helpers import PROMPT_TEMPLATE
 
 ONE_STEP = {"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 1,

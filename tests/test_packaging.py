@@ -16,7 +16,7 @@ from sacpo_steps.core.provenance import PACKAGE_DIR, module_closure, source_hash
 from sacpo_steps.core.schema import load_config_schema as load_schema
 from sacpo_steps.plan import load_plan
 from sacpo_steps.steps import module_of
-from sacpo_steps.training.align import TrainingConfig
+from sacpo_steps.training.settings import TrainingConfig
 
 if sys.version_info >= (3, 11):
     import tomllib

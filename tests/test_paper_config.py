@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from sacpo_steps.plan import load_plan
-from sacpo_steps.training.align import TrainingConfig
+from sacpo_steps.training.settings import TrainingConfig
 from tests.helpers import ROOT, copy_workflow, dry_run, job_counts, snakemake
 
 STAGE2 = [0.01, 0.025, 0.05, 0.1]
@@ -90,7 +90,7 @@ def test_paper_judges_the_pairs_within_the_figures_families(paper):
 def test_every_recipe_loads_against_trl(config_file):
     """Every node's training section becomes a real TRL config, built by the align step's
     own code (recipes must not rot)."""
-    from sacpo_steps.training.align import trl_config
+    from sacpo_steps.training.trainer import trl_config
 
     cfg = yaml.safe_load((ROOT / "config" / config_file).read_text())
     plan = load_plan(cfg, source=config_file)

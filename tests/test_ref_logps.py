@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 
 from sacpo_steps.core.errors import InputError
 from sacpo_steps.plan import load_plan
-from sacpo_steps.training import ref_logps
-from sacpo_steps.training.align import TrainingConfig, align
+from sacpo_steps.training import ref_logps, reference
+from sacpo_steps.training.align import align
+from sacpo_steps.training.settings import TrainingConfig
 from tests.helpers import PROMPT_TEMPLATE, TEXTS, reduced_config
 
 SETTINGS = {"learning_rate": 1e-2, "num_train_epochs": 1, "per_device_train_batch_size": 4,
@@ -41,7 +42,7 @@ def write_rows(path, loss):
 
 
 def spec_for(loss, training, seed=0):
-    key = ref_logps.reference_key_spec(loss, training, PROMPT_TEMPLATE)
+    key = reference.reference_key_spec(loss, training, PROMPT_TEMPLATE)
     return {"reference": "stage1", "data": "d", **key, "seed": seed}
 
 
@@ -100,7 +101,7 @@ def test_a_child_reads_the_file_makes_no_reference_forward_and_trains_the_same(
 
 
 def test_the_file_holds_trls_own_values(tiny_models, tmp_path):
-    from sacpo_steps.training.align import build_trainer, load_examples
+    from sacpo_steps.training.trainer import build_trainer, load_examples
 
     data = write_rows(tmp_path / "rows.jsonl", "dpo")
     table = tmp_path / "ref.json"
@@ -113,7 +114,7 @@ def test_the_file_holds_trls_own_values(tiny_models, tmp_path):
     assert stored["columns"] == ["ref_chosen_logps", "ref_rejected_logps"]
     for j, column in enumerate(stored["columns"]):
         assert stored["values"][j] == list(trainer.train_dataset[column])
-    assert stored["keys"] == ref_logps.row_keys(trainer.train_dataset)
+    assert stored["keys"] == reference.row_keys(trainer.train_dataset)
 
 
 def test_a_file_of_other_rows_settings_or_loss_is_refused(tiny_models, tmp_path):
@@ -149,9 +150,9 @@ def test_a_file_of_other_rows_settings_or_loss_is_refused(tiny_models, tmp_path)
     broken = tmp_path / "broken.json"
     broken.write_text('{"format": 1, "columns": [')
     with pytest.raises(InputError, match="broken.json.*not a reference log-probs file"):
-        ref_logps.ReferenceTable(broken)
+        reference.ReferenceTable(broken)
     with pytest.raises(InputError, match="not found"):
-        ref_logps.ReferenceTable(tmp_path / "absent.json")
+        reference.ReferenceTable(tmp_path / "absent.json")
     with pytest.raises(InputError, match="precompute_ref_log_probs"):
         train(tiny_models["stage1"], data, tmp_path / "w", "dpo",
               {**SETTINGS, "precompute_ref_log_probs": False}, ref_logps=table)

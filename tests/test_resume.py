@@ -32,10 +32,10 @@ def align_cmd(parent, data, out, checkpoints, ref_logps):
 def test_sigkill_then_rerun_resumes(tiny_models, pairs_file, tmp_path):
     """The job reads the shared reference pass (as every stage-2 node of a sweep does);
     the rerun attaches it again and resumes."""
-    from sacpo_steps.training import ref_logps
+    from sacpo_steps.training import ref_logps, reference
 
     table = tmp_path / "ref_logps.json"
-    key = ref_logps.reference_key_spec("dpo", SPEC["training"], PROMPT_TEMPLATE)
+    key = reference.reference_key_spec("dpo", SPEC["training"], PROMPT_TEMPLATE)
     ref_logps.compute(tiny_models["stage1"], pairs_file, table,
                       spec={"reference": "stage1", "data": "safety", **key, "seed": 0})
     out = tmp_path / "models" / "stage2"

@@ -456,7 +456,8 @@ def test_processes_that_do_not_form_one_job_are_refused(world, monkeypatch):
     gives on a machine without GPUs unless ACCELERATE_USE_CPU is set): each would train
     alone on half the global batch, so the step refuses before training."""
     from sacpo_steps.core.errors import InputError
-    from sacpo_steps.training.align import TrainingConfig, align
+    from sacpo_steps.training.align import align
+    from sacpo_steps.training.settings import TrainingConfig
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")

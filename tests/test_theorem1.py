@@ -26,7 +26,8 @@ from sacpo_steps.research.theory import (
     softmax,
     total_variation,
 )
-from sacpo_steps.training.align import TrainingConfig, build_trainer, load_examples
+from sacpo_steps.training.settings import TrainingConfig
+from sacpo_steps.training.trainer import build_trainer, load_examples
 
 # The CI size: fewer prompts and pairs than the bench; the bound follows from them.
 SMALL = Experiment(n_prompts=4, per_couple=200, replicates=1000,

@@ -21,7 +21,8 @@ import torch
 
 from sacpo_steps.core.errors import InputError
 from sacpo_steps.models.tokens import CHAT, PromptCap, encode_pair, encode_prompt, render_prompt
-from sacpo_steps.training.align import TrainingConfig, build_trainer, load_examples
+from sacpo_steps.training.settings import TrainingConfig
+from sacpo_steps.training.trainer import build_trainer, load_examples
 from tests.helpers import PROMPT_TEMPLATE, TEXTS
 
 # real answer shapes: a leading blank line, a new user turn, bare refusals

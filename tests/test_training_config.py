@@ -134,7 +134,7 @@ def test_the_tables_agree_with_trl():
 
 
 def test_trl_arguments_reach_the_trl_config(tiny_models, pairs_file, tmp_path):
-    from sacpo_steps.training.align import build_trainer, load_examples
+    from sacpo_steps.training.trainer import build_trainer, load_examples
     from tests.helpers import PROMPT_TEMPLATE
 
     training = TrainingConfig.from_dict({

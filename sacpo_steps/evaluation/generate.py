@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sacpo_steps import seconds_since_start
 from sacpo_steps.core.errors import InputError
 from sacpo_steps.core.fileio import read_jsonl, setup_logging, write_jsonl
 from sacpo_steps.core.lineage import (
@@ -27,6 +28,15 @@ from sacpo_steps.core.lineage import (
     model_input,
     write_sidecar,
 )
+from sacpo_steps.models.folders import check_model_dir, set_threads
+from sacpo_steps.models.throughput import (
+    cuda_device,
+    describe,
+    generation_flops_per_token,
+    model_shape,
+    rates,
+)
+from sacpo_steps.models.tokens import PromptCap, encode_prompt
 
 log = logging.getLogger("sacpo.generate")
 
@@ -80,12 +90,6 @@ def generation_throughput(model: Any, new_tokens: int, prompts: int, seconds: fl
     """Generated tokens/s and prompts/s over the `generate` calls (tokenising, loading
     and decoding excluded) and, on a GPU, MFU at 2 x parameters per generated token
     (the prompts' prefill is not counted)."""
-    from sacpo_steps.models.throughput import (
-        cuda_device,
-        generation_flops_per_token,
-        model_shape,
-        rates,
-    )
 
     gpus, device = cuda_device()
     flops = None
@@ -111,9 +115,6 @@ def generate(
     max_prompt_length: int | None = None,
 ) -> dict[str, Any]:
     """Generate greedy answers for every prompt; return counts (answers, empty, truncated)."""
-    from sacpo_steps.models.folders import check_model_dir, set_threads
-    from sacpo_steps.models.throughput import describe
-    from sacpo_steps.models.tokens import PromptCap, encode_prompt
 
     check_model_dir(model_dir)
     prompts = load_prompts(prompts_path)
@@ -161,8 +162,6 @@ def generate(
                 pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
             )
         if not first_token_logged:
-            from sacpo_steps import seconds_since_start
-
             log.info("startup: first batch generated %.2f s after process start",
                      seconds_since_start())
             first_token_logged = True

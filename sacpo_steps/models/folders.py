@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sacpo_steps import seconds_since_start
 from sacpo_steps.core.errors import InputError
 
 LINEAGE_FILE = "sacpo.json"
@@ -112,7 +113,6 @@ def startup_callback(logger):
     """A trainer callback that logs, once, how long the job took to reach its first step."""
     from transformers import TrainerCallback
 
-    from sacpo_steps import seconds_since_start
 
     class _Startup(TrainerCallback):
         logged = False

@@ -1,5 +1,8 @@
 """Text to token ids in ONE place, exactly as TRL 1.16 tokenizes training rows.
 
+The tokenizer calls that mirror TRL are in `trl_adapter` (TRL's internals, one place);
+this module renders rows and prompts and applies the prompt cap.
+
 TRL tokenizes a plain-text row with `tokenizer(text=prompt)`, i.e. with the
 tokenizer's own special-token defaults: a Llama tokenizer adds BOS, a GPT-2 one
 adds nothing. A conversational row goes through `apply_chat_template(...,
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sacpo_steps.core.errors import InputError
+from sacpo_steps.models import trl_adapter
 
 #: the `prompt_template` value that selects the tokenizer's chat template
 CHAT = "chat"
@@ -101,10 +105,9 @@ def render_completion(template: str, answer: str) -> str | list[dict[str, str]]:
 def _ids(tokenizer: Any, rendered: str | list[dict[str, str]], *,
          generation_prompt: bool) -> list[int]:
     if isinstance(rendered, list):
-        out = tokenizer.apply_chat_template(rendered, tokenize=True, return_dict=True,
-                                            add_generation_prompt=generation_prompt)
-        return list(out["input_ids"])
-    return list(tokenizer(text=rendered)["input_ids"])
+        return trl_adapter.encode_conversation(tokenizer, rendered,
+                                               generation_prompt=generation_prompt)
+    return trl_adapter.encode_text(tokenizer, rendered)
 
 
 def encode_prompt(tokenizer: Any, template: str, prompt: Prompt) -> list[int]:
@@ -123,15 +126,10 @@ def encode_pair(tokenizer: Any, template: str, prompt: Prompt,
     prompt_ids = encode_prompt(tokenizer, template, prompt)
     rendered = render_prompt(template, prompt)
     completion = render_completion(template, answer)
-    if isinstance(completion, str) and not completion.endswith(tokenizer.eos_token):
-        completion += tokenizer.eos_token
+    if isinstance(completion, str):
+        completion = trl_adapter.completion_text(tokenizer, completion)
     full = _ids(tokenizer, rendered + completion, generation_prompt=False)
-    n = 0
-    for a, b in zip(prompt_ids, full, strict=False):
-        if a != b:
-            break
-        n += 1
-    return prompt_ids[:n], full[n:]
+    return trl_adapter.split_completion(prompt_ids, full)
 
 
 @dataclass

@@ -20,7 +20,8 @@ from sacpo_steps.core.schema import ACCELERATE_CONFIGS
 from sacpo_steps.evaluation.judges import registry as judge_registry
 from sacpo_steps.plan.graph import Experiment, MergeNode, build_graph, judge_for
 from sacpo_steps.plan.loading import to_json
-from sacpo_steps.training import losses, ref_logps
+from sacpo_steps.training import losses
+from sacpo_steps.training.reference import reference_key_spec
 
 
 @dataclass
@@ -138,7 +139,7 @@ class Plan(Experiment):
         for name, node in self.nodes.items():
             entry = losses.get_loss(node.loss)
             if entry.ref_columns and node.training.get("precompute_ref_log_probs"):
-                spec = ref_logps.reference_key_spec(node.loss, node.training,
+                spec = reference_key_spec(node.loss, node.training,
                                                     self.config["prompt_template"])
                 digest = hashlib.sha256(to_json(spec).encode()).hexdigest()[:12]
                 keys[name] = f"{node.data}-{node.loss}-{digest}"
@@ -167,7 +168,7 @@ class Plan(Experiment):
     def ref_logps_spec(self, reference: str, key: str, seed: int | str) -> dict[str, Any]:
         """The ref_logps step's spec: what the pass depends on (its rerun trigger)."""
         node = self.nodes[self.ref_logps_consumer(reference, key)]
-        spec = ref_logps.reference_key_spec(node.loss, node.training,
+        spec = reference_key_spec(node.loss, node.training,
                                             self.config["prompt_template"])
         return {"reference": reference, "data": node.data, **spec, "seed": int(seed)}
 

@@ -35,6 +35,17 @@ from typing import Any
 from sacpo_steps.core.errors import InputError
 from sacpo_steps.core.fileio import atomic_output, json_object_arg, setup_logging
 from sacpo_steps.core.schema import default_of
+from sacpo_steps.evaluation.generate import generate
+from sacpo_steps.evaluation.judge import (
+    error_rate_limit,
+    judge_model,
+    read_generations,
+    read_prompt_set,
+)
+from sacpo_steps.evaluation.judges.base import JudgeRequest
+from sacpo_steps.evaluation.judges.registry import make_judge
+from sacpo_steps.evaluation.stats import SCORE_A, bootstrap_interval, load_battles, win_rates
+from sacpo_steps.models.merge import merge
 
 log = logging.getLogger("sacpo.target_search")
 
@@ -124,8 +135,6 @@ def safe_rate(judge: Any, generations: Path, prompts: Path, *, rounds: int, seed
     over prompts (the paper's cost-model safe rate; on the demo, harm = 0)."""
     import numpy as np
 
-    from sacpo_steps.evaluation.judge import read_generations, read_prompt_set
-    from sacpo_steps.evaluation.judges.base import JudgeRequest
 
     prompt_rows = read_prompt_set(prompts)
     _, rows = read_generations(generations)
@@ -149,7 +158,6 @@ def mean_interval(values: Any, *, rounds: int, seed: int,
     """Mean of per-prompt values with the percentile interval from resampling prompts."""
     import numpy as np
 
-    from sacpo_steps.evaluation.stats import bootstrap_interval
 
     values = np.asarray(values, dtype=float)
     low, high = bootstrap_interval(values, np.ones(len(values)), np.random.default_rng(seed),
@@ -168,8 +176,6 @@ class MergeEvaluator:
                  spec: Path | None, gen: dict[str, Any], work: Path, rounds: int, seed: int,
                  threads: int | None, measure: str = "harmlessness_winrate",
                  baseline_name: str = "sft") -> None:
-        from sacpo_steps.evaluation.judges.registry import make_judge
-
         if measure not in MEASURES:
             raise InputError(f"unknown measure {measure!r} (known: {', '.join(MEASURES)})",
                              field="target.measure")
@@ -184,11 +190,6 @@ class MergeEvaluator:
         self.per_prompt: dict[float, Any] = {}  # q -> helpfulness per prompt (win 1, tie 0.5)
 
     def __call__(self, q: float) -> Measurement:
-        from sacpo_steps.evaluation.generate import generate
-        from sacpo_steps.evaluation.judge import error_rate_limit, judge_model
-        from sacpo_steps.evaluation.stats import SCORE_A, load_battles, win_rates
-        from sacpo_steps.models.merge import merge
-
         name = f"merge-q{q:g}"
         model = self.work / name
         merge(*self.parents, [q], [model], names=[name], threads=self.threads)

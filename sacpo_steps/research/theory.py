@@ -28,7 +28,10 @@ from typing import Any
 import numpy as np
 
 from sacpo_steps.core.fileio import write_jsonl
-from sacpo_steps.training.align import TrainingConfig, align
+from sacpo_steps.models.sft_checkpoint import build
+from sacpo_steps.models.tokens import encode_pair
+from sacpo_steps.training.align import align
+from sacpo_steps.training.settings import TrainingConfig
 
 log = logging.getLogger("sacpo.theory")
 
@@ -186,7 +189,6 @@ def answer_logprobs(model_dir: str | Path, world: BanditWorld,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sacpo_steps.models.tokens import encode_pair
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -211,7 +213,6 @@ def answer_policy(model_dir: str | Path, world: BanditWorld,
 def answer_token_counts(tokenizer, world: BanditWorld,
                         prompt_template: str = PROMPT_TEMPLATE) -> dict[str, int]:
     """How many tokens each completion takes (answer tokens plus eos), for the report."""
-    from sacpo_steps.models.tokens import encode_pair
 
     prompt = world.prompts[0]
     return {a: len(encode_pair(tokenizer, prompt_template, prompt, a)[1])
@@ -299,7 +300,6 @@ class Experiment:
 def build_reference(world: BanditWorld, exp: Experiment, out: Path, threads: int | None
                     ) -> Path:
     """pi_ref: the project's own SFT build step on the world's answers (uneven frequencies)."""
-    from sacpo_steps.models.sft_checkpoint import build
 
     corpus = out.parent / f"{out.name}_corpus.jsonl"
     write_jsonl(corpus, sft_corpus(world, exp.seed))
