@@ -10,6 +10,7 @@ import torch
 
 from sacpo_steps.core.errors import InputError
 from sacpo_steps.training.align import align
+from sacpo_steps.training.node import NodeSettings
 from sacpo_steps.training.settings import TrainingConfig
 from sacpo_steps.training.trainer import build_trainer, kto_weights, load_examples
 from tests.helpers import PROMPT_TEMPLATE, make_tiny_model
@@ -52,8 +53,8 @@ def first_loss(trainer):
 
 def test_stage2_reference_is_the_parent(tiny_models, pairs_file, tmp_path):
     examples = load_examples(pairs_file, "dpo", PROMPT_TEMPLATE, seed=0)
-    trainer = build_trainer(tiny_models["stage1"], examples, loss="dpo", beta=0.1,
-                            training=TINY, output_dir=tmp_path / "t")
+    trainer = build_trainer(tiny_models["stage1"], examples,
+                            settings=NodeSettings("dpo", 0.1, TINY), output_dir=tmp_path / "t")
     ref = list(zip(trainer.train_dataset["ref_chosen_logps"],
                    trainer.train_dataset["ref_rejected_logps"], strict=True))
     expected_parent = sequence_logps(tiny_models["stage1"], examples)
@@ -68,8 +69,8 @@ def test_stage2_reference_is_the_parent(tiny_models, pairs_file, tmp_path):
 def test_negative_control_sft_reference(tiny_models, pairs_file, tmp_path):
     """With SFT as the reference (what Theorem 1 rules out), step 0 is no longer log 2."""
     examples = load_examples(pairs_file, "dpo", PROMPT_TEMPLATE, seed=0)
-    trainer = build_trainer(tiny_models["stage1"], examples, loss="dpo", beta=0.1,
-                            training=TINY, output_dir=tmp_path / "t",
+    trainer = build_trainer(tiny_models["stage1"], examples,
+                            settings=NodeSettings("dpo", 0.1, TINY), output_dir=tmp_path / "t",
                             reference_dir=tiny_models["sft"])
     ref = list(zip(trainer.train_dataset["ref_chosen_logps"],
                    trainer.train_dataset["ref_rejected_logps"], strict=True))
@@ -81,7 +82,7 @@ def test_negative_control_sft_reference(tiny_models, pairs_file, tmp_path):
 def test_align_writes_model_with_lineage(tiny_models, pairs_file, tmp_path):
     out = tmp_path / "models" / "stage2"
     summary = align(tiny_models["stage1"], pairs_file, out, name="stage2", parent="stage1",
-                    data="safety", loss="dpo", beta=0.05, training=TINY,
+                    data="safety", settings=NodeSettings("dpo", 0.05, TINY),
                     prompt_template=PROMPT_TEMPLATE)
     assert summary["training"]["first_loss"] == pytest.approx(math.log(2), abs=1e-4)
     for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md",
@@ -105,8 +106,8 @@ def test_kto_step_and_weights(tiny_models, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     examples = load_examples(path, "kto", PROMPT_TEMPLATE, seed=0)
     assert kto_weights(examples) == (1.0, 3.0)
-    trainer = build_trainer(tiny_models["stage1"], examples, loss="kto", beta=0.1,
-                            training=TINY, output_dir=tmp_path / "t")
+    trainer = build_trainer(tiny_models["stage1"], examples,
+                            settings=NodeSettings("kto", 0.1, TINY), output_dir=tmp_path / "t")
     assert trainer.args.undesirable_weight == 3.0
     assert math.isfinite(first_loss(trainer))
 
@@ -116,7 +117,7 @@ def test_bad_parent_folder_is_refused_and_leaves_nothing(tmp_path, pairs_file):
     out = tmp_path / "models" / "x"
     with pytest.raises(InputError, match="config.json"):
         align(tmp_path / "not_a_model", pairs_file, out, name="x", parent="p", data="d",
-              loss="dpo", beta=0.1, training=TINY, prompt_template=PROMPT_TEMPLATE)
+              settings=NodeSettings("dpo", 0.1, TINY), prompt_template=PROMPT_TEMPLATE)
     assert not out.exists()
 
 
@@ -142,7 +143,7 @@ def test_qlora_without_a_gpu_is_refused(tiny_models, pairs_file, tmp_path):
     out = tmp_path / "models" / "qlora"
     with pytest.raises(InputError, match="needs a CUDA GPU") as err:
         align(tiny_models["sft"], pairs_file, out, name="qlora", parent="sft",
-              data="helpfulness", loss="dpo", beta=0.1, training=qlora,
+              data="helpfulness", settings=NodeSettings("dpo", 0.1, qlora),
               prompt_template=PROMPT_TEMPLATE)
     assert err.value.field == "training.quantization"
     assert not out.exists()
@@ -162,14 +163,14 @@ def test_lora_stage_is_merged_so_stage2_refers_to_it(tiny_models, pairs_file, tm
            else tiny_models["sft"])
     stage1 = tmp_path / "models" / "lora_stage1"
     align(sft, pairs_file, stage1, name="lora_stage1", parent="sft",
-          data="helpfulness", loss="dpo", beta=0.1, training=lora,
+          data="helpfulness", settings=NodeSettings("dpo", 0.1, lora),
           prompt_template=PROMPT_TEMPLATE)
     assert not (stage1 / "adapter_config.json").exists()  # a full model, not an adapter
     examples = load_examples(pairs_file, "dpo", PROMPT_TEMPLATE, seed=0)
     stage1_logps = sequence_logps(stage1, examples)
     sft_logps = sequence_logps(sft, examples)
     assert any(abs(a[0] - b[0]) > 1e-3 for a, b in zip(stage1_logps, sft_logps, strict=True))
-    trainer = build_trainer(stage1, examples, loss="dpo", beta=0.1, training=TINY,
+    trainer = build_trainer(stage1, examples, settings=NodeSettings("dpo", 0.1, TINY),
                             output_dir=tmp_path / "t")
     ref = list(zip(trainer.train_dataset["ref_chosen_logps"],
                    trainer.train_dataset["ref_rejected_logps"], strict=True))
@@ -215,7 +216,7 @@ def test_several_processes_without_a_shared_folder_are_refused(tiny_models, pair
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(InputError, match="--checkpoint-dir") as err:
         align(tiny_models["sft"], pairs_file, tmp_path / "out", name="x", parent="sft",
-              data="helpfulness", loss="dpo", beta=0.1, training=TINY,
+              data="helpfulness", settings=NodeSettings("dpo", 0.1, TINY),
               prompt_template=PROMPT_TEMPLATE)
     assert err.value.field == "checkpoint_dir"
     assert not (tmp_path / "out").exists()

@@ -9,6 +9,7 @@ import pytest
 
 from sacpo_steps.core import lineage
 from sacpo_steps.core.errors import InputError
+from sacpo_steps.training.node import NodeSettings
 from tests.helpers import PROMPT_TEMPLATE
 
 TRAINING = {"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 2,
@@ -57,7 +58,7 @@ def test_an_aligned_model_records_its_parent_data_and_versions(tiny_models, pair
 
     out = tmp_path / "stage2"
     align(tiny_models["stage1"], pairs_file, out, name="stage2", parent="stage1",
-          data="safety", loss="dpo", beta=0.1, training=TrainingConfig.from_dict(TRAINING),
+          data="safety", settings=NodeSettings("dpo", 0.1, TrainingConfig.from_dict(TRAINING)),
           prompt_template=PROMPT_TEMPLATE)
     record = lineage.model_record(out)
     assert record["step"] == "align"
@@ -90,7 +91,7 @@ def test_a_reference_file_of_another_parent_is_refused_naming_both(tiny_models, 
     out = tmp_path / "child"
     with pytest.raises(InputError) as err:
         align(tiny_models["sft"], pairs_file, out, name="child", parent="sft", data="safety",
-              loss="dpo", beta=0.1, training=TrainingConfig.from_dict(TRAINING),
+              settings=NodeSettings("dpo", 0.1, TrainingConfig.from_dict(TRAINING)),
               prompt_template=PROMPT_TEMPLATE, ref_logps=table)
     message = str(err.value)
     assert "reference 'stage1'" in message and "parent is 'sft'" in message

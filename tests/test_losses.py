@@ -23,6 +23,7 @@ from sacpo_steps.training.losses import (
     register_loss,
     registered,
 )
+from sacpo_steps.training.node import NodeSettings
 from sacpo_steps.training.settings import TrainingConfig
 from sacpo_steps.training.trainer import build_trainer, load_examples
 from tests.helpers import PROMPT_TEMPLATE
@@ -114,8 +115,9 @@ def test_each_loss_computes_what_its_entry_says(tiny_models, pairs_file, tmp_pat
     first logged loss is the formula of the entry, from log-probs computed here."""
     beta = 0.5
     examples = load_examples(pairs_file, loss, PROMPT_TEMPLATE, seed=0, max_examples=1)
-    trainer = build_trainer(tiny_models["stage1"], examples, loss=loss, beta=beta,
-                            training=training_for(loss), output_dir=tmp_path / "t",
+    trainer = build_trainer(tiny_models["stage1"], examples,
+                            settings=NodeSettings(loss, beta, training_for(loss)),
+                            output_dir=tmp_path / "t",
                             reference_dir=tiny_models["sft"])
     assert trainer.args.loss_type == [loss if loss != "dpo" else "sigmoid"]
     rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
@@ -136,9 +138,9 @@ def test_each_loss_computes_what_its_entry_says(tiny_models, pairs_file, tmp_pat
 def test_variants_train_through_align(tiny_models, pairs_file, tmp_path, loss, at_start):
     out = tmp_path / "models" / loss
     summary = align(tiny_models["stage1"], pairs_file, out, name=loss, parent="stage1",
-                    data="safety", loss=loss, beta=0.5,
-                    training=training_for(loss, per_device_train_batch_size=2, max_steps=2,
-                                          learning_rate=5e-2),
+                    data="safety",
+                    settings=NodeSettings(loss, 0.5, training_for(
+                        loss, per_device_train_batch_size=2, max_steps=2, learning_rate=5e-2)),
                     prompt_template=PROMPT_TEMPLATE)
     assert summary["training"]["steps"] == 2
     assert summary["training"]["first_loss"] == pytest.approx(at_start, abs=1e-4)
@@ -154,9 +156,9 @@ def test_a_new_dpo_variant_is_one_entry(tiny_models, pairs_file, tmp_path):
     with registered(dpo_family("apo_zero", "apo_zero")):
         out = tmp_path / "models" / "apo"
         summary = align(tiny_models["stage1"], pairs_file, out, name="apo", parent="stage1",
-                        data="safety", loss="apo_zero", beta=0.1,
-                        training=training_for("apo_zero", per_device_train_batch_size=2,
-                                              max_steps=2),
+                        data="safety",
+                        settings=NodeSettings("apo_zero", 0.1, training_for(
+                            "apo_zero", per_device_train_batch_size=2, max_steps=2)),
                         prompt_template=PROMPT_TEMPLATE)
     assert "apo_zero" not in LOSSES  # the registration ended with the block
     # APO-zero at policy == reference: (1 - sigmoid(0)) + sigmoid(0) = 1 (DPO would be log 2)
@@ -275,13 +277,15 @@ def test_align_refuses_what_the_plan_would(tiny_models, pairs_file, tmp_path):
     """The CLI path checks the entry too: robust without label smoothing trains nothing."""
     with pytest.raises(InputError, match="label_smoothing"):
         align(tiny_models["stage1"], pairs_file, tmp_path / "out", name="r", parent="stage1",
-              data="safety", loss="robust", beta=0.1,
-              training=TrainingConfig.from_dict(ONE_STEP), prompt_template=PROMPT_TEMPLATE)
+              data="safety",
+              settings=NodeSettings("robust", 0.1, TrainingConfig.from_dict(ONE_STEP)),
+              prompt_template=PROMPT_TEMPLATE)
     assert not (tmp_path / "out").exists()
     with pytest.raises(InputError, match="known losses: dpo, hinge, ipo, kto, robust"):
         align(tiny_models["stage1"], pairs_file, tmp_path / "out", name="r", parent="stage1",
-              data="safety", loss="simpo", beta=0.1,
-              training=TrainingConfig.from_dict(ONE_STEP), prompt_template=PROMPT_TEMPLATE)
+              data="safety",
+              settings=NodeSettings("simpo", 0.1, TrainingConfig.from_dict(ONE_STEP)),
+              prompt_template=PROMPT_TEMPLATE)
 
 
 def test_register_loss_refuses_bad_entries():
@@ -343,7 +347,6 @@ def test_a_registered_loss_goes_through_the_plan_into_training(tiny_models, pair
         assert plan.align_data_file("apo_s", 0).endswith("/safety_pairs.jsonl")
         summary = align(tiny_models["stage1"], pairs_file, tmp_path / "apo_s",
                         name=spec["name"], parent=spec["parent"], data=spec["data"],
-                        loss=spec["loss"], beta=spec["beta"],
-                        training=TrainingConfig.from_dict(spec["training"]),
+                        settings=NodeSettings.from_dict(spec),
                         prompt_template=PROMPT_TEMPLATE, seed=spec["seed"])
     assert summary["method"] == "apo_zero" and summary["training"]["steps"] == 1

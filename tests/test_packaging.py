@@ -16,6 +16,7 @@ from sacpo_steps.core.provenance import PACKAGE_DIR, module_closure, source_hash
 from sacpo_steps.core.schema import load_config_schema as load_schema
 from sacpo_steps.plan import load_plan
 from sacpo_steps.steps import module_of
+from sacpo_steps.training.node import NodeSettings
 from sacpo_steps.training.settings import TrainingConfig
 
 if sys.version_info >= (3, 11):
@@ -73,8 +74,10 @@ def test_shipped_config_is_valid(path):
     plan = load_plan(cfg, source=str(path))
     assert plan.nodes, f"{path} has no aligned model"
     for node in plan.nodes.values():
-        # every node's training settings are accepted by the align step itself
-        TrainingConfig.from_dict(node.training)
+        # the align step rebuilds every node's settings from its spec, through the same
+        # constructor, and gets the plan's
+        spec = plan.align_spec(node.name, 0)
+        assert NodeSettings.from_dict(spec) == node.settings
 
 
 def test_schema_training_keys_equal_training_config_fields():

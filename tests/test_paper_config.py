@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import yaml
 
 from sacpo_steps.plan import load_plan
-from sacpo_steps.training.settings import TrainingConfig
 from tests.helpers import ROOT, copy_workflow, dry_run, job_counts, snakemake
 
 STAGE2 = [0.01, 0.025, 0.05, 0.1]
@@ -26,14 +27,14 @@ def test_paper_plan_holds_table3(paper):
     for name, (data, loss, beta) in stage1.items():
         node = plan.nodes[name]
         assert (node.parent, node.data, node.loss, node.beta) == ("sft", data, loss, beta)
-        assert node.resources["gpu"] == 8 and node.training["global_batch_size"] == 256
+        assert node.resources["gpu"] == 8 and node.training.global_batch_size == 256
     chains = {("dpo_h", "safety", "dpo"), ("dpo_h", "safety", "kto"), ("kto_h", "safety", "dpo"),
               ("dpo_s", "helpfulness", "dpo")}
     found = {}
     for node in plan.nodes.values():
         if node.parent != "sft":
             found.setdefault((node.parent, node.data, node.loss), []).append(node.beta)
-            assert node.training["global_batch_size"] == 64
+            assert node.training.global_batch_size == 64
             gpus = cfg["resources"]["align"]["gpu"]
             assert 16 * gpus * 2 == 64
     assert set(found) == chains
@@ -97,10 +98,10 @@ def test_every_recipe_loads_against_trl(config_file):
     assert plan.nodes
     for node in plan.nodes.values():
         # bf16 needs a GPU to build TrainingArguments; everything else as the recipe says
-        training = TrainingConfig.from_dict({**node.training, "bf16": False})
+        training = dataclasses.replace(node.training, bf16=False)
         weights = (1.0, 1.0) if node.data_file == "kto" else None
-        args = trl_config(node.loss, training, beta=node.beta, output_dir="/tmp/unused",
-                          kto_weights=weights)
+        args = trl_config(dataclasses.replace(node.settings, training=training),
+                          output_dir="/tmp/unused", kto_weights=weights)
         assert args.beta == node.beta
         assert args.num_train_epochs == training.num_train_epochs
         assert args.per_device_train_batch_size == training.per_device_train_batch_size

@@ -21,6 +21,7 @@ from sacpo_steps.core.errors import InputError
 from sacpo_steps.evaluation.judges.openai_settings import OpenAIJudgeConfig
 from sacpo_steps.evaluation.judges.registry import backend_settings
 from sacpo_steps.plan import Node, Plan, PlanError, load_plan
+from sacpo_steps.training.settings import TrainingConfig
 from tests.helpers import copy_workflow
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -324,12 +325,12 @@ def test_node_training_merges_defaults_and_overrides():
     plan = load_plan(cfg, source="x.yaml")
     own = plan.nodes["dpo_h"].training
     other = plan.nodes["dpo_h.dpo_s-0.1"].training
-    assert own["learning_rate"] == 1.0e-3 and own["max_examples"] == 8
-    assert other["learning_rate"] == default_lr != 1.0e-3
-    assert other["max_examples"] is None
-    assert own["max_length"] == other["max_length"] == 512
-    assert own["per_device_train_batch_size"] == 32  # the config's default, not the schema's
-    assert set(own) == set(other)
+    assert own.learning_rate == 1.0e-3 and own.max_examples == 8
+    assert other.learning_rate == default_lr != 1.0e-3
+    assert other.max_examples is None
+    assert own.max_length == other.max_length == 512
+    assert own.per_device_train_batch_size == 32  # the config's default, not the schema's
+    assert isinstance(own, TrainingConfig) and isinstance(other, TrainingConfig)
 
 
 def test_children_come_after_parents_whatever_the_declaration_order():
@@ -372,8 +373,8 @@ def test_stage1_accepts_what_stage2_refuses_and_a_stage2_node_may_drop_the_globa
         if spec.get("parent") not in (None, "sft"):  # stage 2: its own section replaces it
             spec["training"] = {"trl": {"f_divergence_type": "reverse_kl"}}
     plan = load_plan(cfg, source="x.yaml")
-    assert plan.nodes["dpo_h"].training["trl"] == breaking
-    assert plan.nodes["dpo_h.dpo_s-0.1"].training["trl"] == {"f_divergence_type": "reverse_kl"}
+    assert plan.nodes["dpo_h"].training.trl == breaking
+    assert plan.nodes["dpo_h.dpo_s-0.1"].training.trl == {"f_divergence_type": "reverse_kl"}
 
 
 def test_sft_name_and_baseline_can_be_changed():

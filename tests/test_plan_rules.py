@@ -4,6 +4,7 @@ params, inputs and resources of each kind of job, tested without Snakemake."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ def test_align_job_reads_its_parent_and_the_file_its_loss_needs(demo):
     assert demo.align_data_file(child, 2) == "results/demo/seed-2/data/demo/safety_pairs.jsonl"
     spec = demo.align_spec(child, "2")
     assert spec["parent"] == "dpo_h" and spec["beta"] == 0.1 and spec["seed"] == 2
-    assert spec["training"] == demo.nodes[child].training
+    assert spec["training"] == dataclasses.asdict(demo.nodes[child].training)
     assert json.loads(to_json(spec)) == spec
 
 

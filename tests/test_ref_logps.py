@@ -18,6 +18,7 @@ from sacpo_steps.core.errors import InputError
 from sacpo_steps.plan import load_plan
 from sacpo_steps.training import ref_logps, reference
 from sacpo_steps.training.align import align
+from sacpo_steps.training.node import NodeSettings
 from sacpo_steps.training.settings import TrainingConfig
 from tests.helpers import PROMPT_TEMPLATE, TEXTS, reduced_config
 
@@ -61,8 +62,8 @@ class Counter:
 
 
 def train(parent, data, out, loss, training, **kwargs):
-    return align(parent, data, out, name="child", parent="stage1", data="d", loss=loss,
-                 beta=0.1, training=TrainingConfig.from_dict(training),
+    return align(parent, data, out, name="child", parent="stage1", data="d",
+                 settings=NodeSettings(loss, 0.1, TrainingConfig.from_dict(training)),
                  prompt_template=PROMPT_TEMPLATE, seed=0, **kwargs)
 
 
@@ -107,8 +108,8 @@ def test_the_file_holds_trls_own_values(tiny_models, tmp_path):
     table = tmp_path / "ref.json"
     ref_logps.compute(tiny_models["stage1"], data, table, spec=spec_for("dpo", SETTINGS))
     examples = load_examples(data, "dpo", PROMPT_TEMPLATE, seed=0)
-    trainer = build_trainer(tiny_models["stage1"], examples, loss="dpo", beta=0.1,
-                            training=TrainingConfig.from_dict(SETTINGS),
+    trainer = build_trainer(tiny_models["stage1"], examples,
+                            settings=NodeSettings("dpo", 0.1, TrainingConfig.from_dict(SETTINGS)),
                             output_dir=tmp_path / "t")
     stored = json.loads(table.read_text())
     assert stored["columns"] == ["ref_chosen_logps", "ref_rejected_logps"]

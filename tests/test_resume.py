@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+from sacpo_steps.training.node import NodeSettings
 from tests.helpers import PROMPT_TEMPLATE
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
@@ -99,7 +100,7 @@ def test_a_checkpoint_of_a_retrained_parent_is_not_resumed(tiny_models, pairs_fi
     def train_stage1(beta):
         shutil.rmtree(stage1, ignore_errors=True)
         align(tiny_models["sft"], pairs_file, stage1, name="stage1", parent="sft",
-              data="helpfulness", loss="dpo", beta=beta, training=short,
+              data="helpfulness", settings=NodeSettings("dpo", beta, short),
               prompt_template=PROMPT_TEMPLATE)
 
     train_stage1(0.1)

@@ -43,6 +43,7 @@ import pytest
 import yaml
 
 from sacpo_steps.core.schema import ACCELERATE_CONFIGS
+from sacpo_steps.training.node import NodeSettings
 from tests.helpers import PROMPT_TEMPLATE, TEXTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,7 +168,6 @@ def launch_cached(world: dict) -> dict:
 def run_here(world: dict, job: dict) -> dict:
     """The align step in this process (one process, no launcher), probed the same way."""
     import sacpo_steps.training.align as align_step
-    from sacpo_steps.training.settings import TrainingConfig
 
     probe = new_probe_folder(job)
     spec = job["spec"]
@@ -180,9 +180,8 @@ def run_here(world: dict, job: dict) -> dict:
         mp.setattr(align_step, "build_trainer", _probed(align_step.build_trainer, probe))
         try:
             align_step.align(world["parent"], world["data"], job["out"], name=spec["name"],
-                             parent=spec["parent"], data=spec["data"], loss=spec["loss"],
-                             beta=spec["beta"],
-                             training=TrainingConfig.from_dict(spec["training"]),
+                             parent=spec["parent"], data=spec["data"],
+                             settings=NodeSettings.from_dict(spec),
                              prompt_template=spec["prompt_template"], seed=spec["seed"],
                              checkpoint_dir=job["scratch"])
         except Exception:  # reported by the tests that use this run
@@ -464,8 +463,9 @@ def test_processes_that_do_not_form_one_job_are_refused(world, monkeypatch):
     out = world["root"] / "alone" / "models" / "alone"
     with pytest.raises(InputError, match="launched as 2 processes, but the trainer sees 1"):
         align(world["parent"], world["data"], out, name="alone", parent="sft",
-              data="helpfulness", loss="dpo", beta=0.1,
-              training=TrainingConfig.from_dict({**TRAINING, "max_steps": 1}),
+              data="helpfulness",
+              settings=NodeSettings("dpo", 0.1,
+                                    TrainingConfig.from_dict({**TRAINING, "max_steps": 1})),
               prompt_template=PROMPT_TEMPLATE, checkpoint_dir=world["root"] / "alone" / "s")
     assert not out.exists() and not any(out.parent.iterdir())
 

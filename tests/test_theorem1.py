@@ -26,6 +26,7 @@ from sacpo_steps.research.theory import (
     softmax,
     total_variation,
 )
+from sacpo_steps.training.node import NodeSettings
 from sacpo_steps.training.settings import TrainingConfig
 from sacpo_steps.training.trainer import build_trainer, load_examples
 
@@ -82,7 +83,7 @@ def test_policy_is_scored_as_trl_scores_completions(measured, tmp_path):
         "learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 4,
         "gradient_accumulation_steps": 1, "max_length": 32, "warmup_steps": 0.0,
         "logging_steps": 1, "max_steps": 1})
-    trainer = build_trainer(sft_dir, examples, loss="dpo", beta=1.0, training=tiny,
+    trainer = build_trainer(sft_dir, examples, settings=NodeSettings("dpo", 1.0, tiny),
                             output_dir=tmp_path / "t")
     ours = answer_logprobs(sft_dir, world)
     prompts = [PROMPT_TEMPLATE.format(prompt=p) for p in world.prompts]

@@ -21,6 +21,7 @@ import torch
 
 from sacpo_steps.core.errors import InputError
 from sacpo_steps.models.tokens import CHAT, PromptCap, encode_pair, encode_prompt, render_prompt
+from sacpo_steps.training.node import NodeSettings
 from sacpo_steps.training.settings import TrainingConfig
 from sacpo_steps.training.trainer import build_trainer, load_examples
 from tests.helpers import PROMPT_TEMPLATE, TEXTS
@@ -133,7 +134,7 @@ def test_generation_prompt_ids_equal_trl_training_and_reference_ids(
                 for p, c, r in PAIRS for a, lab in ((c, True), (r, False))]
         pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     examples = load_examples(pairs, loss, template, seed=0)
-    trainer = build_trainer(model_dir, examples, loss=loss, beta=0.1, training=TINY,
+    trainer = build_trainer(model_dir, examples, settings=NodeSettings(loss, 0.1, TINY),
                             output_dir=tmp_path / "t")
     data = trainer.train_dataset  # tokenised, with the precomputed reference log-probs
     assert ("ref_chosen_logps" if loss == "dpo" else "ref_logps") in data.column_names
@@ -162,7 +163,7 @@ def test_reference_pass_scores_the_contract_ids(tokenizer_models, tmp_path):
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     examples = load_examples(_pairs_file(tmp_path), "dpo", template, seed=0)
-    trainer = build_trainer(model_dir, examples, loss="dpo", beta=0.1, training=TINY,
+    trainer = build_trainer(model_dir, examples, settings=NodeSettings("dpo", 0.1, TINY),
                             output_dir=tmp_path / "t")
     by_prompt = {tuple(p): (c, r) for p, c, r in zip(
         trainer.train_dataset["prompt_ids"], trainer.train_dataset["ref_chosen_logps"],
@@ -224,7 +225,7 @@ def test_prompt_cap_keeps_the_end_and_trl_stays_within_it(tokenizer_models, tmp_
                             + "\n" for p in (long_prompt, "hi", "how do i bake bread?")))
     cap = PromptCap(24)
     examples = load_examples(path, "dpo", template, seed=0, tokenizer=tok, prompt_cap=cap)
-    trainer = build_trainer(model_dir, examples, loss="dpo", beta=0.1, training=TINY,
+    trainer = build_trainer(model_dir, examples, settings=NodeSettings("dpo", 0.1, TINY),
                             output_dir=tmp_path / "t")
     assert max(len(ids) for ids in trainer.train_dataset["prompt_ids"]) <= 24
     assert cap.truncated == 1 and cap.dropped == 0
@@ -291,7 +292,7 @@ def test_multi_turn_prompts_reach_trl_as_the_contract_encodes_them(tokenizer_mod
                 for a, label in zip(pair, (True, False), strict=True)]
     examples = load_examples(_write(tmp_path / "rows.jsonl", rows), loss, template, seed=0)
     assert sorted(len(e["prompt"]) for e in examples)[-1] == 4  # all turns kept
-    trainer = build_trainer(model_dir, examples, loss=loss, beta=0.1, training=TINY,
+    trainer = build_trainer(model_dir, examples, settings=NodeSettings(loss, 0.1, TINY),
                             output_dir=tmp_path / "t")
     data = trainer.train_dataset
     assert ("ref_chosen_logps" if loss == "dpo" else "ref_logps") in data.column_names

@@ -12,12 +12,14 @@ import pytest
 from sacpo_steps.core.errors import InputError
 from sacpo_steps.core.schema import load_config_schema
 from sacpo_steps.training.losses import get_loss, write_trl_fields
+from sacpo_steps.training.node import NodeSettings
 from sacpo_steps.training.settings import (
     DEPRECATED,
     PASSED_AS_IS,
     PIPELINE_SET,
     TrainingConfig,
     migrate_training,
+    training_defaults,
 )
 from sacpo_steps.training.trl_fields import REMOVED, check_trl_args, trl_fields
 
@@ -31,10 +33,11 @@ def test_defaults_come_from_the_schema_not_the_dataclass():
     names = [f.name for f in dataclasses.fields(TrainingConfig)]
     for f in dataclasses.fields(TrainingConfig):  # no second copy of the defaults
         assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    fake = schema_with({name: f"default-of-{name}" for name in names})
+    project = training_defaults(load_config_schema())
+    fake = schema_with({**project, "num_train_epochs": 7, "max_length": 99})
     cfg = TrainingConfig.from_dict({"learning_rate": 0.5}, fake)
     assert cfg.learning_rate == 0.5
-    assert cfg.num_train_epochs == "default-of-num_train_epochs"
+    assert (cfg.num_train_epochs, cfg.max_length) == (7, 99)  # the given schema's
     with pytest.raises(InputError, match="no default for \\['trl'\\]"):
         TrainingConfig.from_dict({}, schema_with({n: 1 for n in names if n != "trl"}))
 
@@ -141,8 +144,9 @@ def test_trl_arguments_reach_the_trl_config(tiny_models, pairs_file, tmp_path):
         "num_train_epochs": 1, "per_device_train_batch_size": 2, "max_length": 64,
         "max_steps": 1, "trl": {"label_smoothing": 0.2, "max_grad_norm": 0.25}})
     examples = load_examples(pairs_file, "robust", PROMPT_TEMPLATE, seed=0)
-    trainer = build_trainer(tiny_models["sft"], examples, loss="robust", beta=0.1,
-                            training=training, output_dir=tmp_path / "t")
+    trainer = build_trainer(tiny_models["sft"], examples,
+                            settings=NodeSettings("robust", 0.1, training),
+                            output_dir=tmp_path / "t")
     assert trainer.args.label_smoothing == 0.2
     assert trainer.args.max_grad_norm == 0.25
     assert trainer.args.loss_type == ["robust"]

@@ -16,8 +16,9 @@ from sacpo_steps.core.layout import SeedError, config_seeds
 from sacpo_steps.data import formats as data_formats
 from sacpo_steps.evaluation.judges import registry as judge_registry
 from sacpo_steps.models.tokens import is_chat
-from sacpo_steps.plan.loading import PlanError, load_schema, schema_error_path
-from sacpo_steps.training import losses
+from sacpo_steps.plan.loading import PlanError
+from sacpo_steps.training.node import NodeSettings
+from sacpo_steps.training.settings import TrainingConfig
 
 
 @dataclass(frozen=True)
@@ -27,15 +28,25 @@ class Node:
     name: str
     parent: str
     data: str
-    loss: str
-    beta: float
-    training: dict[str, Any] = field(default_factory=dict)
+    settings: NodeSettings  # loss, beta and training, checked when built
     resources: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def loss(self) -> str:
+        return self.settings.loss
+
+    @property
+    def beta(self) -> float:
+        return self.settings.beta
+
+    @property
+    def training(self) -> TrainingConfig:
+        return self.settings.training
 
     @property
     def data_file(self) -> str:
         """Which file of the preference data folder this node's loss reads (registry)."""
-        return losses.get_loss(self.loss).data
+        return self.settings.entry.data
 
     @property
     def parents(self) -> tuple[str, ...]:
@@ -131,21 +142,18 @@ class Experiment:
         return chain[::-1]
 
 
-def _merge_training(defaults: dict[str, Any], override: dict[str, Any], where: str
-                    ) -> dict[str, Any]:
+def _node_training(defaults: dict[str, Any], override: dict[str, Any], where: str
+                   ) -> TrainingConfig:
+    """The global `training` section with the node's own keys on top, built (and so
+    checked against `$defs/training`: YAML reads `learning_rate: 1e-4` as a string)."""
     unknown = sorted(set(override) - set(defaults))
     if unknown:
         raise PlanError(f"{where}: unknown training key(s) {unknown}")
-    # A node's overrides are not typed by the schema (defaults would be filled into
-    # them): check them against `$defs/training` here, e.g. `learning_rate: 1e-4`,
-    # which YAML reads as a string.
-    import jsonschema
-
-    # the training section takes nothing from the registries: the cached schema will do
-    validator = jsonschema.Draft202012Validator(load_schema()["$defs"]["training"])
-    for err in sorted(validator.iter_errors(override), key=lambda e: list(e.absolute_path)):
-        raise PlanError(f"{where}.{schema_error_path(err)}: {err.message}")
-    return {**defaults, **override}
+    try:
+        return TrainingConfig.from_dict({**defaults, **override})
+    except InputError as exc:
+        raise PlanError(f"{where.rpartition('.training')[0]}.{exc.field}: {exc.message}") \
+            from None
 
 
 # what each kind of external baseline needs, and what it must not carry
@@ -363,21 +371,18 @@ def _align_node(name: str, spec: dict[str, Any], where: str, defaults: dict[str,
     if spec["data"] not in datasets:
         raise PlanError(f"{where}.data: unknown dataset {spec['data']!r} "
                         f"(defined: {sorted(datasets)})")
-    training = _merge_training(defaults, spec.get("training", {}), f"{where}.training")
+    training = _node_training(defaults, spec.get("training", {}), f"{where}.training")
     try:  # the loss registry's own checks: reference for stage 2, batch, `trl:` args
-        loss = losses.get_loss(spec["loss"])
         # a node's own `trl:` replaces the global one; without it, errors name the global
         inherited = "trl" not in spec.get("training", {})
-        losses.check_node(loss, stage2=spec["parent"] != sft, training=training, where=where,
-                          trl_where="training.trl" if inherited else None)
+        settings = NodeSettings(spec["loss"], spec["beta"], training,
+                                stage2=spec["parent"] != sft, where=where,
+                                trl_where="training.trl" if inherited else None)
     except InputError as exc:
-        if exc.field == "loss":
-            raise PlanError(f"{where}.loss: {exc.message}") from None
         raise PlanError.at_field(exc) from None
     resources = dict(spec.get("resources", {}))
     _check_global_batch(training, {**kind_resources, **resources}, where)
-    return Node(name, spec["parent"], spec["data"], spec["loss"], float(spec["beta"]),
-                training, resources)
+    return Node(name, spec["parent"], spec["data"], settings, resources)
 
 
 def _merge_node(name: str, spec: dict[str, Any], where: str) -> MergeNode:
@@ -393,18 +398,18 @@ def _merge_node(name: str, spec: dict[str, Any], where: str) -> MergeNode:
     return MergeNode(name, a, b, float(spec["q"]), dict(spec.get("resources", {})))
 
 
-def _check_global_batch(training: dict[str, Any], resources: dict[str, Any], where: str
+def _check_global_batch(training: TrainingConfig, resources: dict[str, Any], where: str
                         ) -> None:
     """A declared global batch must equal per-device batch x GPUs x accumulation."""
-    declared = training.get("global_batch_size")
+    declared = training.global_batch_size
     if declared is None:
         return
     gpus = max(1, int(resources.get("gpu", 1)))
-    actual = (training["per_device_train_batch_size"] * gpus
-              * training["gradient_accumulation_steps"])
+    actual = (training.per_device_train_batch_size * gpus
+              * training.gradient_accumulation_steps)
     if actual != declared:
         raise PlanError(
             f"{where}.training.global_batch_size: declared {declared}, but "
-            f"per_device_train_batch_size {training['per_device_train_batch_size']} x gpu "
+            f"per_device_train_batch_size {training.per_device_train_batch_size} x gpu "
             f"{gpus} x "
-            f"gradient_accumulation_steps {training['gradient_accumulation_steps']} = {actual}")
+            f"gradient_accumulation_steps {training.gradient_accumulation_steps} = {actual}")

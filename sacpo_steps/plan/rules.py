@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -109,7 +109,7 @@ class Plan(Experiment):
         """Everything the align step trains node `name` with (its rerun trigger)."""
         node = self.nodes[name]
         return {"name": node.name, "parent": node.parent, "data": node.data,
-                "loss": node.loss, "beta": node.beta, "training": node.training,
+                **node.settings.to_dict(),
                 "prompt_template": self.config["prompt_template"], "seed": int(seed)}
 
     def align_parent_dir(self, name: str, seed: int | str) -> str:
@@ -138,8 +138,8 @@ class Plan(Experiment):
         keys = {}
         for name, node in self.nodes.items():
             entry = losses.get_loss(node.loss)
-            if entry.ref_columns and node.training.get("precompute_ref_log_probs"):
-                spec = reference_key_spec(node.loss, node.training,
+            if entry.ref_columns and node.training.precompute_ref_log_probs:
+                spec = reference_key_spec(node.loss, asdict(node.training),
                                                     self.config["prompt_template"])
                 digest = hashlib.sha256(to_json(spec).encode()).hexdigest()[:12]
                 keys[name] = f"{node.data}-{node.loss}-{digest}"
@@ -168,7 +168,7 @@ class Plan(Experiment):
     def ref_logps_spec(self, reference: str, key: str, seed: int | str) -> dict[str, Any]:
         """The ref_logps step's spec: what the pass depends on (its rerun trigger)."""
         node = self.nodes[self.ref_logps_consumer(reference, key)]
-        spec = reference_key_spec(node.loss, node.training,
+        spec = reference_key_spec(node.loss, asdict(node.training),
                                             self.config["prompt_template"])
         return {"reference": reference, "data": node.data, **spec, "seed": int(seed)}
 
@@ -187,7 +187,7 @@ class Plan(Experiment):
         """One process, or `accelerate launch` with one process per GPU of the job."""
         if gpus <= 1:
             return "python -m sacpo_steps"
-        dist = self.nodes[name].training["distributed"]
+        dist = self.nodes[name].training.distributed
         return (f"accelerate launch --num_processes {gpus} "
                 f"--config_file {ACCELERATE_CONFIGS / dist}.yaml -m sacpo_steps")
 
@@ -211,7 +211,7 @@ class Plan(Experiment):
         its parents' caps (None is no cap, so the smaller of a cap and None is the cap);
         the SFT and external baselines take the global `training.max_prompt_length`."""
         if model in self.nodes:
-            return self.nodes[model].training.get("max_prompt_length")
+            return self.nodes[model].training.max_prompt_length
         if model in self.merges:
             return self._smallest_cap(self.merges[model].parents)
         return self.config.get("training", {}).get("max_prompt_length")

@@ -31,6 +31,7 @@ from sacpo_steps.core.fileio import write_jsonl
 from sacpo_steps.models.sft_checkpoint import build
 from sacpo_steps.models.tokens import encode_pair
 from sacpo_steps.training.align import align
+from sacpo_steps.training.node import NodeSettings
 from sacpo_steps.training.settings import TrainingConfig
 
 log = logging.getLogger("sacpo.theory")
@@ -324,7 +325,7 @@ def train_chain(stages: Sequence[Stage], sft_dir: Path, pairs: dict[str, Path], 
             criterion, coefficient = prefix[-1]
             name = stage_name(prefix)
             align(parent, pairs[criterion], workdir / name, name=name, parent=parent_name,
-                  data=criterion, loss="dpo", beta=coefficient, training=exp.training,
+                  data=criterion, settings=NodeSettings("dpo", coefficient, exp.training),
                   prompt_template=PROMPT_TEMPLATE, seed=exp.seed, threads=threads)
             trained[prefix] = workdir / name
         parent, parent_name = trained[prefix], stage_name(prefix)
@@ -394,7 +395,7 @@ def run_theorem1(exp: Experiment, workdir: str | Path, *, threads: int | None = 
     name = "negative_control_sft_reference"
     criterion, coefficient = reward_first[1]
     align(stage1, pairs[criterion], workdir / name, name=name, parent=stage_name(reward_first[:1]),
-          data=criterion, loss="dpo", beta=coefficient, training=exp.training,
+          data=criterion, settings=NodeSettings("dpo", coefficient, exp.training),
           prompt_template=PROMPT_TEMPLATE, seed=exp.seed, threads=threads,
           reference_dir=sft_dir)
     result_rows.append(measure(name, workdir / name, reward_first[1:], reward_first, True))

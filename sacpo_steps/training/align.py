@@ -36,9 +36,8 @@ from sacpo_steps.models.folders import (
 )
 from sacpo_steps.models.throughput import describe
 from sacpo_steps.models.tokens import PromptCap
-from sacpo_steps.training.losses import check_node, get_loss
+from sacpo_steps.training.node import NodeSettings
 from sacpo_steps.training.reference import ReferenceTable
-from sacpo_steps.training.settings import TrainingConfig
 from sacpo_steps.training.trainer import (
     build_trainer,
     load_examples,
@@ -135,9 +134,7 @@ def align(
     name: str,
     parent: str,
     data: str,
-    loss: str,
-    beta: float,
-    training: TrainingConfig,
+    settings: NodeSettings,
     prompt_template: str,
     seed: int = 0,
     threads: int | None = None,
@@ -149,16 +146,17 @@ def align(
 
     Trainer checkpoints go to `checkpoint_dir` (scratch, not a declared output, keyed
     by the node's parameters by the caller): a rerun of a killed job resumes from the
-    last one; the model folder appears only once training has finished.
+    last one; the model folder appears only once training has finished. `settings`
+    were checked when built (the plan's, or the step's from its spec).
     """
     started = time.monotonic()
+    loss, beta, training = settings.loss, settings.beta, settings.training
     rank, world = process_rank()
     if world > 1 and not checkpoint_dir:
         raise InputError(f"{world} processes need --checkpoint-dir, a folder they all share "
                          "(the trainer's state and the dataset cache live there)",
                          field="checkpoint_dir")
-    entry = get_loss(loss)
-    check_node(entry, stage2=False, training=asdict(training), where="")
+    entry = settings.entry
     parent_dir = check_model_dir(parent_dir, role=f"parent model '{parent}'")
     cap = PromptCap(training.max_prompt_length)
     tokenizer = None
@@ -191,8 +189,7 @@ def align(
         work_dir = Path(checkpoint_dir) if checkpoint_dir else tmp / ".trainer"
         if checkpoint_dir:
             checkpoints_of(work_dir, record, owner=rank == 0)
-        trainer = build_trainer(parent_dir, examples, loss=entry, beta=beta, training=training,
-                                output_dir=work_dir, seed=seed,
+        trainer = build_trainer(parent_dir, examples, settings, output_dir=work_dir, seed=seed,
                                 reference_dir=reference_dir, ref_logps=table)
         if trainer.accelerator.num_processes != world:
             # e.g. `accelerate launch` on a machine without GPUs and without
@@ -282,12 +279,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging(args.log)
     spec = json.loads(args.spec)
-    training = TrainingConfig.from_dict(spec.get("training", {}))
-    hidden = skip_unused_imports(training)
+    settings = NodeSettings.from_dict(spec)
+    hidden = skip_unused_imports(settings.training)
     if hidden:
         log.info("not imported (the node does not use them): %s", ", ".join(hidden))
     align(args.parent_dir, args.data, args.out, name=spec["name"], parent=spec["parent"],
-          data=spec["data"], loss=spec["loss"], beta=float(spec["beta"]),
-          training=training,
-          prompt_template=spec["prompt_template"], seed=int(spec.get("seed", 0)),
+          data=spec["data"], settings=settings, prompt_template=spec["prompt_template"],
+          seed=int(spec.get("seed", 0)),
           threads=args.threads, checkpoint_dir=args.checkpoint_dir, ref_logps=args.ref_logps)

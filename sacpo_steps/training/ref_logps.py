@@ -23,6 +23,7 @@ from sacpo_steps.core.lineage import file_input, make_record, model_input
 from sacpo_steps.models.folders import check_model_dir, set_threads
 from sacpo_steps.models.tokens import PromptCap
 from sacpo_steps.training.losses import Loss, get_loss
+from sacpo_steps.training.node import NodeSettings
 from sacpo_steps.training.reference import FORMAT, row_keys
 from sacpo_steps.training.settings import TrainingConfig
 from sacpo_steps.training.trainer import (
@@ -73,8 +74,9 @@ def compute(reference_dir: str | Path, data_path: str | Path, out: str | Path, *
         work = Path(scratch_dir) if scratch_dir else Path(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="sacpo-ref-")))
         # beta does not enter the reference pass; any valid value builds the trainer
-        trainer = build_trainer(reference_dir, examples, loss=entry, beta=1.0,
-                                training=training, output_dir=work, seed=int(spec["seed"]))
+        settings = NodeSettings(entry.name, 1.0, training)
+        trainer = build_trainer(reference_dir, examples, settings, output_dir=work,
+                                seed=int(spec["seed"]))
         dataset = trainer.train_dataset
         missing = [c for c in entry.ref_columns if c not in dataset.column_names]
         if missing:

@@ -16,7 +16,8 @@ import copy
 import difflib
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
+from functools import cache
 from typing import Any
 
 from sacpo_steps.core.errors import InputError
@@ -68,11 +69,13 @@ PIPELINE_SET = {
     "undesirable_weight": "KTO's weights are set from the data's label counts",
 }
 
-@dataclass
+@dataclass(frozen=True)
 class TrainingConfig:
     """Hyper-parameters of one alignment stage; build it with `from_dict` (schema defaults).
 
     Field meanings and defaults: `$defs/training` in workflow/schemas/config.schema.yaml.
+    Checked once, when built: every value against the schema (an InputError names
+    `training.<key>`); a `lora` section gets the schema's defaults for what it leaves out.
     """
 
     learning_rate: float
@@ -96,6 +99,17 @@ class TrainingConfig:
     global_batch_size: int | None  # declared; the plan checks it adds up
     max_examples: int | None  # use only the first N (shuffled) examples
     trl: dict[str, Any]  # further arguments of the loss's TRL config
+
+    def __post_init__(self) -> None:
+        values = asdict(self)
+        for err in _training_validator().iter_errors(values):
+            path = ".".join(str(p) for p in err.absolute_path)
+            raise InputError(err.message, field=f"training.{path}" if path else "training")
+        if self.lora is not None:
+            object.__setattr__(self, "lora", {**lora_defaults(), **self.lora})
+        if self.quantization and not self.lora:
+            raise InputError(f"quantization {self.quantization!r} needs a `lora` adapter "
+                             "(QLoRA)", field="training.quantization")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], schema: Mapping[str, Any] | None = None
@@ -124,6 +138,20 @@ class TrainingConfig:
                                  field="training")
             values.update({k: defaults[k] for k in missing})
         return cls(**values)
+
+
+@cache
+def _training_validator() -> Any:
+    import jsonschema  # only to build a config; the steps' --help stays fast
+
+    return jsonschema.Draft202012Validator(load_config_schema()["$defs"]["training"])
+
+
+def lora_defaults() -> dict[str, Any]:
+    """The LoRA settings a `lora:` section leaves out, from the schema (r, alpha, ...)."""
+    props = load_config_schema()["$defs"]["training"]["properties"]["lora"]["properties"]
+    return {key: copy.deepcopy(spec["default"]) for key, spec in props.items()
+            if "default" in spec}
 
 
 def training_defaults(schema: Mapping[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,6 @@ import os
 import random
 import shutil
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,8 @@ from sacpo_steps.models.throughput import (
     training_flops_per_token,
 )
 from sacpo_steps.models.tokens import PromptCap, prompt_problem, render_completion, render_prompt
-from sacpo_steps.training.losses import DATA_KINDS, Loss, check_node, get_loss
+from sacpo_steps.training.losses import DATA_KINDS, Loss, get_loss
+from sacpo_steps.training.node import NodeSettings
 from sacpo_steps.training.reference import ReferenceTable, cached_reference_trainer
 from sacpo_steps.training.settings import PASSED_AS_IS, TrainingConfig
 
@@ -96,20 +96,19 @@ def kto_weights(examples: list[dict[str, Any]]) -> tuple[float, float]:
     return 1.0, n_desirable / n_undesirable
 
 
-def trl_config(loss: str | Loss, training: TrainingConfig, *, beta: float,
-               output_dir: str | Path, seed: int = 0,
+def trl_config(settings: NodeSettings, *, output_dir: str | Path, seed: int = 0,
                kto_weights: tuple[float, float] | None = None) -> Any:
     """The loss's TRL config object: the settings the pipeline maps itself, the entry's
-    `loss_type` and `fixed` arguments, then `training.trl` (checked at plan time), and for
-    labelled rows the KTO class weights (desirable, undesirable)."""
-    entry = get_loss(loss)
+    `loss_type` and `fixed` arguments, then `training.trl` (checked when the settings were
+    built), and for labelled rows the KTO class weights (desirable, undesirable)."""
+    entry, training = settings.entry, settings.training
     extra = {**entry.fixed, **training.trl}
     if kto_weights is not None:
         extra.update(desirable_weight=kto_weights[0], undesirable_weight=kto_weights[1])
     return entry.config_class()(
         output_dir=str(output_dir),
         **{key: getattr(training, key) for key in PASSED_AS_IS},
-        beta=beta,
+        beta=settings.beta,
         logging_first_step=True,
         save_strategy="steps" if training.save_steps > 0 else "no",
         save_steps=training.save_steps if training.save_steps > 0 else 500,
@@ -127,10 +126,8 @@ def trl_config(loss: str | Loss, training: TrainingConfig, *, beta: float,
 def build_trainer(
     parent_dir: str | Path,
     examples: list[dict[str, Any]],
+    settings: NodeSettings,
     *,
-    loss: str | Loss,
-    beta: float,
-    training: TrainingConfig,
     output_dir: str | Path,
     seed: int = 0,
     reference_dir: str | Path | None = None,
@@ -138,7 +135,8 @@ def build_trainer(
 ):
     """A TRL trainer whose policy starts from the parent and whose reference is the parent.
 
-    The loss's registry entry names the TRL config and trainer; the config gets the
+    `settings` (checked when built) name the loss, whose registry entry names the TRL
+    config and trainer; the config gets the
     entry's `loss_type` and `fixed` arguments, `training.trl`, and the settings the
     pipeline maps itself. `reference_dir` overrides the reference (only for controls
     and tests: SACPO's stage 2 must use its parent, i.e. the stage-1 model).
@@ -147,20 +145,14 @@ def build_trainer(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    entry = get_loss(loss)
-    if not beta > 0:
-        raise InputError(f"beta must be > 0, got {beta}", field="beta")
-    check_node(entry, stage2=False, training=asdict(training), where="")
-    args = trl_config(entry, training, beta=beta, output_dir=output_dir, seed=seed,
+    entry, training = settings.entry, settings.training
+    args = trl_config(settings, output_dir=output_dir, seed=seed,
                       kto_weights=kto_weights(examples) if entry.data == "kto" else None)
     tokenizer = AutoTokenizer.from_pretrained(parent_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model_kwargs: dict[str, Any] = {"dtype": "auto"}
-    if training.quantization == "4bit":
-        if not training.lora:
-            raise InputError("quantization '4bit' needs a `lora` adapter (QLoRA)",
-                             field="training.quantization")
+    if training.quantization == "4bit":  # with a lora adapter (TrainingConfig checks)
         import torch
         from transformers import BitsAndBytesConfig
 
@@ -178,11 +170,10 @@ def build_trainer(
     if training.lora:
         from peft import LoraConfig
 
-        lora = training.lora
-        peft_config = LoraConfig(r=lora.get("r", 16), lora_alpha=lora.get("alpha", 32),
-                                 lora_dropout=lora.get("dropout", 0.05),
-                                 target_modules=lora.get("target_modules", "all-linear"),
-                                 task_type="CAUSAL_LM")
+        lora = training.lora  # complete: TrainingConfig fills the schema's defaults
+        peft_config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"],
+                                 lora_dropout=lora["dropout"],
+                                 target_modules=lora["target_modules"], task_type="CAUSAL_LM")
     ref_model = None
     if reference_dir is not None:
         ref_model = AutoModelForCausalLM.from_pretrained(reference_dir, dtype="auto")
