@@ -39,24 +39,48 @@ def pyproject_requirements() -> dict[str, tuple]:
     return {name: rest for name, *rest in reqs}
 
 
-def conda_pip_requirements() -> dict[str, tuple]:
-    env = yaml.safe_load((ROOT / "environment.yml").read_text(encoding="utf-8"))
+#: the user's environment (it installs the project too) and the rules' `conda:` one
+CONDA_ENVS = ("environment.yml", "workflow/envs/sacpo.yaml")
+
+
+def conda_pip_lines(name: str) -> list[str]:
+    env = yaml.safe_load((ROOT / name).read_text(encoding="utf-8"))
     pip_sections = [d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d]
-    assert len(pip_sections) == 1, "environment.yml needs exactly one pip: section"
-    reqs = [normalized(r) for r in pip_sections[0] if not r.strip().startswith("-e")]
+    assert len(pip_sections) == 1, f"{name} needs exactly one pip: section"
+    return [line.strip() for line in pip_sections[0]]
+
+
+def conda_pip_requirements(name: str = "environment.yml") -> dict[str, tuple]:
+    reqs = [normalized(r) for r in conda_pip_lines(name) if not r.startswith("-e")]
     return {name: rest for name, *rest in reqs}
 
 
-def test_environment_pins_equal_pyproject_dependencies():
+@pytest.mark.parametrize("name", CONDA_ENVS)
+def test_environment_pins_equal_pyproject_dependencies(name):
     project = pyproject_requirements()
-    conda = conda_pip_requirements()
+    conda = conda_pip_requirements(name)
     assert project, "pyproject.toml lists no dependencies"
     assert set(conda) == set(project), (
-        f"only in environment.yml: {sorted(set(conda) - set(project))}; "
+        f"only in {name}: {sorted(set(conda) - set(project))}; "
         f"only in pyproject.toml: {sorted(set(project) - set(conda))}")
-    differing = {name: (conda[name], project[name]) for name in project
-                 if conda[name] != project[name]}
-    assert not differing, f"pins differ (environment.yml, pyproject.toml): {differing}"
+    differing = {n: (conda[n], project[n]) for n in project if conda[n] != project[n]}
+    assert not differing, f"pins differ ({name}, pyproject.toml): {differing}"
+
+
+def test_the_conda_environment_installs_the_project_and_the_rules_one_does_not():
+    """`conda env create -f environment.yml` runs pip in the file's folder: `-e .` is
+    the clone. Snakemake builds a rule's environment from a copy of its file under
+    .snakemake/conda/, where `.` names no project: the rules' file lists the
+    dependencies only (their jobs import the Snakemake process's package)."""
+    assert [line for line in conda_pip_lines("environment.yml") if line.startswith("-")] \
+        == ["-e ."]
+    assert not [line for line in conda_pip_lines("workflow/envs/sacpo.yaml")
+                if line.startswith("-") or "/" in line or line.startswith(".")]
+    import re
+
+    directives = [env for smk in (ROOT / "workflow" / "rules").glob("*.smk")
+                  for env in re.findall(r"conda:\s*\n\s*(\S+)", smk.read_text(encoding="utf-8"))]
+    assert directives and set(directives) == {'"../envs/sacpo.yaml"'}
 
 
 SHIPPED_CONFIGS = sorted([*(ROOT / "config").glob("*.yaml"),

@@ -31,7 +31,7 @@ rule ref_logps:
         mem_mb=ref_resource("mem_mb"),
         runtime=ref_resource("runtime"),
     conda:
-        "../../environment.yml"
+        "../envs/sacpo.yaml"
     log:
         LAYOUT.log("ref_logps", "{reference}/{ref_key}"),
     shell:
@@ -68,7 +68,7 @@ rule align:
         mem_mb=resource("align", "mem_mb", per="aligned"),
         runtime=resource("align", "runtime", per="aligned"),
     conda:
-        "../../environment.yml"
+        "../envs/sacpo.yaml"
     log:
         LAYOUT.log("align", "{aligned}"),
     shell:

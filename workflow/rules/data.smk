@@ -17,7 +17,7 @@ rule demo_world:
         ),
         code=code("demo_world"),
     conda:
-        "../../environment.yml"
+        "../envs/sacpo.yaml"
     log:
         LAYOUT.log("demo_world", "demo_world", SEED_WILDCARD if LAYOUT.world_follows_seed else None),
     shell:
@@ -37,7 +37,7 @@ rule download_dataset:
         hub=lambda wildcards: PLAN.dataset_download(wildcards.hub_dataset),
         code=code("download_dataset"),
     conda:
-        "../../environment.yml"
+        "../envs/sacpo.yaml"
     log:
         "logs/resources/download_dataset/{hub_dataset}.log",
     shell:
@@ -57,7 +57,7 @@ rule preference_data:
         format=lambda wildcards: PLAN.preference_format_args(wildcards.source),
         code=code("preference_data"),
     conda:
-        "../../environment.yml"
+        "../envs/sacpo.yaml"
     log:
         LAYOUT.log("preference_data", "{source}"),
     shell:
@@ -80,7 +80,7 @@ rule fetch_prompt_set:
         ),
         code=code("fetch_prompt_set"),
     conda:
-        "../../environment.yml"
+        "../envs/sacpo.yaml"
     log:
         "logs/resources/fetch_prompt_set/{prompt_key}/{url_prompt_set}.log",
     shell:

@@ -22,7 +22,7 @@ rule generate:
         mem_mb=resource("generate", "mem_mb", per="model"),
         runtime=resource("generate", "runtime", per="model"),
     conda:
-        "../../environment.yml"
+        "../envs/sacpo.yaml"
     log:
         LAYOUT.log("generate", "{model}/{prompt_set}"),
     shell:
@@ -40,7 +40,7 @@ rule constant_answers:
         answer=lambda wildcards: PLAN.baselines[wildcards.constant]["answer"],
         code=code("constant_answers"),
     conda:
-        "../../environment.yml"
+        "../envs/sacpo.yaml"
     log:
         LAYOUT.log("constant_answers", "{constant}/{prompt_set}"),
     shell:
@@ -75,7 +75,7 @@ rule judge:
     resources:
         judge_api=1,
     conda:
-        "../../environment.yml"
+        "../envs/sacpo.yaml"
     log:
         LAYOUT.log("judge", "{prompt_set}/{model}__vs__{opponent}"),
     shell:
@@ -106,7 +106,7 @@ rule winrate:
         seed=lambda wildcards: int(wildcards.seed),
         code=code("winrate"),
     conda:
-        "../../environment.yml"
+        "../envs/sacpo.yaml"
     log:
         LAYOUT.log("winrate", "winrate"),
     shell:
@@ -142,7 +142,7 @@ rule elo:
         ),
         code=code("elo"),
     conda:
-        "../../environment.yml"
+        "../envs/sacpo.yaml"
     log:
         LAYOUT.log("elo", "elo"),
     shell:
@@ -191,7 +191,7 @@ rule across_seeds:
         ),
         code=code("across_seeds"),
     conda:
-        "../../environment.yml"
+        "../envs/sacpo.yaml"
     log:
         LAYOUT.log("across_seeds", "across_seeds", None),
     shell:
@@ -223,7 +223,7 @@ rule figures:
         baseline=PLAN.baseline,
         code=code("figures"),
     conda:
-        "../../environment.yml"
+        "../envs/sacpo.yaml"
     log:
         LAYOUT.log("figures", "figures"),
     shell:

@@ -26,7 +26,7 @@ for _rule_name, _nodes in PLAN.merge_rules().items():
             mem_mb=resource("merge", "mem_mb", per=None),
             runtime=resource("merge", "runtime", per=None),
         conda:
-            "../../environment.yml"
+            "../envs/sacpo.yaml"
         log:
             LAYOUT.log("merge", _nodes[0].group),
         shell:
@@ -61,7 +61,7 @@ if TARGET:
         resources:
             judge_api=1,
         conda:
-            "../../environment.yml"
+            "../envs/sacpo.yaml"
         log:
             LAYOUT.log("target_search", "target_search"),
         shell:

@@ -25,7 +25,7 @@ if config["sft"]["source"] != "hub":
             mem_mb=resource("sft_checkpoint", "mem_mb", per=None),
             runtime=resource("sft_checkpoint", "runtime", per=None),
         conda:
-            "../../environment.yml"
+            "../envs/sacpo.yaml"
         log:
             LAYOUT.log("sft_checkpoint", SFT,
                        SEED_WILDCARD if config["sft"]["source"] == "build" else None),
@@ -47,7 +47,7 @@ rule download_model:
     resources:
         mem_mb=resource("sft_checkpoint", "mem_mb", per=None),
     conda:
-        "../../environment.yml"
+        "../envs/sacpo.yaml"
     log:
         "logs/resources/download_model/{hub_model}.log",
     shell:
