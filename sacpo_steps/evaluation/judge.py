@@ -33,7 +33,7 @@ from sacpo_steps.core.errors import InputError
 from sacpo_steps.core.fileio import atomic_output, json_object_arg, read_jsonl, setup_logging
 from sacpo_steps.core.lineage import drop_sidecar, file_input, make_record, write_sidecar
 from sacpo_steps.evaluation.judges import CRITERIA, Judge, JudgeReply, JudgeRequest
-from sacpo_steps.evaluation.judges.registry import ProtocolSettings, make_judge, protocol
+from sacpo_steps.evaluation.judges.registry import JudgeConfig, ProtocolSettings
 
 log = logging.getLogger("sacpo.judge")
 
@@ -343,7 +343,7 @@ def _usage(judge: Judge, judgments: int, outcomes: dict[str, int],
 
 def error_rate_limit(config: dict[str, Any]) -> float:
     """The judge section's `max_error_rate`, checked, or its default."""
-    return float(protocol(config).max_error_rate)
+    return float(JudgeConfig.read(config, job=True).protocol.max_error_rate)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -376,8 +376,9 @@ def main(argv: list[str] | None = None) -> None:
     config = json_object_arg(args.judge_config, "--judge-config")
     if args.judge_cache is not None:
         config["cache"] = args.judge_cache
-    max_error_rate = error_rate_limit(config)
-    judge = make_judge(config, spec_path=args.spec)
+    judge_config = JudgeConfig.read(config, job=True)  # the one reading of the section
+    max_error_rate = judge_config.protocol.max_error_rate
+    judge = judge_config.make(spec_path=args.spec)
     try:
         judge_model(args.candidate, args.baseline, args.prompts, args.criterion, judge,
                     args.repetitions, args.out, batch_size=args.batch_size,

@@ -15,6 +15,7 @@ from sacpo_steps.core.errors import InputError
 from sacpo_steps.core.layout import SeedError, config_seeds
 from sacpo_steps.data import formats as data_formats
 from sacpo_steps.evaluation.judges import registry as judge_registry
+from sacpo_steps.evaluation.judges.registry import JudgeConfig
 from sacpo_steps.models.tokens import is_chat
 from sacpo_steps.plan.loading import PlanError
 from sacpo_steps.training.node import NodeSettings
@@ -90,6 +91,8 @@ class Experiment:
     families: dict[str, list[str]] = field(default_factory=dict)
     seeds: tuple[int, ...] = (0,)  # `seeds`, or a scalar `seed` as one element
     formats: dict[str, Any] = field(default_factory=dict)  # source -> checked data format
+    # prompt set -> its judge (the global one with the set's overrides), read once
+    judges: dict[str, JudgeConfig] = field(default_factory=dict)
 
     @property
     def models(self) -> list[str]:
@@ -266,9 +269,16 @@ def build_graph(config: dict[str, Any]) -> Experiment:
     if baseline != sft and baseline not in every and baseline not in baselines:
         raise PlanError(f"evaluation.baseline: unknown model {baseline!r}")
     pairs_mode, families = _check_families(evaluation, [sft, *ordered, *baselines], baseline)
+    judges = {}
     for name, ps in evaluation["prompt_sets"].items():
         if ps.get("source", "local") == "local" and "path" not in ps:
             raise PlanError(f"evaluation.prompt_sets.{name}: needs `path` (or source: demo)")
+        where = f"evaluation.prompt_sets.{name}.judge" if ps.get("judge") else \
+            "evaluation.judge"
+        try:
+            judges[name] = JudgeConfig.read(judge_for(evaluation, name), where)
+        except InputError as exc:
+            raise PlanError.at_field(exc) from None
     target = config.get("target")
     if target:
         over_safe = nodes.get(target["over_safe"])
@@ -281,8 +291,8 @@ def build_graph(config: dict[str, Any]) -> Experiment:
         if target.get("measure") == "safe_rate":
             red_team = next(n for n, ps in evaluation["prompt_sets"].items()
                             if ps["criterion"] == "harmlessness")
-            backend = judge_for(evaluation, red_team)["backend"]
-            if not judge_registry.get_backend(backend).rates_one_answer:
+            backend = judges[red_team].backend.name
+            if not judges[red_team].backend.rates_one_answer:
                 able = sorted(n for n, b in judge_registry.BACKENDS.items()
                               if b.rates_one_answer)
                 raise PlanError(f"target.measure: safe_rate rates each answer on its own, "
@@ -293,7 +303,7 @@ def build_graph(config: dict[str, Any]) -> Experiment:
                       datasets=datasets, baseline=baseline,
                       merges={n: merges[n] for n in ordered if n in merges},
                       baselines=baselines, order=ordered, pairs=pairs_mode,
-                      families=families, seeds=seeds, formats=formats)
+                      families=families, seeds=seeds, formats=formats, judges=judges)
 
 
 def _check_conversational(nodes: dict[str, Node], datasets: dict[str, Any],

@@ -6,8 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from sacpo_steps.evaluation.judges import registry as judge_registry
-from sacpo_steps.plan import Plan, judge_for
+from sacpo_steps.plan import Plan
 
 #: characters per token assumed for the judge template and prompts: conservative for
 #: English text (GPT-4's tokenizers average about 4), so token counts are overestimated
@@ -51,8 +50,8 @@ def judgment_report(plan: Plan, evaluation: dict[str, Any],
         lines.append(f"  not in any pair, so neither generated nor judged: {unjudged}")
     total, per_prompt, cost, priced, unpriced = 0, [], 0.0, False, False
     for name, ps in evaluation["prompt_sets"].items():
-        judge = judge_for(evaluation, name)
-        reps = judge.get("repetitions", 1)
+        judge = plan.judge(name)
+        reps = judge.protocol.repetitions
         count, source, prompt_chars = prompts[name]
         head = f"  {name}: {n_pairs} pairs x "
         tail = f"{ORDERS} orders x {reps} repetition(s)"
@@ -66,9 +65,9 @@ def judgment_report(plan: Plan, evaluation: dict[str, Any],
             n = judgment_count(n_pairs, count, reps) * seeds
             total += n
             text = f"{head}{count} prompts ({source}) x {tail} = {n:,} judgments"
-        basis = judge_registry.cost_basis(judge, ps["criterion"])
+        basis = judge.cost(ps["criterion"])
         if basis is None:
-            lines.append(f"{text}; {judge['backend']} judge, no API cost")
+            lines.append(f"{text}; {judge.backend.name} judge, no API cost")
             continue
         tokens_in = estimated_input_tokens(basis.template_chars, max_new, prompt_chars)
         tokens_out, model = basis.output_tokens, basis.model

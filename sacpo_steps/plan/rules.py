@@ -17,8 +17,8 @@ from typing import Any
 from sacpo_steps.core import lineage, reproducibility
 from sacpo_steps.core.layout import SEED, Layout
 from sacpo_steps.core.schema import ACCELERATE_CONFIGS
-from sacpo_steps.evaluation.judges import registry as judge_registry
-from sacpo_steps.plan.graph import Experiment, MergeNode, build_graph, judge_for
+from sacpo_steps.evaluation.judges.registry import JudgeConfig
+from sacpo_steps.plan.graph import Experiment, MergeNode, build_graph
 from sacpo_steps.plan.loading import to_json
 from sacpo_steps.training import losses
 from sacpo_steps.training.reference import reference_key_spec
@@ -244,19 +244,19 @@ class Plan(Experiment):
     def criterion(self, prompt_set: str) -> str:
         return self.prompt_sets[prompt_set]["criterion"]
 
-    def judge(self, prompt_set: str) -> dict[str, Any]:
+    def judge(self, prompt_set: str) -> JudgeConfig:
         """The prompt set's judge: the global judge with the set's own overrides."""
-        return judge_for(self.config["evaluation"], prompt_set)
+        return self.judges[prompt_set]
 
     def judge_settings(self, prompt_set: str) -> dict[str, Any]:
         """The set's judge with only its own criterion's template: editing the other
         criterion's template must not rerun this set's judge jobs (params trigger)."""
-        return judge_registry.for_criterion(self.judge(prompt_set), self.criterion(prompt_set))
+        return self.judge(prompt_set).for_criterion(self.criterion(prompt_set)).to_dict()
 
     def judge_cache(self, prompt_set: str) -> str | None:
         """The backend's shared cache (API replies, model scores) outside results/: paid
         for or slow, they must survive a cleaned results/ folder; None without one."""
-        return judge_registry.cache_file(self.judge(prompt_set))
+        return self.judge(prompt_set).cache_file()
 
     def judge_reads(self, prompt_sets: list[str], seed: int | str) -> dict[str, str]:
         """What the sets' judges read besides the answers, as the judge registry says
@@ -264,9 +264,8 @@ class Plan(Experiment):
         Two sets naming different files under one role keep both (the second suffixed)."""
         inputs: dict[str, str] = {}
         for prompt_set in prompt_sets:
-            files = judge_registry.input_files(self.judge(prompt_set),
-                                               self.criterion(prompt_set),
-                                               spec=f"{self.paths.world_dir(seed)}/spec.json")
+            files = self.judge(prompt_set).input_files(
+                self.criterion(prompt_set), spec=f"{self.paths.world_dir(seed)}/spec.json")
             for role, path in files.items():
                 if inputs.get(role, path) != path:
                     role = f"{role}_{prompt_set}"
@@ -283,15 +282,13 @@ class Plan(Experiment):
 
     def required_env(self) -> list[str]:
         """Names of the environment variables the judges need (API keys), sorted."""
-        return sorted({env for s in self.prompt_sets
-                       for env in judge_registry.required_env(self.judge(s))})
+        return sorted({env for s in self.prompt_sets for env in self.judge(s).required_env()})
 
     def judge_api_slots(self) -> int | None:
         """Judge jobs at once against an API (each keeps `concurrency` requests in
         flight), or None when no judge calls an API."""
-        api = [self.judge(s) for s in self.prompt_sets
-               if judge_registry.get_backend(self.judge(s)["backend"]).calls_api]
-        return min(judge_registry.protocol(j).parallel_jobs for j in api) if api else None
+        api = [self.judge(s) for s in self.prompt_sets if self.judge(s).backend.calls_api]
+        return min(j.protocol.parallel_jobs for j in api) if api else None
 
     def battle_files(self, seed: int | str) -> list[str]:
         """Every battle file of one seed; the baseline is always the opponent side."""

@@ -63,7 +63,7 @@ rule judge:
     params:
         criterion=lambda wildcards: PROMPT_SETS[wildcards.prompt_set]["criterion"],
         judge=lambda wildcards: to_json(PLAN.judge_settings(wildcards.prompt_set)),
-        repetitions=lambda wildcards: PLAN.judge(wildcards.prompt_set)["repetitions"],
+        repetitions=lambda wildcards: PLAN.judge(wildcards.prompt_set).protocol.repetitions,
         spec=lambda wildcards, input: f"--spec {input.spec}" if "spec" in input.keys() else "",
         cache=lambda wildcards: (
             f"--judge-cache {PLAN.judge_cache(wildcards.prompt_set)}"

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BACKENDS", "CACHE_DIR", "DEFAULT_BACKEND", "PROTOCOL_KEYS", "Backend", "CostBasis",
+    "JudgeConfig",
     "ProtocolSettings", "backend_settings", "cache_file", "check_judge", "cost_basis",
     "for_criterion", "get_backend", "input_files", "judge_schema", "make_judge", "protocol",
     "register_backend", "required_env", "resolve_judge",
@@ -202,24 +203,111 @@ def _settings(entry: Backend, values: dict[str, Any], where: str) -> Any:
     return check(where) if callable(check) else made
 
 
-def check_judge(section: Any, where: str = "judge", *, job: bool = False) -> dict[str, Any]:
-    """Check a whole judge section (the global one, or a prompt set's after
-    `resolve_judge`) before any job runs; return it with its values normalized.
+@dataclass(frozen=True)
+class JudgeConfig:
+    """One judge as a config section names it, read once: its backend's entry, the
+    protocol keys and the backend's settings (a dataclass, defaults filled).
 
-    InputError names `<where>.<key>` for an unknown backend, a key of another backend,
-    an unknown key (with close matches), or a mistyped or out-of-range value. `job`
-    allows the keys the workflow adds for a judge job (its cache file). Defaults are
-    not filled in, so the returned section is as stable as the config (rule params).
+    `section` keeps the checked keys as the config gives them, without defaults, so
+    rule params built from it are as stable as the config. The plan reads one per
+    prompt set; a judge job gets `to_dict()` as JSON and reads it back with `read`.
     """
-    entry, checked, values = _read(section, where, job)
-    _settings(entry, values, where)
-    return checked
+
+    section: dict[str, Any]
+    backend: Backend
+    protocol: ProtocolSettings
+    settings: Any
+
+    @classmethod
+    def read(cls, section: Any, where: str = "judge", *, job: bool = False) -> JudgeConfig:
+        """Check a judge section (the global one, or a prompt set's after `resolve_judge`).
+
+        InputError names `<where>.<key>` for an unknown backend, a key of another
+        backend, an unknown key (with close matches), or a mistyped or out-of-range
+        value. `job` allows the keys the workflow adds for a judge job (its cache file).
+        """
+        entry, checked, values = _read(section, where, job)
+        fields = setting_fields(ProtocolSettings)
+        protocol_values = ProtocolSettings(**{k: v for k, v in checked.items() if k in fields})
+        return cls(checked, entry, protocol_values, _settings(entry, values, where))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.section)
+
+    def for_criterion(self, criterion: str) -> JudgeConfig:
+        """The judge a job of one criterion gets: only that criterion's own template, so
+        editing the other criterion's template does not rerun it."""
+        if not self.backend.templates:
+            return self
+        out = dict(self.section)
+        own = (out.pop(self.backend.templates, None) or {}).get(criterion)
+        if own:
+            out[self.backend.templates] = {criterion: own}
+        return JudgeConfig.read(out, job=True)
+
+    def required_env(self) -> list[str]:
+        """Names of the environment variables the judge needs (never their values)."""
+        return sorted({getattr(self.settings, name) for name in self.backend.env})
+
+    def cache_file(self, folder: str = CACHE_DIR) -> str | None:
+        """The judge's shared cache file, or None for a backend without one.
+
+        Named after the setting the backend names (the openai judge's `model`) as the
+        config gives it, else after the backend, so the caches of earlier runs are found
+        (an openai judge without `model` keeps `openai.jsonl`).
+        """
+        entry = self.backend
+        if not entry.shared_cache:
+            return None
+        name = self.section.get(entry.cache_name, entry.name) if entry.cache_name \
+            else entry.name
+        return f"{folder}/{re.sub(r'[^A-Za-z0-9._-]', '_', str(name))}.jsonl"
+
+    def input_files(self, criterion: str, *, spec: str | Path | None = None
+                    ) -> dict[str, str]:
+        """Files the judge job of one criterion reads besides the answers, by role: the
+        demo world's `spec` (when the backend reads it; pass its path), the files named
+        by its settings (`reward_model`, ...) and the user's own template file for the
+        criterion (`template_<criterion>`; a packaged template's name is no file): an
+        edit of any of them reruns the job."""
+        entry, settings = self.backend, self.settings
+        out: dict[str, str] = {}
+        if entry.reads_spec:
+            if spec is None:
+                raise ValueError(f"the {entry.name} judge reads the demo world's spec: "
+                                 "pass spec=")
+            out["spec"] = str(spec)
+        for name in entry.inputs:
+            if getattr(settings, name):
+                out[name] = str(getattr(settings, name))
+        if entry.templates:
+            own = (getattr(settings, entry.templates) or {}).get(criterion)
+            if own and own not in entry.packaged_templates:
+                out[f"template_{criterion}"] = own
+        return out
+
+    def cost(self, criterion: str) -> CostBasis | None:
+        """One judgment's cost basis (template size, reply cap, prices, model) for the
+        plan's estimate, as the judge applies its settings; None without API cost."""
+        return None if self.backend.cost is None else self.backend.cost(self.settings,
+                                                                        criterion)
+
+    def make(self, *, spec_path: str | Path | None = None) -> Judge:
+        """The judge itself (imports its backend's module)."""
+        if self.backend.reads_spec and spec_path is None:
+            raise InputError(f"the {self.backend.name} judge needs the demo world's spec "
+                             "file (--spec)", field="judge.backend")
+        return self.backend.load().from_settings(self.settings, spec_path=spec_path)
+
+
+def check_judge(section: Any, where: str = "judge", *, job: bool = False) -> dict[str, Any]:
+    """A judge section checked (`JudgeConfig.read`), as a dict without defaults."""
+    return JudgeConfig.read(section, where, job=job).to_dict()
 
 
 def backend_settings(section: Any, where: str = "judge", *, job: bool = False) -> Any:
     """The backend's settings object for a section, checked, with its defaults."""
-    entry, _, values = _read(section, where, job)
-    return _settings(entry, values, where)
+    return JudgeConfig.read(section, where, job=job).settings
 
 
 def protocol(section: Any, where: str = "judge") -> ProtocolSettings:
@@ -251,78 +339,33 @@ def resolve_judge(global_section: dict[str, Any], override: dict[str, Any] | Non
 
 def required_env(section: dict[str, Any]) -> list[str]:
     """Names of the environment variables the judge needs (never their values)."""
-    entry = _backend_of(section, "judge")
-    settings = backend_settings(section, job=True)
-    return sorted({getattr(settings, name) for name in entry.env})
+    return JudgeConfig.read(section, job=True).required_env()
 
 
 def cache_file(section: dict[str, Any], folder: str = CACHE_DIR) -> str | None:
-    """The judge's shared cache file, or None for a backend without one.
-
-    Named after the setting the backend names (the openai judge's `model`) as the
-    config gives it, else after the backend, so the caches of earlier runs are found
-    (an openai judge without `model` keeps `openai.jsonl`).
-    """
-    entry = _backend_of(section, "judge")
-    if not entry.shared_cache:
-        return None
-    name = section.get(entry.cache_name, entry.name) if entry.cache_name else entry.name
-    return f"{folder}/{re.sub(r'[^A-Za-z0-9._-]', '_', str(name))}.jsonl"
+    """The judge's shared cache file (`JudgeConfig.cache_file`), or None."""
+    return JudgeConfig.read(section, job=True).cache_file(folder)
 
 
 def input_files(section: dict[str, Any], criterion: str, *,
                 spec: str | Path | None = None) -> dict[str, str]:
-    """Files the judge job of one criterion reads besides the answers, by role: the
-    demo world's `spec` (when the backend reads it; pass its path), the files named
-    by its settings (`reward_model`, ...) and the user's own template file for the
-    criterion (`template_<criterion>`; a packaged template's name is no file): an edit
-    of any of them reruns the job."""
-    entry = _backend_of(section, "judge")
-    settings = backend_settings(section, job=True)
-    out: dict[str, str] = {}
-    if entry.reads_spec:
-        if spec is None:
-            raise ValueError(f"the {entry.name} judge reads the demo world's spec: pass spec=")
-        out["spec"] = str(spec)
-    for name in entry.inputs:
-        if getattr(settings, name):
-            out[name] = str(getattr(settings, name))
-    if entry.templates:
-        own = (getattr(settings, entry.templates) or {}).get(criterion)
-        if own and own not in entry.packaged_templates:
-            out[f"template_{criterion}"] = own
-    return out
+    """Files the judge job of one criterion reads (`JudgeConfig.input_files`)."""
+    return JudgeConfig.read(section, job=True).input_files(criterion, spec=spec)
 
 
 def for_criterion(section: dict[str, Any], criterion: str) -> dict[str, Any]:
-    """The section a judge job of one criterion gets: only that criterion's own
-    template, so editing the other criterion's template does not rerun it."""
-    entry = _backend_of(section, "judge")
-    out = dict(section)
-    if entry.templates:
-        own = (out.pop(entry.templates, None) or {}).get(criterion)
-        if own:
-            out[entry.templates] = {criterion: own}
-    return out
+    """The section a judge job of one criterion gets (`JudgeConfig.for_criterion`)."""
+    return JudgeConfig.read(section, job=True).for_criterion(criterion).to_dict()
 
 
 def cost_basis(section: dict[str, Any], criterion: str) -> CostBasis | None:
-    """One judgment's cost basis (template size, reply cap, prices, model) for the plan's
-    estimate, as the judge applies its settings; None for a backend without API cost."""
-    entry = _backend_of(section, "judge")
-    if entry.cost is None:
-        return None
-    return entry.cost(backend_settings(section, job=True), criterion)
+    """One judgment's cost basis (`JudgeConfig.cost`)."""
+    return JudgeConfig.read(section, job=True).cost(criterion)
 
 
 def make_judge(section: dict[str, Any], *, spec_path: str | Path | None = None) -> Judge:
     """Build the judge that `section` (a judge job's section) names."""
-    entry, _, values = _read(section, "judge", True)
-    settings = _settings(entry, values, "judge")
-    if entry.reads_spec and spec_path is None:
-        raise InputError(f"the {entry.name} judge needs the demo world's spec file (--spec)",
-                         field="judge.backend")
-    return entry.load().from_settings(settings, spec_path=spec_path)
+    return JudgeConfig.read(section, job=True).make(spec_path=spec_path)
 
 
 # --- the config schema ------------------------------------------------------------------
