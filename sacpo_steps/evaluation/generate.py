@@ -11,7 +11,6 @@ prompt_id, prompt, answer, model. Empty answers are counted in the log.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 import time
@@ -20,7 +19,7 @@ from typing import Any
 
 from sacpo_steps import seconds_since_start
 from sacpo_steps.core.errors import InputError
-from sacpo_steps.core.fileio import read_jsonl, setup_logging, write_jsonl
+from sacpo_steps.core.fileio import json_object_arg, read_jsonl, setup_logging, write_jsonl
 from sacpo_steps.core.lineage import (
     drop_sidecar,
     file_input,
@@ -28,6 +27,7 @@ from sacpo_steps.core.lineage import (
     model_input,
     write_sidecar,
 )
+from sacpo_steps.evaluation.generation_settings import GenerationSettings
 from sacpo_steps.models.folders import check_model_dir, set_threads
 from sacpo_steps.models.throughput import (
     cuda_device,
@@ -208,9 +208,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log")
     args = parser.parse_args(argv)
     setup_logging(args.log)
-    spec = json.loads(args.spec)
+    settings = GenerationSettings.from_dict(json_object_arg(args.spec, "--spec"))
     generate(args.model_dir, args.prompts, args.out, model_name=args.model_name,
-             prompt_template=spec["prompt_template"], stop_markers=spec["stop_markers"],
-             max_new_tokens=spec["max_new_tokens"], batch_size=spec["batch_size"],
-             seed=spec.get("seed", 0), threads=args.threads,
-             max_prompt_length=spec.get("max_prompt_length"))
+             threads=args.threads, **settings.to_dict())

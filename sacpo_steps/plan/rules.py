@@ -17,6 +17,7 @@ from typing import Any
 from sacpo_steps.core import lineage, reproducibility
 from sacpo_steps.core.layout import SEED, Layout
 from sacpo_steps.core.schema import ACCELERATE_CONFIGS
+from sacpo_steps.evaluation.generation_settings import GenerationSettings
 from sacpo_steps.evaluation.judges.registry import JudgeConfig
 from sacpo_steps.plan.graph import Experiment, MergeNode, build_graph
 from sacpo_steps.plan.loading import to_json
@@ -227,15 +228,15 @@ class Plan(Experiment):
         prompt format and stop markers)."""
         gen = self.config["evaluation"]["generation"]
         own = self.baselines.get(model, {})
-        return {
-            "prompt_template": own.get("prompt_template", self.config["prompt_template"]),
-            "stop_markers": own.get("stop_markers", self.config["stop_markers"]),
-            "max_new_tokens": gen["max_new_tokens"],
-            "batch_size": gen["batch_size"],
-            "seed": int(seed),
+        return GenerationSettings(
+            prompt_template=own.get("prompt_template", self.config["prompt_template"]),
+            stop_markers=own.get("stop_markers", self.config["stop_markers"]),
+            max_new_tokens=gen["max_new_tokens"],
+            batch_size=gen["batch_size"],
+            seed=int(seed),
             # the cap the model was trained under (tokens.PromptCap)
-            "max_prompt_length": self.prompt_cap(model),
-        }
+            max_prompt_length=self.prompt_cap(model),
+        ).to_dict()
 
     @property
     def prompt_sets(self) -> dict[str, dict[str, Any]]:

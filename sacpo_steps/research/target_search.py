@@ -36,6 +36,7 @@ from sacpo_steps.core.errors import InputError
 from sacpo_steps.core.fileio import atomic_output, json_object_arg, setup_logging
 from sacpo_steps.core.schema import default_of
 from sacpo_steps.evaluation.generate import generate
+from sacpo_steps.evaluation.generation_settings import GenerationSettings
 from sacpo_steps.evaluation.judge import (
     error_rate_limit,
     judge_model,
@@ -124,9 +125,6 @@ def search(evaluate: Callable[[float], Measurement], target: float, *,
 
 
 MEASURES = ("harmlessness_winrate", "safe_rate")
-GENERATION_KEYS = ("prompt_template", "stop_markers", "max_new_tokens", "batch_size")
-#: the training prompt cap, applied at generation too (absent: no cap)
-OPTIONAL_GENERATION_KEYS = ("max_prompt_length",)
 
 
 def safe_rate(judge: Any, generations: Path, prompts: Path, *, rounds: int, seed: int,
@@ -289,11 +287,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--log")
     args = p.parse_args(argv)
     setup_logging(args.log)
-    gen = json_object_arg(args.generation, "--generation")
-    missing = [k for k in GENERATION_KEYS if k not in gen]
-    if missing:
-        raise InputError(f"missing keys {missing}", field="--generation")
-    gen = {k: gen[k] for k in GENERATION_KEYS + OPTIONAL_GENERATION_KEYS if k in gen}
+    settings = GenerationSettings.from_dict(json_object_arg(args.generation, "--generation"),
+                                            where="--generation")
+    # the search passes its own seed to each generation
+    gen = {k: v for k, v in settings.to_dict().items() if k != "seed"}
     judges = json_object_arg(args.judges, "--judges")
     if set(judges) != {"helpfulness", "red_team"}:
         raise InputError("expected an object with the keys helpfulness and red_team",
