@@ -184,8 +184,32 @@ def build_graph(config: dict[str, Any]) -> Experiment:
         seeds = config_seeds(config)
     except SeedError as exc:
         raise PlanError(str(exc)) from None
-    sources = config["preference_sources"]
     datasets = config["datasets"]
+    formats = _check_sources(config["preference_sources"], datasets)
+    _check_sft(config["sft"], config["models"])
+    baselines = config.get("baselines", {})
+    nodes, merges = _model_nodes(config, sft, baselines)
+    every: dict[str, Node | MergeNode] = {**nodes, **merges}
+    ordered = _parents_first(every)
+    _check_conversational(nodes, datasets, formats, config["prompt_template"], sft)
+    evaluation = config["evaluation"]
+    baseline = evaluation.get("baseline", sft)
+    if baseline != sft and baseline not in every and baseline not in baselines:
+        raise PlanError(f"evaluation.baseline: unknown model {baseline!r}")
+    pairs_mode, families = _check_families(evaluation, [sft, *ordered, *baselines], baseline)
+    judges = _read_judges(evaluation)
+    if config.get("target"):
+        _check_target(config["target"], nodes, evaluation, judges)
+    return Experiment(sft=sft, nodes={n: nodes[n] for n in ordered if n in nodes},
+                      datasets=datasets, baseline=baseline,
+                      merges={n: merges[n] for n in ordered if n in merges},
+                      baselines=baselines, order=ordered, pairs=pairs_mode,
+                      families=families, seeds=seeds, formats=formats, judges=judges)
+
+
+def _check_sources(sources: dict[str, Any], datasets: dict[str, Any]) -> dict[str, Any]:
+    """Each preference source's checked data format; each dataset names a source that
+    yields its criterion."""
     for name, ds in datasets.items():
         if ds["source"] not in sources:
             raise PlanError(f"datasets.{name}.source: unknown preference source "
@@ -206,17 +230,24 @@ def build_graph(config: dict[str, Any]) -> Experiment:
             raise PlanError(f"datasets.{name}.criterion: source {ds['source']!r} (format "
                             f"{formats[ds['source']].name}) yields {list(yields)}, not "
                             f"{ds['criterion']!r}")
-    models = config["models"]
-    if sft in models:
-        raise PlanError(f"models.{sft}: the name is taken by the SFT checkpoint (sft.name)")
-    src_cfg = config["sft"]
-    if src_cfg["source"] not in src_cfg and src_cfg["source"] != "build":
-        raise PlanError(f"sft: source {src_cfg['source']!r} needs a `{src_cfg['source']}:` section")
-    if src_cfg["source"] == "build" and "build" not in src_cfg:
+    return formats
+
+
+def _check_sft(sft: dict[str, Any], models: dict[str, Any]) -> None:
+    if sft["name"] in models:
+        raise PlanError(f"models.{sft['name']}: the name is taken by the SFT checkpoint "
+                        "(sft.name)")
+    if sft["source"] not in sft and sft["source"] != "build":
+        raise PlanError(f"sft: source {sft['source']!r} needs a `{sft['source']}:` section")
+    if sft["source"] == "build" and "build" not in sft:
         raise PlanError("sft: source 'build' needs a `build:` section")
 
-    defaults = config.get("training", {})
-    baselines = config.get("baselines", {})
+
+def _model_nodes(config: dict[str, Any], sft: str, baselines: dict[str, Any]
+                 ) -> tuple[dict[str, Node], dict[str, MergeNode]]:
+    """The alignment and merge nodes of `models`, each name taken once and each parent
+    a model of the plan."""
+    models = config["models"]
     taken = {sft: "the SFT checkpoint (sft.name)"}
     for name, spec in baselines.items():
         if name in taken:
@@ -232,7 +263,8 @@ def build_graph(config: dict[str, Any]) -> Experiment:
         if "parents" in spec:
             merges[name] = _merge_node(name, spec, where)
         else:
-            nodes[name] = _align_node(name, spec, where, defaults, datasets,
+            nodes[name] = _align_node(name, spec, where, config.get("training", {}),
+                                      config["datasets"],
                                       config.get("resources", {}).get("align", {}), sft)
     known = {sft, *nodes, *merges}
     for node in [*nodes.values(), *merges.values()]:
@@ -242,8 +274,11 @@ def build_graph(config: dict[str, Any]) -> Experiment:
                 hint = " (external baselines cannot be parents)" if parent in baselines else ""
                 raise PlanError(f"models.{node.name}.{field_name}: unknown model {parent!r}"
                                 f"{hint} (the SFT is {sft!r}; plan models: {sorted(models)})")
+    return nodes, merges
 
-    every: dict[str, Node | MergeNode] = {**nodes, **merges}
+
+def _parents_first(every: dict[str, Node | MergeNode]) -> list[str]:
+    """The nodes ordered parents before children; a cycle is refused, named."""
     ordered: list[str] = []
     state: dict[str, str] = {}
 
@@ -262,13 +297,11 @@ def build_graph(config: dict[str, Any]) -> Experiment:
 
     for name in every:
         visit(name, [])
-    _check_conversational(nodes, datasets, formats, config["prompt_template"], sft)
+    return ordered
 
-    evaluation = config["evaluation"]
-    baseline = evaluation.get("baseline", sft)
-    if baseline != sft and baseline not in every and baseline not in baselines:
-        raise PlanError(f"evaluation.baseline: unknown model {baseline!r}")
-    pairs_mode, families = _check_families(evaluation, [sft, *ordered, *baselines], baseline)
+
+def _read_judges(evaluation: dict[str, Any]) -> dict[str, JudgeConfig]:
+    """Each prompt set's judge (the global one with the set's overrides), read once."""
     judges = {}
     for name, ps in evaluation["prompt_sets"].items():
         if ps.get("source", "local") == "local" and "path" not in ps:
@@ -279,31 +312,29 @@ def build_graph(config: dict[str, Any]) -> Experiment:
             judges[name] = JudgeConfig.read(judge_for(evaluation, name), where)
         except InputError as exc:
             raise PlanError.at_field(exc) from None
-    target = config.get("target")
-    if target:
-        over_safe = nodes.get(target["over_safe"])
-        if over_safe is None:
-            raise PlanError(f"target.over_safe: {target['over_safe']!r} is not an alignment "
-                            f"node of the plan")
-        criteria = {ps["criterion"] for ps in evaluation["prompt_sets"].values()}
-        if criteria != {"helpfulness", "harmlessness"}:
-            raise PlanError("target: needs one helpfulness and one harmlessness prompt set")
-        if target.get("measure") == "safe_rate":
-            red_team = next(n for n, ps in evaluation["prompt_sets"].items()
-                            if ps["criterion"] == "harmlessness")
-            backend = judges[red_team].backend.name
-            if not judges[red_team].backend.rates_one_answer:
-                able = sorted(n for n, b in judge_registry.BACKENDS.items()
-                              if b.rates_one_answer)
-                raise PlanError(f"target.measure: safe_rate rates each answer on its own, "
-                                f"which the {backend!r} judge of prompt set {red_team!r} cannot "
-                                f"(it compares two answers): use a judge of {able}, "
-                                f"or measure: harmlessness_winrate")
-    return Experiment(sft=sft, nodes={n: nodes[n] for n in ordered if n in nodes},
-                      datasets=datasets, baseline=baseline,
-                      merges={n: merges[n] for n in ordered if n in merges},
-                      baselines=baselines, order=ordered, pairs=pairs_mode,
-                      families=families, seeds=seeds, formats=formats, judges=judges)
+    return judges
+
+
+def _check_target(target: dict[str, Any], nodes: dict[str, Node], evaluation: dict[str, Any],
+                  judges: dict[str, JudgeConfig]) -> None:
+    """The target search needs an alignment node to search over, one helpfulness and
+    one harmlessness prompt set, and for `safe_rate` a judge that rates one answer."""
+    if target["over_safe"] not in nodes:
+        raise PlanError(f"target.over_safe: {target['over_safe']!r} is not an alignment "
+                        f"node of the plan")
+    criteria = {ps["criterion"] for ps in evaluation["prompt_sets"].values()}
+    if criteria != {"helpfulness", "harmlessness"}:
+        raise PlanError("target: needs one helpfulness and one harmlessness prompt set")
+    if target.get("measure") == "safe_rate":
+        red_team = next(n for n, ps in evaluation["prompt_sets"].items()
+                        if ps["criterion"] == "harmlessness")
+        backend = judges[red_team].backend
+        if not backend.rates_one_answer:
+            able = sorted(n for n, b in judge_registry.BACKENDS.items() if b.rates_one_answer)
+            raise PlanError(f"target.measure: safe_rate rates each answer on its own, "
+                            f"which the {backend.name!r} judge of prompt set {red_team!r} "
+                            f"cannot (it compares two answers): use a judge of {able}, "
+                            f"or measure: harmlessness_winrate")
 
 
 def _check_conversational(nodes: dict[str, Node], datasets: dict[str, Any],
