@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import PROMPT_TEMPLATE, TEXTS, make_tiny_model  # noqa: F401
+from tests.helpers import PROMPT_TEMPLATE, ROOT, TEXTS, make_tiny_model  # noqa: F401
+
+# The tests check the clone's code, also where the package is installed non-editable (as
+# in CI): pyproject's `pythonpath` puts the clone first in this process, and this in the
+# processes it starts (`python -m sacpo_steps ...` in a temporary folder, snakemake);
+# a workflow run still imports the package beside its Snakefile (workflow/rules/common.smk).
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(ROOT), *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)])
 
 
 @pytest.fixture(scope="session")

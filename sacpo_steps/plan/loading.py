@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +69,8 @@ def resolve_extends(config: dict[str, Any], base_dir: str | Path,
     (other seeds, another beta) then states only what differs. A path is relative to
     the folder of the config that names it (`config_dir` for the first), or, where no
     such file is there, to `base_dir` (the clone's root: `extends: config/config.yaml`
-    names the demo); chains are followed, cycles refused."""
+    names the demo); chains are followed, cycles refused. The file paths each file
+    names are resolved against its own folder the same way (`resolve_paths`)."""
     import yaml
 
     seen: list[str] = []
@@ -89,9 +92,130 @@ def resolve_extends(config: dict[str, Any], base_dir: str | Path,
             raise PlanError(f"extends: cannot read {name}: {exc.strerror}") from None
         if not isinstance(base, dict):
             raise PlanError(f"extends: {name} is not a config (a mapping)")
+        # its file paths are relative to its own folder, before keys of other folders mix
+        resolve_paths(base, path.parent, base_dir=base_dir)
         override = {k: v for k, v in config.items() if k != "extends"}
         config = _deep_merge(base, override)
     return config
+
+
+# ---- file paths a config names ---------------------------------------------------------
+
+
+def _judge_path_keys() -> tuple[set[str], set[str], set[str]]:
+    """The judge settings that name files or folders, from the judge registry: keys whose
+    value is a path (`reward_model`, ...), keys mapping criterion -> path (`templates`),
+    and the values of the latter that name packaged templates instead of files."""
+    inputs: set[str] = set()
+    mappings: set[str] = set()
+    packaged: set[str] = set()
+    for entry in judge_registry.BACKENDS.values():
+        inputs.update(entry.inputs)
+        if entry.templates:
+            mappings.add(entry.templates)
+            packaged.update(entry.packaged_templates)
+    return inputs, mappings, packaged
+
+
+def path_fields(config: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], str, bool]]:
+    """Every value of the config that names a file or folder the workflow reads, as
+    (config path of the field, the mapping holding it, its key there, whether the config
+    uses it): `sft.local.path`, a local preference source's, baseline's or prompt set's
+    `path`, `evaluation.figures.model_info`, and the judge settings the judge registry
+    declares as files (`reward_model`, `cost_model`, a criterion's own template in
+    `templates`), in `evaluation.judge` and each prompt set's `judge`. A value that is
+    not a string (unset, or for the schema to refuse) is left out."""
+
+    def section(holder: Any, *keys: str) -> dict[str, Any]:
+        for key in keys:
+            holder = holder.get(key) if isinstance(holder, dict) else None
+        return holder if isinstance(holder, dict) else {}
+
+    def named(holder: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        return [(name, spec) for name, spec in holder.items() if isinstance(spec, dict)]
+
+    def local(spec: dict[str, Any], default: str | None = None) -> bool:
+        return spec.get("source", default) == "local"
+
+    fields: list[tuple[str, dict[str, Any], str, bool]] = [
+        ("sft.local.path", section(config, "sft", "local"), "path",
+         local(section(config, "sft")))]
+    for name, spec in named(section(config, "preference_sources")):
+        fields.append((f"preference_sources.{name}.path", spec, "path", local(spec)))
+    for name, spec in named(section(config, "baselines")):
+        fields.append((f"baselines.{name}.path", spec, "path", local(spec)))
+    prompt_sets = named(section(config, "evaluation", "prompt_sets"))
+    for name, spec in prompt_sets:
+        fields.append((f"evaluation.prompt_sets.{name}.path", spec, "path",
+                       local(spec, "local")))
+    fields.append(("evaluation.figures.model_info", section(config, "evaluation", "figures"),
+                   "model_info", True))
+    inputs, mappings, packaged = _judge_path_keys()
+    judges = [("evaluation.judge", section(config, "evaluation", "judge"))]
+    judges += [(f"evaluation.prompt_sets.{name}.judge", section(spec, "judge"))
+               for name, spec in prompt_sets]
+    for where, judge in judges:
+        fields += [(f"{where}.{key}", judge, key, True) for key in sorted(inputs)]
+        for key in sorted(mappings):
+            own = section(judge, key)
+            fields += [(f"{where}.{key}.{criterion}", own, criterion, True)
+                       for criterion, value in own.items()
+                       if isinstance(value, str) and value not in packaged]
+    for where, holder, key, used in fields:
+        if isinstance(holder.get(key), str):
+            yield where, holder, key, used
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
+
+
+def locate(value: str, folder: str | Path | None, base_dir: str | Path | None = None) -> str:
+    """A path a config file in `folder` names, as the workflow is to read it: relative
+    to that folder when it exists there, else relative to the working directory as
+    given, else under `base_dir` (the clone's root) when it exists there; absolute paths
+    and paths found nowhere are returned as given. A path found in `folder` or
+    `base_dir` is written relative to the working directory when it lies below it
+    (stable params), absolute otherwise."""
+    path = Path(value)
+    if path.is_absolute():
+        return value
+    for root in (folder, None, base_dir):
+        candidate = path if root is None else Path(root) / path
+        if not candidate.exists():
+            continue
+        if root is None or _same(candidate, path):
+            return value  # as the working directory reads it: unchanged
+        absolute = os.path.abspath(candidate)
+        relative = os.path.relpath(absolute, os.getcwd())
+        return absolute if relative.split(os.sep)[0] == os.pardir else relative
+    return value
+
+
+def resolve_paths(config: dict[str, Any], folder: str | Path | None,
+                  base_dir: str | Path | None = None) -> dict[str, Any]:
+    """Resolve, in place, every file or folder the config names (`path_fields`) as
+    `locate` does: `folder` is the folder of the config file that names them, as for
+    `extends:`. Returns the config."""
+    for _, holder, key, _ in list(path_fields(config)):
+        holder[key] = locate(holder[key], folder, base_dir)
+    return config
+
+
+def check_paths(config: dict[str, Any]) -> None:
+    """Every file or folder the config uses exists (after `resolve_paths`), or a
+    PlanError names each missing one by its config key."""
+    missing = [f"  {where}: no file or folder {holder[key]!r}"
+               for where, holder, key, used in path_fields(config)
+               if used and not Path(holder[key]).exists()]
+    if missing:
+        raise PlanError(
+            "missing input files (a relative path is looked up in the folder of the config "
+            f"file that names it, then in the working directory {os.getcwd()}, then in the "
+            "workflow's folder):\n" + "\n".join(missing))
 
 
 def _resolve(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
@@ -154,9 +278,15 @@ def validate_config(config: dict[str, Any], *, source: str = "config",
 def load_config(config: dict[str, Any], *, source: str = "config",
                 base_dir: str | Path | None = None,
                 config_dir: str | Path | None = None) -> dict[str, Any]:
-    """Resolve `extends` (against `config_dir`, the config file's folder, then
-    `base_dir`), rename deprecated keys and validate, filling the defaults; the dict is
-    updated in place, so the workflow's rules read the resolved config."""
+    """Resolve `extends` and the file paths the config names (against `config_dir`,
+    the config file's folder, then the working directory, then `base_dir`; each file of
+    an `extends` chain against its own folder), rename deprecated keys and validate,
+    filling the defaults; the dict is updated in place, so the workflow's rules read the
+    resolved config. With `config_dir` (a config read from a file, as the workflow
+    does) every file or folder the config uses must exist: a missing one is an error
+    that names its config key."""
+    if config_dir is not None:
+        resolve_paths(config, config_dir, base_dir)
     if "extends" in config:
         resolved = resolve_extends(config, base_dir if base_dir is not None else ".",
                                    config_dir)
@@ -165,7 +295,10 @@ def load_config(config: dict[str, Any], *, source: str = "config",
     for line in migrate_config(config):
         print(f"deprecated ({source}): {line}", file=sys.stderr)
     _check_judge_sections(config)
-    return validate_config(config, source=source)
+    validate_config(config, source=source)
+    if config_dir is not None:
+        check_paths(config)
+    return config
 
 
 def migrate_config(config: dict[str, Any]) -> list[str]:

@@ -3,13 +3,20 @@
 # (sacpo_steps.plan.Plan); the rules in the other .smk files call only these.
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
 # the clone's root (workflow/rules/ is two levels down), whichever Snakefile was run
 REPO_ROOT = Path(workflow.current_basedir).parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+# The package the rules plan with (and whose source hashes they take) is the one beside
+# this Snakefile when there is one (a clone, or a test's copy of it): rules and steps of
+# one tree, never a clone's rules with another version's steps. A workflow folder
+# deployed alone runs the installed package.
+if (REPO_ROOT / "sacpo_steps" / "__init__.py").is_file():
+    sys.path.insert(0, str(REPO_ROOT))
 
+import sacpo_steps  # noqa: E402
 from sacpo_steps.core.errors import InputError  # noqa: E402
 from sacpo_steps.core.layout import SEED as SEED_WILDCARD  # noqa: E402
 from sacpo_steps.plan.judgment_report import judgment_report  # noqa: E402
@@ -96,7 +103,9 @@ def code(step):
 
 
 # Jobs run `python -m sacpo_steps ...` with the Python that runs Snakemake, even
-# when its environment is not activated; with --use-conda, the rule's environment.
+# when its environment is not activated; with --use-conda, the rule's environment
+# (workflow/envs/sacpo.yaml: the dependencies only). Either way the package is the one
+# this process imported (PYTHONPATH below).
 # Every job exports the reproducibility settings (pinned kernels, GPU determinism);
 # `python -m sacpo_steps` applies them before torch loads.
 _JOB_ENV = " ".join(f"{key}={value}" for key, value in PLAN.job_env().items())
@@ -105,7 +114,33 @@ _PATH = (
     if workflow.deployment_settings.deployment_method
     else f'export PATH="{Path(sys.executable).parent}:$PATH"; '
 )
-shell.prefix(f"set -euo pipefail; {_PATH}export {_JOB_ENV}; ")
+
+
+def _code_path():
+    """The folder whose `sacpo_steps` every job imports: the very package this process
+    imported (and hashed). A clone's root as it is; an installed package's site folder
+    holds every other distribution too (wrong under --use-conda), so a folder under
+    .snakemake/ with a link to the package alone."""
+    package = Path(sacpo_steps.__file__).resolve().parent
+    if package.parent == REPO_ROOT.resolve():
+        return package.parent
+    folder = Path(".snakemake", "sacpo_steps_code").absolute()
+    link = folder / "sacpo_steps"
+    if not (link.is_dir() and link.resolve() == package):
+        folder.mkdir(parents=True, exist_ok=True)
+        new = folder / f".sacpo_steps.{os.getpid()}"  # replaced at once: jobs may read it
+        new.unlink(missing_ok=True)
+        new.symlink_to(package, target_is_directory=True)
+        os.replace(new, link)
+    return folder
+
+
+# PYTHONSAFEPATH: the job's working directory does not come first (Python >= 3.11), so a
+# `sacpo_steps/` folder there cannot shadow the package named here. (Snakemake formats
+# the prefix: {{ }} is a brace.)
+_KEEP = '"${{PYTHONPATH:+:$PYTHONPATH}}"'  # a PYTHONPATH of the caller's comes after
+_CODE = f"export PYTHONPATH={shlex.quote(str(_code_path()))}{_KEEP} PYTHONSAFEPATH=1; "
+shell.prefix(f"set -euo pipefail; {_PATH}{_CODE}export {_JOB_ENV}; ")
 REPRODUCIBILITY = PLAN.reproducibility  # in every torch job's params
 
 

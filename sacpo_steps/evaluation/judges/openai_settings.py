@@ -56,8 +56,9 @@ class OpenAIJudgeConfig(BackendSettings):
         None, "The prompt template per criterion: the name of a packaged set ("
         + ", ".join(TEMPLATE_SETS) + "; `v2` and `legacy` are earlier defaults, kept byte "
         "for byte so their cached replies stay valid, see docs/judge-protocol.md) or your "
-        "own file (relative to the working directory) with {question}, {answer_a} and "
-        "{answer_b} once each and an optional leading `=== system ===` section; the "
+        "own file (relative to the config's folder, else the working directory) with "
+        "{question}, {answer_a} and {answer_b} once each and an optional leading "
+        "`=== system ===` section; the "
         "template's hash enters the cache key, and editing your file reruns only that "
         "criterion's judge jobs", default_doc="the packaged set `default`",
         convert=_drop_unset, **_TEMPLATES)
