@@ -156,26 +156,11 @@ def align(
         raise InputError(f"{world} processes need --checkpoint-dir, a folder they all share "
                          "(the trainer's state and the dataset cache live there)",
                          field="checkpoint_dir")
-    entry = settings.entry
     parent_dir = check_model_dir(parent_dir, role=f"parent model '{parent}'")
-    cap = PromptCap(training.max_prompt_length)
-    tokenizer = None
-    if cap.max_prompt_length:  # only a cap needs the tokenizer before the trainer loads it
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(parent_dir)
-    examples = load_examples(data_path, entry, prompt_template, seed, training.max_examples,
-                             tokenizer=tokenizer, prompt_cap=cap)
+    examples, cap = _rows(parent_dir, data_path, settings, prompt_template, seed)
     set_threads(threads)
-    table = None
-    inputs = {"parent": model_input(parent_dir, parent), "data": file_input(data_path)}
-    if ref_logps is not None:
-        table = ReferenceTable(ref_logps)
-        table.check_settings(loss=entry.name, training=training, prompt_template=prompt_template)
-        table.check_reference(inputs["parent"])
-        inputs["ref_logps"] = file_input(ref_logps)
-    if reference_dir is not None:
-        inputs["reference"] = model_input(reference_dir, Path(reference_dir).name)
+    inputs, table = _inputs(parent_dir, parent, data_path, settings, prompt_template,
+                            reference_dir=reference_dir, ref_logps=ref_logps)
     record = make_record("align", name=name, inputs=inputs, settings={
         "data": data, "loss": loss, "beta": beta, "training": asdict(training),
         "prompt_template": prompt_template, "seed": seed})
@@ -191,13 +176,7 @@ def align(
             checkpoints_of(work_dir, record, owner=rank == 0)
         trainer = build_trainer(parent_dir, examples, settings, output_dir=work_dir, seed=seed,
                                 reference_dir=reference_dir, ref_logps=table)
-        if trainer.accelerator.num_processes != world:
-            # e.g. `accelerate launch` on a machine without GPUs and without
-            # ACCELERATE_USE_CPU: every process would train alone (1/N of the global
-            # batch) and rank 0 would publish its model as if nothing were wrong
-            raise InputError(f"launched as {world} processes, but the trainer sees "
-                             f"{trainer.accelerator.num_processes}: they do not form one job "
-                             "(no GPU visible? on CPU set ACCELERATE_USE_CPU=true)")
+        _check_one_job(trainer, world)
         trainer.add_callback(startup_callback(log))
         log.info("%d examples, loss %s, beta %g; reference: %s%s", len(examples), loss, beta,
                  parent if reference_dir is None else reference_dir,
@@ -206,44 +185,15 @@ def align(
         if resume:
             log.info("resuming from %s", resume)
         result = trainer.train(resume_from_checkpoint=resume)
-        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
         speed = training_throughput(trainer, result,
                                     start_step=int(resume.name.split("-")[-1]) if resume else 0)
         log.info("throughput: %s", describe(speed))
-        if training.lora:
-            save_merged_adapter(trainer, parent_dir, tmp, training)
-        else:
-            trainer.save_model(str(tmp))
-        trainer.processing_class.save_pretrained(tmp)
-        shutil.rmtree(tmp / ".trainer", ignore_errors=True)
-        resumed_from = resume.name if resume else None
-        (tmp / "training_args.bin").unlink(missing_ok=True)
-        stage = {"name": name, "parent": parent, "data": data, "loss": loss, "beta": beta}
-        summary = {
-            "name": name,
-            "method": loss,
-            "loss_type": entry.loss_type,
-            "coefficient": entry.coefficient,
-            "description": (f"{loss.upper()} on '{data}' from '{parent}' (initial policy and "
-                            f"reference), coefficient beta = {beta}."),
-            "lineage": read_lineage(parent_dir).get("lineage", []) + [stage],
-            "prompt_template": prompt_template,
-            "reference": parent if reference_dir is None else str(reference_dir),
-            "training": {
-                **asdict(training), "seed": seed, "examples": len(examples),
-                "prompt_cap": cap.counts(),
-                "global_batch_size": training.per_device_train_batch_size
-                * training.gradient_accumulation_steps * trainer.accelerator.num_processes,
-                "steps": trainer.state.global_step,
-                "resumed_from": resumed_from,
-                "first_loss": losses[0] if losses else None,
-                "final_loss": losses[-1] if losses else None,
-                "train_runtime_s": round(result.metrics.get("train_runtime", math.nan), 2),
-            },
-            "throughput": speed,
-            "reference_logps": str(ref_logps) if ref_logps else None,
-            "record": record,
-        }
+        _save_model(trainer, parent_dir, tmp, training)
+        summary = _summary(trainer, result, name=name, parent=parent, data=data,
+                           settings=settings, parent_dir=parent_dir,
+                           prompt_template=prompt_template, seed=seed, examples=len(examples),
+                           cap=cap, resume=resume, speed=speed, reference_dir=reference_dir,
+                           ref_logps=ref_logps, record=record)
         if trainer.accelerator.is_main_process:
             write_model_card(tmp, summary)
     if checkpoint_dir and trainer.accelerator.is_main_process:
@@ -259,6 +209,99 @@ def align(
     else:
         log.info("rank %d of %d done (%.1f s)", rank, world, time.monotonic() - started)
     return summary
+
+
+def _check_one_job(trainer: Any, world: int) -> None:
+    """Refuse processes that do not form one job: e.g. `accelerate launch` on a machine
+    without GPUs and without ACCELERATE_USE_CPU, where every process would train alone
+    (1/N of the global batch) and rank 0 would publish its model as if nothing were
+    wrong."""
+    if trainer.accelerator.num_processes != world:
+        raise InputError(f"launched as {world} processes, but the trainer sees "
+                         f"{trainer.accelerator.num_processes}: they do not form one job "
+                         "(no GPU visible? on CPU set ACCELERATE_USE_CPU=true)")
+
+
+def _save_model(trainer: Any, parent_dir: Path, folder: Path, training: Any) -> None:
+    """The trained model (a LoRA stage merged into full weights) and its tokenizer, without
+    the trainer's scratch and arguments."""
+    if training.lora:
+        save_merged_adapter(trainer, parent_dir, folder, training)
+    else:
+        trainer.save_model(str(folder))
+    trainer.processing_class.save_pretrained(folder)
+    shutil.rmtree(folder / ".trainer", ignore_errors=True)
+    (folder / "training_args.bin").unlink(missing_ok=True)
+
+
+def _rows(parent_dir: Path, data_path: str | Path, settings: NodeSettings,
+          prompt_template: str, seed: int) -> tuple[list[dict[str, Any]], PromptCap]:
+    """The training rows (shuffled with the seed, capped) and the prompt cap's counts."""
+    cap = PromptCap(settings.training.max_prompt_length)
+    tokenizer = None
+    if cap.max_prompt_length:  # only a cap needs the tokenizer before the trainer loads it
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(parent_dir)
+    examples = load_examples(data_path, settings.entry, prompt_template, seed,
+                             settings.training.max_examples, tokenizer=tokenizer,
+                             prompt_cap=cap)
+    return examples, cap
+
+
+def _inputs(parent_dir: Path, parent: str, data_path: str | Path, settings: NodeSettings,
+            prompt_template: str, *, reference_dir: str | Path | None,
+            ref_logps: str | Path | None) -> tuple[dict[str, Any], ReferenceTable | None]:
+    """The lineage inputs of the job, and the shared reference file (checked against the
+    node's settings and its parent) when it reads one."""
+    table = None
+    inputs = {"parent": model_input(parent_dir, parent), "data": file_input(data_path)}
+    if ref_logps is not None:
+        table = ReferenceTable(ref_logps)
+        table.check_settings(loss=settings.loss, training=settings.training,
+                             prompt_template=prompt_template)
+        table.check_reference(inputs["parent"])
+        inputs["ref_logps"] = file_input(ref_logps)
+    if reference_dir is not None:
+        inputs["reference"] = model_input(reference_dir, Path(reference_dir).name)
+    return inputs, table
+
+
+def _summary(trainer: Any, result: Any, *, name: str, parent: str, data: str,
+             settings: NodeSettings, parent_dir: Path, prompt_template: str, seed: int,
+             examples: int, cap: PromptCap, resume: Path | None, speed: dict[str, Any],
+             reference_dir: str | Path | None, ref_logps: str | Path | None,
+             record: dict[str, Any]) -> dict[str, Any]:
+    """The model card of a trained node: what it is, where it comes from, how it trained."""
+    loss, beta, training, entry = settings.loss, settings.beta, settings.training, \
+        settings.entry
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    stage = {"name": name, "parent": parent, "data": data, "loss": loss, "beta": beta}
+    return {
+        "name": name,
+        "method": loss,
+        "loss_type": entry.loss_type,
+        "coefficient": entry.coefficient,
+        "description": (f"{loss.upper()} on '{data}' from '{parent}' (initial policy and "
+                        f"reference), coefficient beta = {beta}."),
+        "lineage": read_lineage(parent_dir).get("lineage", []) + [stage],
+        "prompt_template": prompt_template,
+        "reference": parent if reference_dir is None else str(reference_dir),
+        "training": {
+            **asdict(training), "seed": seed, "examples": examples,
+            "prompt_cap": cap.counts(),
+            "global_batch_size": training.per_device_train_batch_size
+            * training.gradient_accumulation_steps * trainer.accelerator.num_processes,
+            "steps": trainer.state.global_step,
+            "resumed_from": resume.name if resume else None,
+            "first_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None,
+            "train_runtime_s": round(result.metrics.get("train_runtime", math.nan), 2),
+        },
+        "throughput": speed,
+        "reference_logps": str(ref_logps) if ref_logps else None,
+        "record": record,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
