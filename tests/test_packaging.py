@@ -243,11 +243,11 @@ RULE_EXCEPTIONS = {"merge_<a>__<b>": "merge",  # one rule per parent pair, all s
 
 
 def readme_rule_table() -> dict[str, str]:
-    """{rule: module} from the README's rule table ("| `rule` | `module` ... |")."""
+    """{rule: step} from the README's rule table ("| `rule` | `step` ... |")."""
     import re
 
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    start = text.index("| rule | module")
+    start = text.index("| rule | step")
     rows = {}
     for line in text[start:].splitlines()[2:]:
         if not line.startswith("| `"):
