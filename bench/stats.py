@@ -29,7 +29,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sacpo_steps.evaluation.stats import load_battles, win_rates  # noqa: E402
-from sacpo_steps.reporting.elo import bt_elo, bt_elo_bootstrap, paper_elo  # noqa: E402
+from sacpo_steps.reporting.bradley_terry import bt_elo, bt_elo_bootstrap  # noqa: E402
+from sacpo_steps.reporting.online_elo import paper_elo  # noqa: E402
 
 CRITERIA = ("helpfulness", "harmlessness")
 

@@ -20,7 +20,9 @@ from sacpo_steps.__main__ import main as dispatch
 from sacpo_steps.core.errors import InputError
 from sacpo_steps.evaluation import winrate
 from sacpo_steps.evaluation.stats import SCORE_A, stream_seed, win_rates
-from sacpo_steps.reporting import elo
+from sacpo_steps.reporting import bradley_terry, elo, online_elo
+from sacpo_steps.reporting.bradley_terry import bt_elo, bt_elo_bootstrap
+from sacpo_steps.reporting.online_elo import paper_elo
 
 ELO_75 = 1000 + 400 * math.log10(3)
 
@@ -67,7 +69,7 @@ def random_battles(seed: int, models: tuple[str, ...] = ("sft", "a", "b", "c"),
 
 def test_three_quarters_against_the_anchor_is_400_log10_3():
     rows = [battle(f"p{i}", o) for i, o in enumerate(["a_wins"] * 3 + ["b_wins"])]
-    table = elo.bt_elo(frame(rows))
+    table = bt_elo(frame(rows))
     assert rating(table, "dpo") == pytest.approx(ELO_75, abs=1e-6)
     assert rating(table, "sft") == 1000.0
     assert list(table.status) == ["finite", "finite"]
@@ -77,17 +79,17 @@ def test_three_quarters_against_the_anchor_is_400_log10_3():
 def test_ties_count_half_each_way():
     even = [battle("p1", "a_wins"), battle("p2", "tie"), battle("p3", "tie"),
             battle("p4", "b_wins")]
-    assert rating(elo.bt_elo(frame(even)), "dpo") == pytest.approx(1000.0, abs=1e-9)
+    assert rating(bt_elo(frame(even)), "dpo") == pytest.approx(1000.0, abs=1e-9)
     # 2 wins + 2 ties = 3 points of 4, the same as 3 wins and a loss
     three_quarters = [battle("p1", "a_wins"), battle("p2", "a_wins"), battle("p3", "tie"),
                       battle("p4", "tie")]
-    assert rating(elo.bt_elo(frame(three_quarters)), "dpo") == pytest.approx(ELO_75, abs=1e-6)
+    assert rating(bt_elo(frame(three_quarters)), "dpo") == pytest.approx(ELO_75, abs=1e-6)
 
 
 def test_errors_are_left_out_and_counted():
     rows = [battle(f"p{i}", o) for i, o in enumerate(["a_wins"] * 3 + ["b_wins"])]
     rows += [battle("p8", "error"), battle("p9", "error", a="sft", b="dpo")]
-    table = elo.bt_elo(frame(rows))
+    table = bt_elo(frame(rows))
     assert rating(table, "dpo") == pytest.approx(ELO_75, abs=1e-6)
     dpo = table[table.model == "dpo"].iloc[0]
     assert (dpo.n, dpo.errors) == (4, 2)
@@ -96,25 +98,25 @@ def test_errors_are_left_out_and_counted():
 def test_side_does_not_matter():
     rows = [battle("p1", "b_wins", a="sft", b="dpo"), battle("p2", "b_wins", a="sft", b="dpo"),
             battle("p3", "a_wins"), battle("p4", "a_wins", a="sft", b="dpo")]
-    assert rating(elo.bt_elo(frame(rows)), "dpo") == pytest.approx(ELO_75, abs=1e-6)
+    assert rating(bt_elo(frame(rows)), "dpo") == pytest.approx(ELO_75, abs=1e-6)
 
 
 def test_anchor_rating_and_anchor_choice_shift_everything_by_a_constant():
     battles = random_battles(1)
-    base = elo.bt_elo(battles).set_index("model").rating
-    shifted = elo.bt_elo(battles, anchor_rating=1500).set_index("model").rating
+    base = bt_elo(battles).set_index("model").rating
+    shifted = bt_elo(battles, anchor_rating=1500).set_index("model").rating
     np.testing.assert_allclose(shifted - base, 500.0, atol=1e-9)
-    other = elo.bt_elo(battles, anchor="b").set_index("model").rating
+    other = bt_elo(battles, anchor="b").set_index("model").rating
     assert other["b"] == 1000.0
     np.testing.assert_allclose(other - base, 1000.0 - base["b"], atol=1e-6)
 
 
 def test_scale_and_base_give_natural_log_odds():
     rows = [battle(f"p{i}", o) for i, o in enumerate(["a_wins"] * 3 + ["b_wins"])]
-    table = elo.bt_elo(frame(rows), anchor_rating=0.0, scale=1.0, base=math.e)
+    table = bt_elo(frame(rows), anchor_rating=0.0, scale=1.0, base=math.e)
     assert rating(table, "dpo") == pytest.approx(math.log(3), abs=1e-9)
     with pytest.raises(InputError):
-        elo.bt_elo(frame(rows), base=1.0)
+        bt_elo(frame(rows), base=1.0)
 
 
 def test_against_the_anchor_only_elo_is_a_function_of_the_win_rate():
@@ -122,7 +124,7 @@ def test_against_the_anchor_only_elo_is_a_function_of_the_win_rate():
     for model, wins in (("m1", 5), ("m2", 9), ("m3", 2)):
         rows += [battle(f"p{i}", "a_wins" if i < wins else ("tie" if i == wins else "b_wins"),
                         a=model) for i in range(12)]
-    table = elo.bt_elo(frame(rows))
+    table = bt_elo(frame(rows))
     rates = win_rates(frame(rows), "sft", rounds=10)
     for r in rates.itertuples():
         expected = 1000 + 400 * math.log10(r.win_rate / (1 - r.win_rate))
@@ -164,7 +166,7 @@ def sklearn_elo(battles: pd.DataFrame, anchor: str) -> dict[str, float]:
 def test_bt_mle_agrees_with_scikit_learn_logistic_regression():
     pytest.importorskip("sklearn")
     battles = random_battles(7)
-    ours = elo.bt_elo(battles).set_index("model").rating
+    ours = bt_elo(battles).set_index("model").rating
     theirs = sklearn_elo(battles, "sft")
     for model, value in theirs.items():
         assert ours[model] == pytest.approx(value, abs=1e-3)
@@ -172,15 +174,15 @@ def test_bt_mle_agrees_with_scikit_learn_logistic_regression():
 
 def test_criteria_are_fitted_separately():
     both = random_battles(3, criteria=("helpfulness", "harmlessness"))
-    together = elo.bt_elo(both)
+    together = bt_elo(both)
     for criterion in ("helpfulness", "harmlessness"):
-        alone = elo.bt_elo(both[both.criterion == criterion])
+        alone = bt_elo(both[both.criterion == criterion])
         mine = together[together.criterion == criterion].reset_index(drop=True)
         pd.testing.assert_frame_equal(mine, alone)
 
 
 def test_ranks_follow_ratings():
-    table = elo.bt_elo(random_battles(5)).sort_values("rating", ascending=False)
+    table = bt_elo(random_battles(5)).sort_values("rating", ascending=False)
     assert list(table["rank"]) == [1.0, 2.0, 3.0, 4.0]
 
 
@@ -191,7 +193,7 @@ def test_a_model_that_never_loses_is_plus_inf_and_one_that_never_wins_minus_inf(
     rows = [battle(f"p{i}", o) for i, o in enumerate(["a_wins", "b_wins", "tie"])]
     rows += [battle(f"p{i}", "a_wins", a="champ") for i in range(3)]
     rows += [battle(f"p{i}", "b_wins", a="dud") for i in range(3)]
-    table = elo.bt_elo(frame(rows)).set_index("model")
+    table = bt_elo(frame(rows)).set_index("model")
     assert table.loc["champ", "rating"] == np.inf and table.loc["champ", "status"] == "+inf"
     assert table.loc["dud", "rating"] == -np.inf and table.loc["dud", "status"] == "-inf"
     # the rest is the MLE without them: dpo 1.5 of 3 points
@@ -203,7 +205,7 @@ def test_a_model_that_never_loses_is_plus_inf_and_one_that_never_wins_minus_inf(
 def test_a_model_not_comparable_with_the_anchor_is_undetermined():
     # sft and v both beat u outright; nothing tells sft and v apart
     rows = [battle("p1", "b_wins", a="u", b="sft"), battle("p2", "b_wins", a="u", b="v")]
-    table = elo.bt_elo(frame(rows)).set_index("model")
+    table = bt_elo(frame(rows)).set_index("model")
     assert table.loc["u", "status"] == "-inf"
     assert np.isnan(table.loc["v", "rating"]) and table.loc["v", "status"] == "undetermined"
     assert np.isnan(table.loc["v", "rank"])
@@ -212,17 +214,17 @@ def test_a_model_not_comparable_with_the_anchor_is_undetermined():
 def test_models_not_linked_to_the_anchor_are_an_error():
     rows = [battle("p1", "a_wins"), battle("p1", "tie", a="x", b="y")]
     with pytest.raises(InputError, match="linking them to the anchor") as err:
-        elo.bt_elo(frame(rows))
+        bt_elo(frame(rows))
     assert "'x'" in str(err.value) and "'y'" in str(err.value)
     # only failed judgments do not link either
     with pytest.raises(InputError):
-        elo.bt_elo(frame([battle("p1", "a_wins"), battle("p1", "error", a="x")]))
+        bt_elo(frame([battle("p1", "a_wins"), battle("p1", "error", a="x")]))
 
 
 def test_anchor_missing_in_a_criterion_is_an_error():
     rows = [battle("p1", "a_wins"), battle("p1", "a_wins", a="x", b="y", criterion="harm")]
     with pytest.raises(InputError, match="harm") as err:
-        elo.bt_elo(frame(rows))
+        bt_elo(frame(rows))
     assert err.value.field == "anchor"
 
 
@@ -231,17 +233,17 @@ def test_anchor_missing_in_a_criterion_is_an_error():
 
 def test_bootstrap_interval_contains_the_estimate_and_is_deterministic_per_seed():
     battles = random_battles(11)
-    one = elo.bt_elo_bootstrap(battles, rounds=200, seed=4)
-    again = elo.bt_elo_bootstrap(battles, rounds=200, seed=4)
+    one = bt_elo_bootstrap(battles, rounds=200, seed=4)
+    again = bt_elo_bootstrap(battles, rounds=200, seed=4)
     pd.testing.assert_frame_equal(one, again)
-    point = elo.bt_elo(battles)
+    point = bt_elo(battles)
     np.testing.assert_allclose(one.rating, point.rating)
     others = one[one.model != "sft"]
     assert (others.ci_low < others.rating).all() and (others.rating < others.ci_high).all()
     sft = one[one.model == "sft"].iloc[0]
     assert sft.ci_low == sft.ci_high == 1000.0
     assert (one.rank_low <= one["rank"]).all() and (one["rank"] <= one.rank_high).all()
-    different = elo.bt_elo_bootstrap(battles, rounds=200, seed=5)
+    different = bt_elo_bootstrap(battles, rounds=200, seed=5)
     assert not np.allclose(one.ci_low, different.ci_low)
 
 
@@ -251,7 +253,7 @@ def test_bootstrap_resamples_whole_prompts_and_keeps_infinite_ends():
     rows = [battle(pid, outcome, order=order, rep=rep)
             for pid, outcome in (("p1", "a_wins"), ("p2", "b_wins"))
             for order in ("a_first", "b_first") for rep in (0, 1)]
-    r = elo.bt_elo_bootstrap(frame(rows), rounds=1000).set_index("model").loc["dpo"]
+    r = bt_elo_bootstrap(frame(rows), rounds=1000).set_index("model").loc["dpo"]
     assert r.rating == pytest.approx(1000.0, abs=1e-9)
     assert (r.ci_low, r.ci_high) == (-np.inf, np.inf)
     assert (r.rank_low, r.rank_high) == (1.0, 2.0)
@@ -259,8 +261,8 @@ def test_bootstrap_resamples_whole_prompts_and_keeps_infinite_ends():
 
 def test_bootstrap_criteria_draw_from_their_own_streams():
     both = random_battles(2, criteria=("helpfulness", "harmlessness"))
-    together = elo.bt_elo_bootstrap(both, rounds=100, seed=1)
-    alone = elo.bt_elo_bootstrap(both[both.criterion == "helpfulness"], rounds=100, seed=1)
+    together = bt_elo_bootstrap(both, rounds=100, seed=1)
+    alone = bt_elo_bootstrap(both[both.criterion == "helpfulness"], rounds=100, seed=1)
     mine = together[together.criterion == "helpfulness"].reset_index(drop=True)
     pd.testing.assert_frame_equal(mine, alone)
 
@@ -268,10 +270,10 @@ def test_bootstrap_criteria_draw_from_their_own_streams():
 def test_bootstrap_rejects_bad_settings():
     battles = random_battles(0, n_prompts=3)
     with pytest.raises(InputError) as err:
-        elo.bt_elo_bootstrap(battles, rounds=0)
+        bt_elo_bootstrap(battles, rounds=0)
     assert err.value.field == "rounds"
     with pytest.raises(InputError) as err:
-        elo.bt_elo_bootstrap(battles, confidence=1.5)
+        bt_elo_bootstrap(battles, confidence=1.5)
     assert err.value.field == "confidence"
 
 
@@ -306,11 +308,11 @@ def scalar_paper_elo(battles: pd.DataFrame, anchor: str, trials: int, passes: in
 
 
 def test_paper_mode_equals_the_update_rule_written_out(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(elo, "_BLOCK", 7)  # cross many step blocks, and pad the short criterion
+    monkeypatch.setattr(online_elo, "_BLOCK", 7)  # cross many step blocks, pad the short criterion
     both = random_battles(4, n_prompts=2, criteria=("helpfulness",))
     short = random_battles(5, models=("sft", "a", "b"), n_prompts=2, criteria=("harm",))
     battles = pd.concat([both, short], ignore_index=True)
-    table = elo.paper_elo(battles, trials=3, passes=2, k=24, start=1100, seed=9)
+    table = paper_elo(battles, trials=3, passes=2, k=24, start=1100, seed=9)
     expected = scalar_paper_elo(battles, "sft", trials=3, passes=2, k=24, start=1100, seed=9)
     assert len(table) == len(expected)
     for r in table.itertuples():
@@ -319,9 +321,9 @@ def test_paper_mode_equals_the_update_rule_written_out(monkeypatch: pytest.Monke
 
 def test_paper_mode_is_seeded_anchored_at_exactly_1000_and_labelled():
     battles = random_battles(6, n_prompts=6)
-    one = elo.paper_elo(battles, trials=5, passes=2, seed=3)
-    pd.testing.assert_frame_equal(one, elo.paper_elo(battles, trials=5, passes=2, seed=3))
-    assert not np.allclose(one.rating, elo.paper_elo(battles, trials=5, passes=2, seed=4).rating)
+    one = paper_elo(battles, trials=5, passes=2, seed=3)
+    pd.testing.assert_frame_equal(one, paper_elo(battles, trials=5, passes=2, seed=3))
+    assert not np.allclose(one.rating, paper_elo(battles, trials=5, passes=2, seed=4).rating)
     assert rating(one, "sft") == 1000.0
     assert set(one["mode"]) == {"paper"}
     assert (one.trial_std[one.model != "sft"] > 0).all()
@@ -339,8 +341,8 @@ def test_paper_mode_orders_models_like_bt_on_a_clear_cut_table():
                 outcome = "a_wins" if stronger_wins == a_is_stronger else "b_wins"
                 rows.append(battle(f"p{p}", outcome, a, b, order))
     battles = frame(rows)
-    paper = elo.paper_elo(battles, trials=10, passes=3).sort_values("rating").model.tolist()
-    bt = elo.bt_elo(battles).sort_values("rating").model.tolist()
+    paper = paper_elo(battles, trials=10, passes=3).sort_values("rating").model.tolist()
+    bt = bt_elo(battles).sort_values("rating").model.tolist()
     assert paper == bt == ["weak", "sft", "good", "best"]
 
 
@@ -354,10 +356,10 @@ def sweep_battles(n_models: int = 8, n_prompts: int = 120) -> pd.DataFrame:
 
 def test_paper_mode_is_invalid_when_the_anchor_raw_rating_is_not_positive():
     battles = sweep_battles()
-    crit = elo._criteria(battles, "sft")[0]
-    raw = elo._online_elo([crit], 3, 10, 32.0, 1200.0, 0)[0]
+    crit = bradley_terry.criteria(battles, "sft")[0]
+    raw = online_elo._online_elo([crit], 3, 10, 32.0, 1200.0, 0)[0]
     assert (raw[:, crit.anchor] <= 0).all()  # the degenerate case this guards against
-    table = elo.paper_elo(battles, trials=3, passes=10)
+    table = paper_elo(battles, trials=3, passes=10)
     assert not table["valid"].any() and set(table["status"]) == {"invalid"}
     assert table[["rating", "rank", "trial_std"]].isna().all().all()
     assert all("raw online rating <= 0" in r for r in table["invalid_reason"])
@@ -376,7 +378,7 @@ def test_paper_mode_is_invalid_when_the_anchor_raw_rating_is_not_positive():
 
 def test_paper_mode_stays_valid_on_normal_data():
     for seed in range(3):
-        table = elo.paper_elo(random_battles(seed, n_prompts=20), trials=10, passes=3)
+        table = paper_elo(random_battles(seed, n_prompts=20), trials=10, passes=3)
         assert table["valid"].all() and (table["invalid_reason"] == "").all()
         assert np.isfinite(table["rating"]).all() and set(table["status"]) == {"finite"}
 
@@ -392,8 +394,8 @@ def beat_the_anchor_everywhere(n_prompts: int = 130, repetitions: int = 3) -> pd
 def test_paper_mode_is_invalid_when_the_rescale_stretches_more_than_twofold():
     battles = beat_the_anchor_everywhere()
     assert (battles.groupby("model_a").size() == 780).all()
-    crit = elo._criteria(battles, "sft")[0]
-    raw = elo._online_elo([crit], 50, 10, 32.0, 1200.0, 0)[0]
+    crit = bradley_terry.criteria(battles, "sft")[0]
+    raw = online_elo._online_elo([crit], 50, 10, 32.0, 1200.0, 0)[0]
     anchor_raw = raw[:, crit.anchor]
     # the case the <= 0 check misses: SFT's raw rating is near-zero but positive, and the
     # rescale keeps every order, so without the bound the rows would read ~21,800, valid
@@ -401,27 +403,27 @@ def test_paper_mode_is_invalid_when_the_rescale_stretches_more_than_twofold():
     unbounded = (raw * (1000.0 / anchor_raw[:, None])).mean(axis=0)
     assert unbounded[crit.models.index("x")] > 20000
     assert np.all(np.argsort(raw.mean(axis=0)) == np.argsort(unbounded))
-    table = elo.paper_elo(battles)
+    table = paper_elo(battles)
     assert not table["valid"].any() and set(table["status"]) == {"invalid"}
     assert table[["rating", "rank", "trial_std"]].isna().all().all()
     reason = table["invalid_reason"].iloc[0]
     assert (table["invalid_reason"] == reason).all()
     assert "outside [0.5, 2] in 50 of 50 trials" in reason and "by 13.8" in reason
     # BT keeps its limit: SFT lost every battle, so the others are +inf
-    bt = elo.bt_elo(battles).set_index("model")
+    bt = bt_elo(battles).set_index("model")
     assert (bt.loc[["x", "y", "z"], "status"] == "+inf").all()
 
 
 def test_the_rescale_bound_is_a_factor_of_two_either_way():
-    crit = elo._criteria(frame([battle("p1", "a_wins", "a", "sft"),
+    crit = bradley_terry.criteria(frame([battle("p1", "a_wins", "a", "sft"),
                                 battle("p1", "b_wins", "b", "sft"),
                                 battle("p1", "tie", "a", "b")]), "sft")[0]
 
     def reasons(anchor_raw: float) -> list[str]:
         raw = np.array([[1300.0, 900.0, 1000.0], [1300.0, 900.0, anchor_raw]])
-        return elo._paper_invalid_reasons(crit, raw, (raw * 1000 / raw[:, [2]]).mean(axis=0))
+        return online_elo._paper_invalid_reasons(crit, raw, (raw * 1000 / raw[:, [2]]).mean(axis=0))
 
-    assert elo.PAPER_MAX_RESCALE == 2.0
+    assert online_elo.PAPER_MAX_RESCALE == 2.0
     assert reasons(520.0) == reasons(1950.0) == [""] * 3  # x1.92 and x0.51: inside
     assert reasons(500.0) == reasons(2000.0) == [""] * 3  # the bound itself is allowed
     for outside, factor in ((480.0, "2.08"), (2100.0, "0.48")):
@@ -438,13 +440,13 @@ def test_paper_mode_marks_models_whose_bradley_terry_rating_is_infinite():
     extra += [battle(f"p{p}", "b_wins", "dud", o, order) for p in range(10) for o in others
               for order in ("a_first", "b_first")]
     battles = pd.concat([battles, frame(extra)], ignore_index=True)
-    bt = elo.bt_elo(battles).set_index("model")
+    bt = bt_elo(battles).set_index("model")
     assert bt.loc["champ", "status"] == "+inf" and bt.loc["dud", "status"] == "-inf"
-    crit = elo._criteria(battles, "sft")[0]
-    raw = elo._online_elo([crit], 10, 3, 32.0, 1200.0, 0)[0]
+    crit = bradley_terry.criteria(battles, "sft")[0]
+    raw = online_elo._online_elo([crit], 10, 3, 32.0, 1200.0, 0)[0]
     factor = 1000.0 / raw[:, crit.anchor]
     assert ((factor > 0.5) & (factor < 2)).all()  # not the criterion-wide rule
-    table = elo.paper_elo(battles, trials=10, passes=3).set_index("model")
+    table = paper_elo(battles, trials=10, passes=3).set_index("model")
     assert not table.loc["champ", "valid"] and not table.loc["dud", "valid"]
     assert table.loc["champ", "invalid_reason"].startswith(
         "its Bradley-Terry rating is +inf (it never loses to 'sft''s group)")
@@ -456,7 +458,7 @@ def test_paper_mode_marks_models_whose_bradley_terry_rating_is_infinite():
 
 
 def test_paper_mode_marks_models_whose_order_the_rescale_reverses():
-    crit = elo._criteria(frame([battle("p1", "a_wins", "a", "sft"),
+    crit = bradley_terry.criteria(frame([battle("p1", "a_wins", "a", "sft"),
                                 battle("p1", "b_wins", "b", "sft"),
                                 battle("p1", "tie", "a", "b")]), "sft")[0]
     assert crit.models == ["a", "b", "sft"]
@@ -465,12 +467,13 @@ def test_paper_mode_marks_models_whose_order_the_rescale_reverses():
     raw = np.array([[1100.0, 990.0, 550.0], [1000.0, 1150.0, 1000.0]])
     rescaled = (raw * (1000.0 / raw[:, [2]])).mean(axis=0)  # a 1500 > b 1475
     assert raw.mean(axis=0)[1] > raw.mean(axis=0)[0]  # but raw b 1070 > a 1050
-    reasons = elo._paper_invalid_reasons(crit, raw, rescaled)
+    reasons = online_elo._paper_invalid_reasons(crit, raw, rescaled)
     assert reasons[0] == "the multiplicative rescale reverses its order against ['b']"
     assert reasons[1] == "the multiplicative rescale reverses its order against ['a']"
     assert reasons[2] == ""
     ok = np.array([[1100.0, 990.0, 550.0], [1200.0, 1100.0, 1000.0]])
-    assert elo._paper_invalid_reasons(crit, ok, (ok * 1000 / ok[:, [2]]).mean(axis=0)) == [""] * 3
+    rescaled = (ok * 1000 / ok[:, [2]]).mean(axis=0)
+    assert online_elo._paper_invalid_reasons(crit, ok, rescaled) == [""] * 3
 
 
 def test_cli_writes_invalid_paper_rows_without_numbers(tmp_path: Path):
@@ -566,7 +569,7 @@ def test_a_family_is_fitted_from_its_own_battles_only():
     # ab: a, b and sft, with no battle of c: the BT fit of the table without c
     ab = table[table["fit"] == "ab"].set_index("model")
     assert set(ab.index) == {"a", "b", "sft"} and ab.loc["b", "n"] == 8
-    alone = elo.bt_elo(battles[(battles.model_a != "c") & (battles.model_b != "c")])
+    alone = bt_elo(battles[(battles.model_a != "c") & (battles.model_b != "c")])
     assert ab.loc["a", "rating"] == pytest.approx(rating(alone, "a"), abs=1e-9)
     assert ab.loc["a", "rating"] != pytest.approx(pooled.loc["a", "rating"], abs=1.0)
     # the pooled rows are exactly the elo table (elo.csv); sorted pooled first
@@ -584,7 +587,7 @@ def test_family_fits_in_paper_mode_use_the_family_battles_and_their_own_streams(
     part = elo.family_battles(battles, ["a", "b", "c"], "sft")
     assert set(part.model_a) | set(part.model_b) == {"sft", "a", "b", "c"}
     assert len(part) < len(battles)  # d's battles are left out
-    own = elo.paper_elo(part, trials=4, passes=2, seed=1, fit="abc").set_index("model")
+    own = paper_elo(part, trials=4, passes=2, seed=1, fit="abc").set_index("model")
     assert sorted(fam.index) == ["a", "b", "c", "sft"]
     for column in ("rating", "trial_std", "n"):
         np.testing.assert_allclose(fam[column].astype(float),
@@ -593,7 +596,7 @@ def test_family_fits_in_paper_mode_use_the_family_battles_and_their_own_streams(
     pooled = table[table["fit"] == "pooled"].set_index("model")
     assert (pooled.loc[fam.index, "n"] > fam["n"]).all()
     # same battles with the pooled streams: another shuffle, so other numbers
-    shared = elo.paper_elo(part, trials=4, passes=2, seed=1).set_index("model")
+    shared = paper_elo(part, trials=4, passes=2, seed=1).set_index("model")
     assert not np.allclose(own.loc[["a", "b", "c"], "rating"],
                            shared.loc[["a", "b", "c"], "rating"])
 

@@ -8,13 +8,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_hex
 from matplotlib.container import ErrorbarContainer
+from matplotlib.figure import Figure
 from matplotlib.text import Text
 from matplotlib.transforms import Bbox
 
 from sacpo_steps.core.errors import InputError
-from sacpo_steps.reporting import figures
+from sacpo_steps.reporting import figure_inputs, figures, plotting
 
 WINRATE = pd.DataFrame([
     # model, criterion, win_rate, ci_low, ci_high
@@ -69,7 +71,7 @@ def bar_ends(container: ErrorbarContainer) -> tuple[np.ndarray, np.ndarray]:
 
 
 def reference_lines(ax) -> list:
-    return [line for line in ax.lines if line.get_gid() == figures.REFERENCE_GID]
+    return [line for line in ax.lines if line.get_gid() == plotting.REFERENCE_GID]
 
 
 def expected_points(table: pd.DataFrame, value: str, models: list[str]) -> pd.DataFrame:
@@ -242,18 +244,18 @@ def test_model_info_files(tmp_path: Path):
     as_csv = tmp_path / "models.csv"
     as_csv.write_text("model,family,label\na,F,0.1\nb,G,\n")
     for path in (as_dict, as_list, as_csv):
-        info = figures.read_model_info(path)
-        meta = figures.model_info(["a", "b", "c-0.25"], info)
+        info = figure_inputs.read_model_info(path)
+        meta = figure_inputs.model_info(["a", "b", "c-0.25"], info)
         assert meta.values.tolist() == [["a", "F", "0.1"], ["b", "G", ""], ["c-0.25", "c", "0.25"]]
     bad = tmp_path / "bad.csv"
     bad.write_text("name,family\na,F\n")
     with pytest.raises(InputError) as err:
-        figures.read_model_info(bad)
+        figure_inputs.read_model_info(bad)
     assert err.value.field == "model"
     twice = tmp_path / "twice.csv"
     twice.write_text("model,family\na,F\na,G\n")
     with pytest.raises(InputError, match="twice"):
-        figures.read_model_info(twice)
+        figure_inputs.read_model_info(twice)
 
 
 def test_cli_writes_six_nontrivial_files_reproducibly(tmp_path: Path):
@@ -318,7 +320,7 @@ def label_geometry(fig, dpi: float) -> tuple[list, list, list]:
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     ax = fig.axes[0]
-    labels = [t for t in ax.texts if t.get_gid() == figures.LABEL_GID]
+    labels = [t for t in ax.texts if t.get_gid() == plotting.LABEL_GID]
     # the text alone: an annotation's own extent takes in its leader line
     boxes = [Text.get_window_extent(t, renderer) for t in labels]
     markers = []
@@ -341,7 +343,7 @@ def assert_labels_clear(fig) -> int:
         assert labels
         ax = fig.axes[0]
         renderer = fig.canvas.get_renderer()
-        radius = renderer.points_to_pixels(figures.MARKER_SIZE) / 2
+        radius = renderer.points_to_pixels(plotting.MARKER_SIZE) / 2
         for i, (label, box) in enumerate(zip(labels, boxes, strict=True)):
             for j, other in enumerate(boxes):
                 assert i == j or not box.overlaps(other), (label.get_text(),
@@ -366,7 +368,7 @@ def test_labels_of_coinciding_and_collinear_points_do_not_overlap():
     fig = figures.winrate_figure(CROWDED, CROWDED_INFO)
     leaders = assert_labels_clear(fig)
     assert leaders >= 1  # the crowded line at x = 1.0 needs some
-    texts = [t.get_text() for t in fig.axes[0].texts if t.get_gid() == figures.LABEL_GID]
+    texts = [t.get_text() for t in fig.axes[0].texts if t.get_gid() == plotting.LABEL_GID]
     # one label per family and point; each model's label appears exactly once
     assert "0.01, 0.1, 0.3" in texts and "q=0.5" in texts and "1.0" in texts
     parts = sorted(p for t in texts for p in t.split(", "))
@@ -391,20 +393,20 @@ def test_labels_in_figure3_do_not_overlap_and_placement_is_deterministic():
 
 
 def test_place_labels_keeps_clear_of_every_marker():
-    fig = figures.Figure(figsize=(3, 3))
-    figures.FigureCanvasAgg(fig)
+    fig = Figure(figsize=(3, 3))
+    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ys = np.linspace(0.0, 1.0, 12)
-    ax.plot(np.zeros_like(ys), ys, "o", markersize=figures.MARKER_SIZE)
+    ax.plot(np.zeros_like(ys), ys, "o", markersize=plotting.MARKER_SIZE)
     ax.set_xlim(-1, 1)
     ax.set_ylim(-0.1, 1.1)
-    labels = [figures.PointLabel(0.0, y, f"point {i}") for i, y in enumerate(ys)]
-    placed = figures.place_labels(ax, labels)
+    labels = [plotting.PointLabel(0.0, y, f"point {i}") for i, y in enumerate(ys)]
+    placed = plotting.place_labels(ax, labels)
     assert len(placed) == len(labels)
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     boxes = [Text.get_window_extent(t, renderer) for t in placed]
-    half = renderer.points_to_pixels(figures.MARKER_SIZE) / 2
+    half = renderer.points_to_pixels(plotting.MARKER_SIZE) / 2
     dots = [Bbox.from_extents(x - half, y - half, x + half, y + half)
             for x, y in ax.transData.transform(np.column_stack([np.zeros_like(ys), ys]))]
     for i, box in enumerate(boxes):
@@ -417,15 +419,15 @@ def test_place_labels_keeps_clear_of_every_marker():
 
 def test_every_family_has_its_own_style_the_same_in_every_figure():
     families = [f"family {i}" for i in range(25)]
-    styles = figures.family_styles(families, "family 7")
+    styles = plotting.family_styles(families, "family 7")
     assert len(set(styles.values())) == len(families)
-    assert styles["family 7"] == (figures.MARKERS[0], "C0")
+    assert styles["family 7"] == (plotting.MARKERS[0], "C0")
     # a family the given styles lack gets a style nobody else has
-    extended = figures._extend_styles(styles, [*families, "newcomer"])
+    extended = plotting._extend_styles(styles, [*families, "newcomer"])
     assert extended["newcomer"] not in styles.values()
     table = elo_rows()
-    meta = figures.model_info(sorted(set(table["model"])), INFO)
-    shared = figures.family_styles(meta["family"].tolist(), "SFT")
+    meta = figure_inputs.model_info(sorted(set(table["model"])), INFO)
+    shared = plotting.family_styles(meta["family"].tolist(), "SFT")
     seen = {}
     for fig in (figures.winrate_figure(WINRATE, INFO, styles=shared),
                 figures.elo_figure(table, INFO, styles=shared),
@@ -528,7 +530,7 @@ def test_elo_across_seeds_uses_the_all_rows(tmp_path: Path):
         part = all_bt[all_bt["criterion"] == ax.get_title()].sort_values("rating")
         x, _, _ = series(ax, "bt")
         np.testing.assert_allclose(x, part["rating"])
-        (dots,) = [line for line in ax.lines if line.get_gid() == figures.SEEDS_GID]
+        (dots,) = [line for line in ax.lines if line.get_gid() == plotting.SEEDS_GID]
         assert len(dots.get_xdata()) == 3 * len(part)
     # through the CLI, as the pipeline runs it
     winrate_csv = tmp_path / "winrate.csv"

@@ -24,8 +24,9 @@ import logging
 import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from tqdm import tqdm
 
@@ -167,6 +168,147 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start:start + size]
 
 
+@dataclass(frozen=True)
+class _Job:
+    """The checked inputs of one judge job."""
+
+    prompts: dict[str, dict[str, Any]]
+    model_a: str  # the candidate
+    cand: dict[str, dict[str, Any]]
+    model_b: str  # the baseline
+    base: dict[str, dict[str, Any]]
+    files: dict[str, dict[str, Any]]  # the lineage record's inputs
+
+
+def _check_arguments(criterion: str, repetitions: int, batch_size: int,
+                     max_error_rate: float | None) -> None:
+    if criterion not in CRITERIA:
+        raise InputError(f"unknown criterion {criterion!r} (known: {CRITERIA})",
+                         field="criterion")
+    if isinstance(repetitions, bool) or not isinstance(repetitions, int) or repetitions < 1:
+        raise InputError(f"must be a positive integer, got {repetitions!r}",
+                         field="repetitions")
+    if batch_size < 1:
+        raise InputError(f"must be a positive integer, got {batch_size!r}", field="batch_size")
+    if max_error_rate is not None and not 0 <= max_error_rate <= 1:
+        raise InputError(f"must be between 0 and 1, got {max_error_rate!r}",
+                         field="judge.max_error_rate")
+
+
+def _read_inputs(cand_path: Path, base_path: Path, prompts_path: Path,
+                 spec_path: str | Path | None) -> _Job:
+    """Read both generation files and the prompt set; refuse them unless each answers
+    exactly the prompt set and the two models differ."""
+    prompts = read_prompt_set(prompts_path)
+    model_a, cand = read_generations(cand_path)
+    model_b, base = read_generations(base_path)
+    files = {"candidate": file_input(cand_path), "baseline": file_input(base_path),
+             "prompts": file_input(prompts_path)}
+    if spec_path is not None:
+        files["spec"] = file_input(spec_path)
+    _check_coverage(cand_path, cand, prompts, prompts_path)
+    _check_coverage(base_path, base, prompts, prompts_path)
+    if model_a == model_b:
+        raise InputError(f"candidate and baseline are the same model {model_a!r} "
+                         f"({cand_path}, {base_path})", field="model")
+    differ = [pid for pid, p in prompts.items()
+              if cand[pid]["prompt"] != p["prompt"] or base[pid]["prompt"] != p["prompt"]]
+    if differ:
+        # a templated prompt may legitimately differ; a different question would not
+        log.warning("%d generations carry a prompt text that differs from %s (e.g. %s); "
+                    "the judge is shown the prompt set's text", len(differ), prompts_path,
+                    _ids(differ))
+    return _Job(prompts, model_a, cand, model_b, base, files)
+
+
+def _build_requests(job: _Job, criterion: str, prompt_set: str, repetitions: int
+                    ) -> tuple[list[JudgeRequest], list[dict[str, Any]], dict[str, list[str]]]:
+    """(requests, their battle rows without outcome, prompt ids with an empty answer per
+    side): every prompt in both orders, `repetitions` times, in the order judged."""
+    battles: list[dict[str, Any]] = []
+    requests: list[JudgeRequest] = []
+    empty: dict[str, list[str]] = {"a": [], "b": []}
+    for pid, prompt in job.prompts.items():
+        context = {"task_id": prompt["task_id"]} if prompt.get("task_id") is not None else {}
+        answers = {"a": job.cand[pid]["answer"], "b": job.base[pid]["answer"]}
+        is_empty = {side: not text.strip() for side, text in answers.items()}
+        for side in ("a", "b"):
+            if is_empty[side]:
+                empty[side].append(pid)
+        for rep in range(repetitions):
+            for order in ORDERS:
+                first, second = ("a", "b") if order == "a_first" else ("b", "a")
+                requests.append(JudgeRequest(
+                    criterion=criterion, prompt_id=pid, question=prompt["prompt"],
+                    first_answer=answers[first], second_answer=answers[second],
+                    repetition=rep, context=dict(context)))
+                battles.append({
+                    "criterion": criterion, "prompt_set": prompt_set, "prompt_id": pid,
+                    "model_a": job.model_a, "model_b": job.model_b, "order": order,
+                    "repetition": rep, "empty_a": is_empty["a"], "empty_b": is_empty["b"],
+                    "words_a": len(answers["a"].split()), "words_b": len(answers["b"].split()),
+                })
+    return requests, battles, empty
+
+
+def _write_judgment(fh_out: TextIO, fh_rep: TextIO, battle: dict[str, Any], reply: JudgeReply,
+                    line: int, judge_name: str, replies_name: str) -> str:
+    """Write one battle row and its reply (line `line` of the replies); return the outcome."""
+    if not isinstance(reply, JudgeReply):
+        raise TypeError(f"judge {judge_name!r} returned {type(reply).__name__}, "
+                        "not a JudgeReply")
+    outcome = _OUTCOME[battle["order"]][reply.verdict]
+    fh_rep.write(json.dumps({"id": line, "verdict": reply.verdict, "raw": reply.raw,
+                             "detail": reply.detail}, ensure_ascii=False) + "\n")
+    fh_out.write(json.dumps({**battle, "outcome": outcome, "judge": judge_name,
+                             "raw": f"{replies_name}#{line}"}, ensure_ascii=False) + "\n")
+    return outcome
+
+
+def _judge_and_write(judge: Judge, requests: list[JudgeRequest], battles: list[dict[str, Any]],
+                     paths: tuple[Path, Path, Path], *, criterion: str, batch_size: int,
+                     progress: bool | None, max_error_rate: float | None,
+                     empty_answers: dict[str, int]) -> dict[str, int]:
+    """Judge in batches, writing battles (`paths[0]`), replies and usage as replies come;
+    return the outcome counts. All files or none: none when the error share is too high."""
+    out_path, replies_path, usage_path = paths
+    counts: Counter[str] = Counter()
+    errors_by_prompt: Counter[str] = Counter()
+    show = len(requests) > batch_size if progress is None else progress
+    line = 0
+    # battles renamed into place last: a finished battles file implies the others exist
+    with atomic_output(out_path) as tmp_out, atomic_output(usage_path) as tmp_usage, \
+            atomic_output(replies_path) as tmp_rep, \
+            open(tmp_out, "w", encoding="utf-8") as fh_out, \
+            open(tmp_rep, "w", encoding="utf-8") as fh_rep, \
+            tqdm(total=len(requests), desc=f"judge {criterion}", unit="judgment",
+                 file=sys.stderr, disable=not show, mininterval=5) as bar:
+        for batch in _batches(requests, batch_size):
+            replies = judge.judge_many(batch)
+            if len(replies) != len(batch):
+                raise RuntimeError(f"judge {judge.name!r} returned {len(replies)} replies "
+                                   f"for {len(batch)} requests")
+            for reply in replies:
+                line += 1
+                battle = battles[line - 1]
+                outcome = _write_judgment(fh_out, fh_rep, battle, reply, line, judge.name,
+                                          replies_path.name)
+                counts[outcome] += 1
+                if outcome == "error":
+                    errors_by_prompt[battle["prompt_id"]] += 1
+            bar.update(len(batch))
+
+        outcomes = {o: counts.get(o, 0) for o in OUTCOMES}
+        log.info("outcomes: %s", ", ".join(f"{k}={v}" for k, v in outcomes.items()))
+        usage = _usage(judge, len(requests), outcomes, empty_answers)
+        log.info("usage: %s", json.dumps(usage, sort_keys=True))
+        if max_error_rate is not None:
+            _check_error_rate(errors_by_prompt, len(requests), max_error_rate, replies_path)
+        tmp_usage.write_text(json.dumps(usage, indent=2, ensure_ascii=False) + "\n",
+                             encoding="utf-8")
+    return outcomes
+
+
 def judge_model(
     candidate_generations: str | Path,
     baseline_generations: str | Path,
@@ -195,133 +337,42 @@ def judge_model(
     that no longer matches its own record is refused), the prompts, `settings` (the
     judge config as the step got it) and the rule judge's `spec_path`.
     """
-    if criterion not in CRITERIA:
-        raise InputError(f"unknown criterion {criterion!r} (known: {CRITERIA})",
-                         field="criterion")
-    if isinstance(repetitions, bool) or not isinstance(repetitions, int) or repetitions < 1:
-        raise InputError(f"must be a positive integer, got {repetitions!r}",
-                         field="repetitions")
-    if batch_size < 1:
-        raise InputError(f"must be a positive integer, got {batch_size!r}", field="batch_size")
-    if max_error_rate is not None and not 0 <= max_error_rate <= 1:
-        raise InputError(f"must be between 0 and 1, got {max_error_rate!r}",
-                         field="judge.max_error_rate")
-    cand_path, base_path = Path(candidate_generations), Path(baseline_generations)
+    _check_arguments(criterion, repetitions, batch_size, max_error_rate)
     prompts_path, out_path = Path(prompts_path), Path(out_path)
-
-    prompts = read_prompt_set(prompts_path)
-    model_a, cand = read_generations(cand_path)
-    model_b, base = read_generations(base_path)
-    inputs = {"candidate": file_input(cand_path), "baseline": file_input(base_path),
-              "prompts": file_input(prompts_path)}
-    if spec_path is not None:
-        inputs["spec"] = file_input(spec_path)
-    _check_coverage(cand_path, cand, prompts, prompts_path)
-    _check_coverage(base_path, base, prompts, prompts_path)
-    if model_a == model_b:
-        raise InputError(f"candidate and baseline are the same model {model_a!r} "
-                         f"({cand_path}, {base_path})", field="model")
-    differ = [pid for pid, p in prompts.items()
-              if cand[pid]["prompt"] != p["prompt"] or base[pid]["prompt"] != p["prompt"]]
-    if differ:
-        # a templated prompt may legitimately differ; a different question would not
-        log.warning("%d generations carry a prompt text that differs from %s (e.g. %s); "
-                    "the judge is shown the prompt set's text", len(differ), prompts_path,
-                    _ids(differ))
+    job = _read_inputs(Path(candidate_generations), Path(baseline_generations), prompts_path,
+                       spec_path)
     if judge.deterministic and repetitions != 1:
         log.info("judge %r is deterministic: %d repetitions reduced to 1", judge.name,
                  repetitions)
         repetitions = 1
-
     prompt_set = prompts_path.stem
-    battles: list[dict[str, Any]] = []
-    requests: list[JudgeRequest] = []
-    empty: dict[str, list[str]] = {"a": [], "b": []}  # prompt ids with an empty answer
-    for pid, prompt in prompts.items():
-        context = {"task_id": prompt["task_id"]} if prompt.get("task_id") is not None else {}
-        answers = {"a": cand[pid]["answer"], "b": base[pid]["answer"]}
-        is_empty = {side: not text.strip() for side, text in answers.items()}
-        for side in ("a", "b"):
-            if is_empty[side]:
-                empty[side].append(pid)
-        for rep in range(repetitions):
-            for order in ORDERS:
-                first, second = ("a", "b") if order == "a_first" else ("b", "a")
-                requests.append(JudgeRequest(
-                    criterion=criterion, prompt_id=pid, question=prompt["prompt"],
-                    first_answer=answers[first], second_answer=answers[second],
-                    repetition=rep, context=dict(context)))
-                battles.append({
-                    "criterion": criterion, "prompt_set": prompt_set, "prompt_id": pid,
-                    "model_a": model_a, "model_b": model_b, "order": order,
-                    "repetition": rep, "empty_a": is_empty["a"], "empty_b": is_empty["b"],
-                    "words_a": len(answers["a"].split()), "words_b": len(answers["b"].split()),
-                })
+    requests, battles, empty = _build_requests(job, criterion, prompt_set, repetitions)
     log.info("judging %s (a) vs %s (b) on %s: %d prompts x %d orders x %d repetitions "
-             "= %d judgments by %r", model_a, model_b, criterion, len(prompts), len(ORDERS),
-             repetitions, len(requests), judge.name)
+             "= %d judgments by %r", job.model_a, job.model_b, criterion, len(job.prompts),
+             len(ORDERS), repetitions, len(requests), judge.name)
     empty_answers = {side: len(ids) for side, ids in empty.items()}
-    for side, model in (("a", model_a), ("b", model_b)):
+    for side, model in (("a", job.model_a), ("b", job.model_b)):
         if empty[side]:
             log.warning("%d of %d answers of %s (%s) are empty: judged as they are (no help), "
-                        "flagged empty_%s in the battles: %s", len(empty[side]), len(prompts),
-                        model, side, side, _ids(empty[side]))
+                        "flagged empty_%s in the battles: %s", len(empty[side]),
+                        len(job.prompts), model, side, side, _ids(empty[side]))
 
     replies_path = Path(replies_path) if replies_path else replies_path_for(out_path)
     usage_path = Path(usage_path) if usage_path else usage_path_for(out_path)
-    counts: Counter[str] = Counter()
-    errors_by_prompt: Counter[str] = Counter()
-    show = len(requests) > batch_size if progress is None else progress
-    line = 0
-    record = make_record("judge", inputs=inputs, settings={
+    record = make_record("judge", inputs=job.files, settings={
         "criterion": criterion, "repetitions": repetitions, "judge": judge.name,
         "config": settings or {}})
     drop_sidecar(out_path)
-    # battles renamed into place last: a finished battles file implies the others exist
-    with atomic_output(out_path) as tmp_out, atomic_output(usage_path) as tmp_usage, \
-            atomic_output(replies_path) as tmp_rep, \
-            open(tmp_out, "w", encoding="utf-8") as fh_out, \
-            open(tmp_rep, "w", encoding="utf-8") as fh_rep, \
-            tqdm(total=len(requests), desc=f"judge {criterion}", unit="judgment",
-                 file=sys.stderr, disable=not show, mininterval=5) as bar:
-        for batch in _batches(requests, batch_size):
-            replies = judge.judge_many(batch)
-            if len(replies) != len(batch):
-                raise RuntimeError(f"judge {judge.name!r} returned {len(replies)} replies "
-                                   f"for {len(batch)} requests")
-            for reply in replies:
-                if not isinstance(reply, JudgeReply):
-                    raise TypeError(f"judge {judge.name!r} returned {type(reply).__name__}, "
-                                    "not a JudgeReply")
-                line += 1
-                battle = battles[line - 1]
-                outcome = _OUTCOME[battle["order"]][reply.verdict]
-                counts[outcome] += 1
-                if outcome == "error":
-                    errors_by_prompt[battle["prompt_id"]] += 1
-                fh_rep.write(json.dumps({"id": line, "verdict": reply.verdict, "raw": reply.raw,
-                                         "detail": reply.detail}, ensure_ascii=False) + "\n")
-                fh_out.write(json.dumps({**battle, "outcome": outcome, "judge": judge.name,
-                                         "raw": f"{replies_path.name}#{line}"},
-                                        ensure_ascii=False) + "\n")
-            bar.update(len(batch))
-
-        outcomes = {o: counts.get(o, 0) for o in OUTCOMES}
-        log.info("outcomes: %s", ", ".join(f"{k}={v}" for k, v in outcomes.items()))
-        usage = _usage(judge, len(requests), outcomes, empty_answers)
-        log.info("usage: %s", json.dumps(usage, sort_keys=True))
-        if max_error_rate is not None:
-            _check_error_rate(errors_by_prompt, len(requests), max_error_rate, replies_path)
-        tmp_usage.write_text(json.dumps(usage, indent=2, ensure_ascii=False) + "\n",
-                             encoding="utf-8")
-
+    outcomes = _judge_and_write(judge, requests, battles, (out_path, replies_path, usage_path),
+                                criterion=criterion, batch_size=batch_size, progress=progress,
+                                max_error_rate=max_error_rate, empty_answers=empty_answers)
     write_sidecar(out_path, record)
     if outcomes["error"]:
         log.warning("%d of %d judgments failed (outcome 'error'; see %s)", outcomes["error"],
                     len(requests), replies_path)
     return {
-        "criterion": criterion, "prompt_set": prompt_set, "model_a": model_a,
-        "model_b": model_b, "judge": judge.name, "prompts": len(prompts),
+        "criterion": criterion, "prompt_set": prompt_set, "model_a": job.model_a,
+        "model_b": job.model_b, "judge": judge.name, "prompts": len(job.prompts),
         "repetitions": repetitions, "battles": len(requests), "outcomes": outcomes,
         "empty_answers": empty_answers, "out": str(out_path), "replies": str(replies_path),
         "usage": str(usage_path),
