@@ -6,29 +6,45 @@ target lies between DPO(H)'s and the over-safe model's harmlessness: the search 
 find a merge whose interval meets it and which is more helpful than the over-safe
 model. A second config asks for more than the over-safe model reaches: only the search
 reruns, and it ends with the message naming the model to retrain.
+
+The run is deployed, not copied: Snakemake runs the clone's workflow/Snakefile
+(`-s`) in a temporary folder outside the repository that holds only the config
+(`--directory`), the way a snakedeploy `module` sets it up, with the package the
+Snakefile's clone holds.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import yaml
 
-from tests.helpers import ROOT, copy_workflow, dry_run, output_of, snakemake, write_config
+from tests.helpers import ROOT, dry_run, output_of, snakemake, write_config
 
 CONFIG = "config/demo-target.yaml"
 SEED0 = "results/demo-target/seed-0"
 SEARCH = (f"{SEED0}/target/search.json", f"{SEED0}/target/search.md")
+#: the clone's workflow, run from elsewhere
+ENTRY = ("-s", str(ROOT / "workflow" / "Snakefile"))
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    work = copy_workflow(tmp_path_factory.mktemp("target_demo"))
-    proc = snakemake(work, *SEARCH, "--configfile", CONFIG, timeout=1200)
+    base = tmp_path_factory.mktemp("target_demo")
+    work = base / "my-experiment"  # the user's folder: only their config
+    work.mkdir()
+    shutil.copy2(ROOT / CONFIG, work / "demo-target.yaml")
+    proc = snakemake(base, *ENTRY, "--directory", str(work), *SEARCH,
+                     "--configfile", str(work / "demo-target.yaml"), timeout=1200)
     assert proc.returncode == 0, output_of(proc)[-6000:]
+    # results, logs and caches went to the folder, nothing else was made there
+    assert {p.name for p in work.iterdir() if not p.name.startswith(".")} <= {
+        "demo-target.yaml", "results", "logs", "resources", "scratch"}
+    assert (work / SEARCH[0]).is_file() and not (base / "results").exists()
     return work
 
 
@@ -64,9 +80,9 @@ def test_target_above_the_over_safe_model_names_the_model_to_retrain(demo, tmp_p
     over = yaml.safe_load((ROOT / CONFIG).read_text())
     over["target"]["value"] = 0.99
     config = write_config(demo / "over_target.yaml", over)
-    _, jobs = dry_run(demo, *SEARCH, "--configfile", str(config))
+    _, jobs = dry_run(demo, *ENTRY, *SEARCH, "--configfile", str(config))
     assert [j.rule for j in jobs] == ["target_search"]  # no training, no other evaluation
-    proc = snakemake(demo, *SEARCH, "--configfile", str(config), timeout=600)
+    proc = snakemake(demo, *ENTRY, *SEARCH, "--configfile", str(config), timeout=600)
     assert proc.returncode == 0, output_of(proc)[-6000:]
     result = load(demo)
     assert result["met"] is False and result["q"] is None
