@@ -57,8 +57,10 @@ def make_tiny_model(out: Path, *, seed: int = 0, noise: float = 0.0, hidden: int
 # ---- the workflow in a copy ------------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parent.parent
+# The copy's Snakefile plans with the copy's sacpo_steps/ and its jobs import it (PYTHONPATH,
+# workflow/rules/common.smk): editing the copy's source is what the rerun tests rely on.
 WORKFLOW_PARTS = ["Snakefile", "workflow", "config", "profiles", "sacpo_steps", "tests/configs",
-                  "environment.yml"]  # the rules' `conda:` directives name environment.yml
+                  "environment.yml"]
 REDUCED = "tests/configs/reduced_demo.yaml"
 RESULTS = "results/reduced-demo"  # the reduced demo's experiment folder
 SEED0 = f"{RESULTS}/seed-0"  # its only seed

@@ -1,9 +1,10 @@
 """Snakemake-level behaviour: which jobs a config plans, one real reduced run, and what reruns.
 
 Every run happens in a copy of the workflow under a temporary folder, never in the
-repository's own `results/`. Jobs run `python -m sacpo_steps` with the copy as
-working directory, so they import the copy's package: editing the copy's source is
-what the provenance tests below rely on.
+repository's own `results/`. The copy's Snakefile plans with the copy's package and
+its jobs' `python -m sacpo_steps` import that package (PYTHONPATH, set by
+workflow/rules/common.smk): editing the copy's source is what the provenance tests
+below rely on.
 """
 
 from __future__ import annotations
