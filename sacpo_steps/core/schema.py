@@ -22,7 +22,10 @@ ACCELERATE_CONFIGS = ASSETS / "accelerate"
 def _read(path: str) -> dict[str, Any]:
     import yaml
 
-    return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    # libyaml's parser where PyYAML has it (the same safe constructors and resolvers):
+    # every Snakemake call reads the schema, and the pure-Python parser takes ~10x longer
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=loader)
 
 
 def load_config_schema(path: str | Path = SCHEMA_PATH) -> dict[str, Any]:

@@ -335,7 +335,8 @@ def judge_model(
     batch. Returns a summary with the outcome counts. The battles' lineage record
     (`<out>.record.json`) names both generation files' records (a generation file
     that no longer matches its own record is refused), the prompts, `settings` (the
-    judge config as the step got it) and the rule judge's `spec_path`.
+    judge config as the step got it), the rule judge's `spec_path` and what the judge
+    reads besides (`Judge.lineage`: the openai judge's template, by its sha256).
     """
     _check_arguments(criterion, repetitions, batch_size, max_error_rate)
     prompts_path, out_path = Path(prompts_path), Path(out_path)
@@ -359,7 +360,8 @@ def judge_model(
 
     replies_path = Path(replies_path) if replies_path else replies_path_for(out_path)
     usage_path = Path(usage_path) if usage_path else usage_path_for(out_path)
-    record = make_record("judge", inputs=job.files, settings={
+    # the prompt template (openai judge) by its content: no step's code hash covers it
+    record = make_record("judge", inputs={**job.files, **judge.lineage(criterion)}, settings={
         "criterion": criterion, "repetitions": repetitions, "judge": judge.name,
         "config": settings or {}})
     drop_sidecar(out_path)

@@ -254,6 +254,16 @@ class Plan(Experiment):
         criterion's template must not rerun this set's judge jobs (params trigger)."""
         return self.judge(prompt_set).for_criterion(self.criterion(prompt_set)).to_dict()
 
+    def judge_templates(self, prompt_sets: list[str]) -> dict[str, str]:
+        """{criterion: sha256} of the packaged prompt templates the sets' judges render
+        (`JudgeConfig.template_hashes`): a param of the jobs that judge them, so editing
+        one template reruns exactly those; {} for judges without templates. The user's
+        own template files are job inputs instead (`judge_reads`)."""
+        hashes: dict[str, str] = {}
+        for prompt_set in prompt_sets:
+            hashes.update(self.judge(prompt_set).template_hashes(self.criterion(prompt_set)))
+        return hashes
+
     def judge_cache(self, prompt_set: str) -> str | None:
         """The backend's shared cache (API replies, model scores) outside results/: paid
         for or slow, they must survive a cleaned results/ folder; None without one."""

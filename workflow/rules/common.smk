@@ -21,7 +21,7 @@ from sacpo_steps.core.errors import InputError  # noqa: E402
 from sacpo_steps.core.layout import SEED as SEED_WILDCARD  # noqa: E402
 from sacpo_steps.plan.judgment_report import judgment_report  # noqa: E402
 from sacpo_steps.plan import PlanError, load_plan, to_json  # noqa: E402
-from sacpo_steps.core.provenance import source_hash  # noqa: E402
+from sacpo_steps.core.provenance import source_hash, use_import_cache  # noqa: E402
 from sacpo_steps.steps import module_of  # noqa: E402
 
 _config_source = ", ".join(map(str, workflow.overwrite_configfiles)) or "config/config.yaml"
@@ -95,6 +95,11 @@ wildcard_constraints:
     source=_one_of(config["preference_sources"]),
     reference=_one_of({reference for reference, _ in PLAN.ref_logps_jobs}),
     ref_key=_one_of({key for _, key in PLAN.ref_logps_jobs}),
+
+
+# Every call hashes every step (code() below): what each package file imports is kept
+# here between calls, keyed by the file's content, so only edited files are parsed again.
+use_import_cache(Path(".snakemake", "sacpo_steps", "imports.json"))
 
 
 def code(step):

@@ -70,6 +70,8 @@ rule judge:
             if PLAN.judge_cache(wildcards.prompt_set)
             else ""
         ),
+        # the packaged prompt template the job renders, by its sha256 (openai judge)
+        templates=lambda wildcards: PLAN.judge_templates([wildcards.prompt_set]),
         code=code("judge"),
         reproducibility=REPRODUCIBILITY,
     resources:

@@ -54,6 +54,7 @@ if TARGET:
             generation=lambda wildcards: to_json(PLAN.target_generation_spec(wildcards.seed)),
             rounds=config["evaluation"]["winrate"]["bootstrap_rounds"],
             seed=lambda wildcards: int(wildcards.seed),
+            templates=lambda wildcards: PLAN.judge_templates(list(PLAN.target_sets())),
             code=code("target_search"),
             reproducibility=REPRODUCIBILITY,
             threads=torch_threads("generate"),

@@ -75,6 +75,12 @@ class Judge(ABC):
         exception means the whole batch (or the judge's configuration) is unusable.
         """
 
+    def lineage(self, criterion: str) -> dict[str, dict[str, Any]]:
+        """What the judge reads for `criterion` beyond the requests, as entries of the
+        battles' record `inputs` (role -> {"name": ..., "sha256": ...}): a prompt
+        template, by its content. Nothing by default."""
+        return {}
+
     def close(self) -> None:
         """Release clients, flush caches; a no-op unless a backend needs it."""
         return None

@@ -394,6 +394,12 @@ class OpenAIJudge(CachingJudge):
     def _counts(self) -> dict[str, int]:
         return {"requests": self._stats.requests, "cache hits": self._stats.cache_hits}
 
+    def lineage(self, criterion: str) -> dict[str, dict[str, Any]]:
+        """The template rendered for `criterion`: its file (the packaged path or the
+        config's) and the sha256 of its text, the hash in the cache keys and usage file."""
+        template = self.templates[criterion]
+        return {"template": {"name": template.source, "sha256": template.sha256}}
+
     # -- accounting ---------------------------------------------------------------------
 
     def usage(self) -> dict[str, Any]:

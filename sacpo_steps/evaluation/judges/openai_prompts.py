@@ -16,6 +16,7 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass, field
+from functools import cache
 from importlib import resources
 from typing import Any
 
@@ -149,6 +150,17 @@ def load_template(criterion: str, fmt: str, path: str | None = None) -> Template
                              **where)
     return Template(criterion, fmt, text, hashlib.sha256(text.encode("utf-8")).hexdigest(),
                     user=user, system=system, source=str(where["path"]), set_name=set_name)
+
+
+@cache
+def packaged_template(criterion: str, fmt: str, set_name: str | None = None) -> Template:
+    """The packaged template of `criterion` and `fmt` in set `set_name` (None: the default
+    set), as `load_template` reads it, read once per process (packaged files do not
+    change while it runs): the workflow hashes it for every judge job it plans."""
+    if set_name is not None and set_name not in TEMPLATE_SETS:
+        raise ValueError(f"no packaged template set {set_name!r} (known: "
+                         f"{', '.join(TEMPLATE_SETS)})")
+    return load_template(criterion, fmt, set_name)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from sacpo_steps.evaluation.judges.openai_prompts import (
     FORMATS,
     TEMPLATE_SETS,
     load_template,
+    packaged_template,
 )
 from sacpo_steps.evaluation.judges.settings import BackendSettings, CostBasis, setting
 
@@ -119,6 +120,15 @@ class OpenAIJudgeConfig(BackendSettings):
         return (self.price_input_per_1m if self.price_input_per_1m is not None else default_in,
                 self.price_output_per_1m if self.price_output_per_1m is not None
                 else default_out)
+
+    def template_hashes(self, criterion: str) -> dict[str, str]:
+        """{criterion: sha256} of the packaged template the judge renders for `criterion`
+        (its `Template.sha256`, as the usage file and the cache keys give it), or {}
+        when it renders the user's own file (an input of the job instead)."""
+        name = (self.templates or {}).get(criterion)
+        if name is not None and name not in TEMPLATE_SETS:
+            return {}
+        return {criterion: packaged_template(criterion, self.format, name).sha256}
 
     def cost_basis(self, criterion: str) -> CostBasis:
         """One judgment's fixed part: the criterion's template and the user suffix, the

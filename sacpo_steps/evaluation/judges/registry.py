@@ -50,7 +50,7 @@ __all__ = [
     "JudgeConfig",
     "ProtocolSettings", "backend_settings", "cache_file", "check_judge", "cost_basis",
     "for_criterion", "get_backend", "input_files", "judge_schema", "make_judge", "protocol",
-    "register_backend", "required_env", "resolve_judge",
+    "register_backend", "required_env", "resolve_judge", "template_hashes",
 ]
 
 DEFAULT_BACKEND: str = setting_fields(ProtocolSettings)["backend"].default
@@ -76,8 +76,11 @@ class Backend:
     #: of that criterion only) or the name of a packaged template
     templates: str | None = None
     #: values of `templates` that name packaged templates, not files (no job input: the
-    #: packaged files count as the judge step's source)
+    #: jobs' `templates` param holds their hashes, from `template_hashes`)
     packaged_templates: tuple[str, ...] = ()
+    #: (settings, criterion) -> {criterion: sha256} of the packaged template a job of that
+    #: criterion renders ({} for the user's own file); required with packaged_templates
+    template_hashes: Callable[[Any, str], dict[str, str]] | None = None
     #: the job reads the demo world's spec (--spec)
     reads_spec: bool = False
     #: settings whose value names an environment variable the judge needs (an API key)
@@ -111,6 +114,9 @@ class Backend:
         unknown = sorted(set(named) - set(own))
         if unknown:
             raise ValueError(f"{self.name}: {unknown} are not among its settings")
+        if self.packaged_templates and self.template_hashes is None:
+            # else editing a packaged template would rerun none of the jobs rendering it
+            raise ValueError(f"{self.name}: packaged_templates need template_hashes")
 
     def load(self) -> type[Judge]:
         """The judge class (imports its module)."""
@@ -286,6 +292,15 @@ class JudgeConfig:
                 out[f"template_{criterion}"] = own
         return out
 
+    def template_hashes(self, criterion: str) -> dict[str, str]:
+        """{criterion: sha256} of the packaged template the judge job of one criterion
+        renders, for its params: editing a packaged template reruns exactly the jobs
+        that render it, and nothing reads a template before a judge job is planned. {}
+        for a backend without templates, or the user's own file (a job input,
+        `input_files`)."""
+        hashes = self.backend.template_hashes
+        return {} if hashes is None else hashes(self.settings, criterion)
+
     def cost(self, criterion: str) -> CostBasis | None:
         """One judgment's cost basis (template size, reply cap, prices, model) for the
         plan's estimate, as the judge applies its settings; None without API cost."""
@@ -356,6 +371,11 @@ def input_files(section: dict[str, Any], criterion: str, *,
 def for_criterion(section: dict[str, Any], criterion: str) -> dict[str, Any]:
     """The section a judge job of one criterion gets (`JudgeConfig.for_criterion`)."""
     return JudgeConfig.read(section, job=True).for_criterion(criterion).to_dict()
+
+
+def template_hashes(section: dict[str, Any], criterion: str) -> dict[str, str]:
+    """The packaged template hashes of a job of one criterion (`JudgeConfig.template_hashes`)."""
+    return JudgeConfig.read(section, job=True).template_hashes(criterion)
 
 
 def cost_basis(section: dict[str, Any], criterion: str) -> CostBasis | None:
@@ -436,7 +456,8 @@ register_backend(Backend(
     name="openai", judge_class="sacpo_steps.evaluation.judges.openai:OpenAIJudge",
     settings=OpenAIJudgeConfig,
     help="GPT-4 or any OpenAI-compatible chat-completions server (vLLM, llama.cpp, Ollama)",
-    templates="templates", packaged_templates=tuple(TEMPLATE_SETS), env=("api_key_env",),
+    templates="templates", packaged_templates=tuple(TEMPLATE_SETS),
+    template_hashes=OpenAIJudgeConfig.template_hashes, env=("api_key_env",),
     shared_cache=True, cache_name="model",
     calls_api=True, cost=OpenAIJudgeConfig.cost_basis))
 
