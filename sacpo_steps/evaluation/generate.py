@@ -100,6 +100,19 @@ def generation_throughput(model: Any, new_tokens: int, prompts: int, seconds: fl
                  gpus=gpus, device_name=device)
 
 
+def _encode_prompts(tokenizer: Any, prompts: list[dict[str, Any]], template: str,
+                    cap: PromptCap, prompts_path: str | Path) -> list[list[int]]:
+    """Each prompt's ids, as the model was trained on them (under its prompt cap)."""
+    encoded: list[list[int]] = []
+    for i, p in enumerate(prompts, start=1):
+        text = cap.apply(tokenizer, template, p["prompt"])
+        if text is None:
+            raise InputError(f"the prompt template alone exceeds max_prompt_length "
+                             f"{cap.max_prompt_length}", path=prompts_path, row=i,
+                             field="training.max_prompt_length")
+        encoded.append(encode_prompt(tokenizer, template, text))
+    return encoded
+
 def generate(
     model_dir: str | Path,
     prompts_path: str | Path,
@@ -115,7 +128,6 @@ def generate(
     max_prompt_length: int | None = None,
 ) -> dict[str, Any]:
     """Generate greedy answers for every prompt; return counts (answers, empty, truncated)."""
-
     check_model_dir(model_dir)
     prompts = load_prompts(prompts_path)
     started = time.monotonic()
@@ -128,14 +140,7 @@ def generate(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
         else tokenizer.eos_token_id
     cap = PromptCap(max_prompt_length)
-    encoded: list[list[int]] = []
-    for i, p in enumerate(prompts, start=1):
-        text = cap.apply(tokenizer, prompt_template, p["prompt"])
-        if text is None:
-            raise InputError(f"the prompt template alone exceeds max_prompt_length "
-                             f"{max_prompt_length}", path=prompts_path, row=i,
-                             field="training.max_prompt_length")
-        encoded.append(encode_prompt(tokenizer, prompt_template, text))
+    encoded = _encode_prompts(tokenizer, prompts, prompt_template, cap, prompts_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(device)
     model.eval()
