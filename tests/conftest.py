@@ -42,3 +42,18 @@ def pairs_file(tmp_path) -> Path:
 
 
 LOG2 = math.log(2.0)
+
+
+# Test tiers (pyproject.toml registers the markers; README "Test tiers"): an end-to-end
+# Snakemake run, a launch of several processes or a SLURM cluster always takes more
+# than a few seconds, so each of these markers implies `slow` and `-m "not slow"` (the
+# fast tier) leaves them out.
+IMPLIES_SLOW = ("e2e", "multi_process", "cluster")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if (item.get_closest_marker("slow") is None
+                and any(item.get_closest_marker(name) for name in IMPLIES_SLOW)):
+            item.add_marker(pytest.mark.slow)

@@ -179,6 +179,7 @@ def test_lora_stage_is_merged_so_stage2_refers_to_it(tiny_models, pairs_file, tm
     assert first_loss(trainer) == pytest.approx(math.log(2), abs=1e-4)
 
 
+@pytest.mark.multi_process
 def test_two_processes_share_the_data_and_publish_one_model(tiny_models, pairs_file, tmp_path):
     """Multi-process training (torchrun, gloo on CPU; the same code runs under accelerate
     launch on GPUs): the reference log-probs rank 0 computes reach rank 1 through the
@@ -222,6 +223,7 @@ def test_several_processes_without_a_shared_folder_are_refused(tiny_models, pair
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True])
 def test_the_step_process_imports_peft_and_bitsandbytes_only_when_used(
         lora, tiny_models, pairs_file, tmp_path):

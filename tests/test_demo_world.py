@@ -128,6 +128,7 @@ def test_dual_use_requests_are_off_by_default_and_create_the_trade_off():
         "harmful"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sensitive", [False, True])
 def test_every_phrase_round_trips_through_the_llama_style_tokenizer(sensitive):
     """The demo's tokenizer (BOS, SentencePiece-like spaces) decodes every phrase of the

@@ -364,6 +364,7 @@ def test_cli_runs_and_exits_2_on_bad_input(parents, tmp_path):
     assert "wall" in log.read_text()
 
 
+@pytest.mark.slow
 def test_equals_mergekit_linear(parents, tmp_path):
     pytest.importorskip("mergekit", reason="mergekit (test-only dependency) is not installed")
     q = 0.3

@@ -617,6 +617,7 @@ def _append_entries(path: str, start: int, count: int) -> None:
     cache.close()
 
 
+@pytest.mark.multi_process
 def test_parallel_writers_neither_interleave_nor_duplicate(tmp_path):
     path = str(tmp_path / "shared.jsonl")
     ctx = multiprocessing.get_context("fork")
@@ -802,6 +803,7 @@ def test_cli_run_keeps_the_secret_out_of_every_file(server, tmp_path):
     assert not leaks, leaks
 
 
+@pytest.mark.slow
 def test_killed_job_resumes_without_repeating_paid_requests(tmp_path):
     with FakeOpenAI(latency=0.25) as fake:
         files = step_files(tmp_path, {pid: f"c #q={i + 6}" for i, pid in enumerate(PROMPT_IDS)},

@@ -303,6 +303,7 @@ def test_the_readme_lists_every_rule_with_its_module():
         assert module == rules[rule], f"README: {rule} -> {module}, workflow: {rules[rule]}"
 
 
+@pytest.mark.slow
 def test_a_wheel_carries_what_the_steps_read_at_run_time(tmp_path):
     """Installed as a wheel (not editable), outside a clone: the schema, the accelerate
     configs and the judge templates are found through the package."""

@@ -107,6 +107,7 @@ def test_every_recipe_loads_against_trl(config_file):
         assert args.per_device_train_batch_size == training.per_device_train_batch_size
 
 
+@pytest.mark.slow
 def test_paper_dry_run_plans_every_model(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
     work = copy_workflow(tmp_path)

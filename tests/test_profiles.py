@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from tests.helpers import ROOT, copy_workflow
@@ -18,6 +19,7 @@ def dry_run(work, *args, env=None):
     return proc.returncode, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_slurm_profile_by_path_and_by_name(tmp_path):
     work = copy_workflow(tmp_path / "wf")
     code, out = dry_run(work, "--profile", "profiles/slurm")

@@ -69,6 +69,7 @@ def test_a_bad_setting_is_refused_at_plan_time():
         load_plan(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not X86, reason="kernel pinning applies to x86-64 only")
 @pytest.mark.parametrize("kernels", ["pinned", "native"])
 def test_a_step_process_runs_and_records_the_kernels_asked_for(tiny_models, tmp_path, kernels):

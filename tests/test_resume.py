@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from sacpo_steps.training.node import NodeSettings
 from tests.helpers import PROMPT_TEMPLATE
 
@@ -30,6 +32,7 @@ def align_cmd(parent, data, out, checkpoints, ref_logps):
             "--checkpoint-dir", str(checkpoints), "--threads", "1", "--ref-logps", str(ref_logps)]
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_resumes(tiny_models, pairs_file, tmp_path):
     """The job reads the shared reference pass (as every stage-2 node of a sweep does);
     the rerun attaches it again and resumes."""
@@ -84,6 +87,7 @@ def _kill_after_first_checkpoint(cmd, checkpoints):
             proc.kill()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_a_retrained_parent_is_not_resumed(tiny_models, pairs_file, tmp_path):
     """Stop stage 2 after a checkpoint, retrain stage 1 with another beta, rerun stage 2:
     no resume, the log says why, and the weights equal a fresh run's."""

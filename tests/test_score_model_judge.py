@@ -424,6 +424,7 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_judge_step_end_to_end(models, tmp_path):
     prompts = write_jsonl(tmp_path / "red_team.jsonl", [
         {"prompt_id": f"p{i}", "prompt": q} for i, q in enumerate(QUESTIONS)])

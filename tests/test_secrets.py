@@ -19,7 +19,7 @@ from tests.helpers import REDUCED, ROOT, parse_jobs
 SECRET = "sk-test-WORKFLOW-SECRET-0451"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_api_key_is_in_no_output_log_metadata_or_report(tmp_path):
     work = tmp_path / "my-project"  # the user's own folder: only their config
     work.mkdir()

@@ -87,7 +87,8 @@ def skip_reason() -> str | None:
 
 
 SKIP = skip_reason()
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(SKIP is not None, reason=SKIP or "")]
+pytestmark = [pytest.mark.cluster, pytest.mark.e2e,
+              pytest.mark.skipif(SKIP is not None, reason=SKIP or "")]
 
 
 def base_env() -> dict[str, str]:

@@ -74,6 +74,7 @@ def test_local_rules_are_found():
     assert {"download_model", "winrate", "figures"} <= local_rules()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PROFILES)
 def test_groups_name_cluster_rules_never_training_or_local_ones(name, workflow_rules):
     cfg = profile(name)

@@ -29,7 +29,7 @@ SEARCH = (f"{SEED0}/target/search.json", f"{SEED0}/target/search.md")
 #: the clone's workflow, run from elsewhere
 ENTRY = ("-s", str(ROOT / "workflow" / "Snakefile"))
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")

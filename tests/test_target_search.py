@@ -67,6 +67,7 @@ def test_bad_tolerance_is_refused():
 RULE_JUDGES = {"helpfulness": {"backend": "rule"}, "red_team": {"backend": "rule"}}
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_on_tiny_models(tiny_models, tmp_path):
     """Merge, generate and judge for real; tiny random models cannot be made safe."""
     from sacpo_steps.data.demo_world import WorldConfig, write_world

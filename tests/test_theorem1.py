@@ -57,6 +57,7 @@ def measured(tmp_path_factory):
     return {row.name: row for row in result["rows"]} | {"_result": result}
 
 
+@pytest.mark.slow
 def test_sacpo_lands_on_the_constrained_optimum(measured):
     row = measured["reward_first"]
     # the optimiser reached DPO's optimum on these pairs
@@ -65,6 +66,7 @@ def test_sacpo_lands_on_the_constrained_optimum(measured):
     assert row.tv.max() <= row.bound_max
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("control", ["stage1_only", "negative_control_sft_reference"])
 def test_controls_sit_far_above_the_bound(measured, control):
     bound = measured["reward_first"].bound_mean
@@ -74,6 +76,7 @@ def test_controls_sit_far_above_the_bound(measured, control):
     assert row.opt.mean() <= 0.1 * row.tv.mean()
 
 
+@pytest.mark.slow
 def test_policy_is_scored_as_trl_scores_completions(measured, tmp_path):
     result = measured["_result"]
     sft_dir, world = result["sft_dir"], result["world"]

@@ -136,7 +136,7 @@ REDUCED_ALIGNED = ["dpo_h", "dpo_h.dpo_s-0.01", "dpo_h.dpo_s-0.1", "p-sacpo-0.5"
 REDUCED_MODELS = ["sft", *REDUCED_ALIGNED]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_reduced_demo_runs_to_the_win_rate_table(done):
     tables = done.workdir / SEED0 / "tables"
     assert (tables / "winrate.md").is_file()
@@ -149,7 +149,7 @@ def test_reduced_demo_runs_to_the_win_rate_table(done):
     assert all(m in markdown for m in REDUCED_ALIGNED)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_every_job_wrote_its_log(done):
     logs = [j.log for j in done.planned if j.rule != "all"]
     assert len(logs) == 32
@@ -157,7 +157,7 @@ def test_every_job_wrote_its_log(done):
     assert not missing
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("model", REDUCED_MODELS)
 def test_model_folders_are_complete(done, model):
     folder = done.workdir / SEED0 / "models" / model
@@ -168,7 +168,7 @@ def test_model_folders_are_complete(done, model):
     assert info["name"] == model
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_stage2_model_card_states_its_lineage(done):
     folder = done.workdir / SEED0 / "models" / "dpo_h.dpo_s-0.1"
     info = json.loads((folder / "sacpo.json").read_text(encoding="utf-8"))
@@ -180,7 +180,7 @@ def test_stage2_model_card_states_its_lineage(done):
     assert "dpo_h" in (folder / "README.md").read_text(encoding="utf-8")
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("model", REDUCED_MODELS)
 def test_generations_have_the_documented_fields(done, model):
     for prompt_set in PROMPT_SETS:
@@ -195,14 +195,14 @@ def test_generations_have_the_documented_fields(done, model):
         assert len({r["prompt_id"] for r in rows}) == len(rows)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_second_run_has_nothing_to_do(done):
     output, jobs = dry_run(done.workdir, "--configfile", REDUCED)
     assert "Nothing to be done" in output
     assert jobs == []
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_changing_one_beta_reruns_only_that_model_and_its_evaluation(done):
     cfg = reduced_config()
     cfg["models"]["dpo_h.dpo_s-0.1"]["beta"] = 0.2
@@ -224,7 +224,7 @@ def test_changing_one_beta_reruns_only_that_model_and_its_evaluation(done):
     assert "param" in align.reason.lower()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_shared_reference_pass_reruns_only_when_a_key_part_changes(done):
     """Stage 2's two nodes read one ref_logps file; beta is not a key part (the test
     above), max_length is: the node changed gets its own pass, its sibling keeps its."""
@@ -257,14 +257,14 @@ def test_the_shared_reference_pass_reruns_only_when_a_key_part_changes(done):
         assert "Computing reference log probs" not in text
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_editing_the_winrate_step_reruns_only_winrate_and_figures(done):
     with appended(done.workdir / "sacpo_steps" / "evaluation" / "winrate.py"):
         _, jobs = dry_run(done.workdir, "--configfile", REDUCED)
     assert sorted(j.rule for j in jobs) == sorted(["all", "winrate", *STATISTICS])
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_editing_the_generate_step_reruns_generation_and_everything_after(done):
     with appended(done.workdir / "sacpo_steps" / "evaluation" / "generate.py"):
         _, jobs = dry_run(done.workdir, "--configfile", REDUCED)
@@ -280,7 +280,7 @@ def test_editing_the_generate_step_reruns_generation_and_everything_after(done):
     }
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_editing_a_shared_module_reruns_its_importers_only(done):
     # judges/rule.py is imported (inside a function) by the judge step only
     with appended(done.workdir / "sacpo_steps" / "evaluation" / "judges" / "rule.py"):
@@ -290,14 +290,14 @@ def test_editing_a_shared_module_reruns_its_importers_only(done):
     assert len([j for j in jobs if j.rule == "judge"]) == 8
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_source_edits_are_undone_after_the_checks(done):
     # the edits above restore the files: the run is up to date again
     output, jobs = dry_run(done.workdir, "--configfile", REDUCED)
     assert "Nothing to be done" in output and jobs == []
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_changing_a_statistics_setting_reruns_only_statistics(done):
     cfg = reduced_config()
     cfg["evaluation"]["winrate"]["bootstrap_rounds"] = 300
@@ -306,7 +306,7 @@ def test_changing_a_statistics_setting_reruns_only_statistics(done):
     assert sorted(j.rule for j in jobs) == sorted(["all", "winrate", *STATISTICS])
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_battles_table_and_report(done):
     battles = pd.read_csv(done.workdir / SEED0 / "tables/battles.csv")
     assert {"criterion", "prompt_id", "model_a", "model_b", "order", "repetition", "outcome",
@@ -371,7 +371,7 @@ def files_under(root: Path, *folders: str) -> dict[str, int]:
             for folder in folders for p in (root / folder).rglob("*") if p.is_file()}
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_second_experiment_never_touches_the_first(done):
     first = files_under(done.workdir, RESULTS, "logs/reduced-demo")
     assert first
@@ -414,7 +414,7 @@ def test_a_second_experiment_never_touches_the_first(done):
     assert (second / "figures/figure2.png").is_file()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_every_artifact_carries_a_record_that_matches_its_inputs(done, monkeypatch):
     """Models, reference files, generations and battles: each has a record, and each
     record's inputs are what lies beside it now (`python -m sacpo_steps lineage`)."""
@@ -443,7 +443,7 @@ def test_every_artifact_carries_a_record_that_matches_its_inputs(done, monkeypat
 TORCH_RULES = {"sft_checkpoint", "ref_logps", "align", "generate", "judge"}
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("setting", [{"cpu_kernels": "native"},
                                      {"rerun_on_library_change": True}])
 def test_kernel_and_library_settings_rerun_every_torch_job(done, setting):
