@@ -319,6 +319,7 @@ def test_tested_configs_are_the_projects_without_bf16(world):
                 if project.get(k) != tested.get(k)} == {"mixed_precision"}, name
 
 
+@pytest.mark.multi_process
 def test_two_processes_really_shard_the_model(sharded):
     for rank in (0, 1):
         probe = sharded["probe"][rank]
@@ -332,6 +333,7 @@ def test_two_processes_really_shard_the_model(sharded):
     assert "rank 1 of 2 done" in sharded["proc"].stderr
 
 
+@pytest.mark.multi_process
 def test_rank0_writes_one_ordinary_model_folder(sharded, world):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -356,6 +358,7 @@ def test_rank0_writes_one_ordinary_model_folder(sharded, world):
     assert gen.shape[1] == ids["input_ids"].shape[1] + 5
 
 
+@pytest.mark.multi_process
 def test_reference_pass_under_fsdp_is_the_parent(sharded, world):
     """TRL reloads the reference from the parent's path under FSDP and shards it: the
     precomputed log-probs must be the parent's, and step 0 is exactly log 2."""
@@ -369,6 +372,7 @@ def test_reference_pass_under_fsdp_is_the_parent(sharded, world):
     assert logged(sharded, "rewards/margins")[0] == pytest.approx(0.0, abs=1e-5)
 
 
+@pytest.mark.multi_process
 def test_a_sharded_node_reading_the_shared_reference_pass_trains_the_same(runs, sharded):
     """The ref_logps step under the FSDP launch writes TRL's own values; a sharded align
     job reading them loads no reference copy, runs no reference forward, and trains
@@ -385,6 +389,7 @@ def test_a_sharded_node_reading_the_shared_reference_pass_trains_the_same(runs, 
     assert diff < WEIGHT_ATOL_RESUME
 
 
+@pytest.mark.multi_process
 def test_one_process_and_two_shards_train_the_same_model(sharded, single):
     two, one = logged(sharded), logged(single)
     assert len(two) == len(one) == STEPS
@@ -397,6 +402,7 @@ def test_one_process_and_two_shards_train_the_same_model(sharded, single):
     assert single["probe"][0]["distributed_type"] == "NO"
 
 
+@pytest.mark.multi_process
 def test_interrupted_sharded_job_resumes_to_the_same_weights(sharded, resumed):
     left = sharded["probe"][0]["snapshot"]
     assert left["checkpoints"] == [f"checkpoint-{SAVE_STEPS}"]
@@ -416,6 +422,7 @@ def test_interrupted_sharded_job_resumes_to_the_same_weights(sharded, resumed):
     assert not rerun["scratch"].exists()
 
 
+@pytest.mark.multi_process
 def test_lora_under_fsdp_is_saved_merged(lora, single_lora, world):
     out = lora["out"]
     assert not (out / "adapter_config.json").exists()  # a full model, not an adapter
@@ -433,6 +440,7 @@ def test_lora_under_fsdp_is_saved_merged(lora, single_lora, world):
     assert diff < WEIGHT_ATOL
 
 
+@pytest.mark.multi_process
 def test_deepspeed_zero3_partitions_and_trains_the_same_model(zero3, single, world):
     for rank in (0, 1):
         probe = zero3["probe"][rank]
@@ -567,8 +575,8 @@ def _probe(trainer, examples: list[dict], folder: Path):
 
 def _probed(build, folder: Path):
     """`build_trainer` that adds the probe callback to the trainer it returns."""
-    def build_and_probe(parent_dir, examples, **kwargs):
-        trainer = build(parent_dir, examples, **kwargs)
+    def build_and_probe(parent_dir, examples, settings, **kwargs):
+        trainer = build(parent_dir, examples, settings, **kwargs)
         trainer.add_callback(_probe(trainer, examples, folder))
         return trainer
 
