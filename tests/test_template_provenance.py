@@ -182,9 +182,13 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "TEST_JUDGE_KEY"}
 
 
-def test_list_rules_and_a_rule_judged_dry_run_read_no_template(tmp_path):
+def test_list_rules_reads_no_template(tmp_path):
     workdir = copy_workflow(tmp_path / "wf")
     assert _opened(workdir, "--list-rules") == []
+
+
+def test_a_rule_judged_dry_run_reads_no_template(tmp_path):
+    workdir = copy_workflow(tmp_path / "wf")
     assert _opened(workdir, "-n", "--configfile", REDUCED) == []
 
 

@@ -10,6 +10,7 @@ below rely on.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -288,6 +289,54 @@ def test_editing_a_shared_module_reruns_its_importers_only(done):
     rules = {j.rule for j in jobs}
     assert rules == {"judge", "winrate", "elo", "all", *STATISTICS}
     assert len([j for j in jobs if j.rule == "judge"]) == 8
+
+
+TEMPLATES = Path("sacpo_steps") / "evaluation" / "judges" / "prompts"
+
+
+@pytest.mark.e2e
+def test_editing_a_judge_template_reruns_nothing_the_rule_judge_made(done):
+    # the demo's rule judge renders no template: no step's code hash covers one
+    with appended(done.workdir / TEMPLATES / "harmlessness_scores.txt"):
+        output, jobs = dry_run(done.workdir, "--configfile", REDUCED)
+    assert "Nothing to be done" in output and jobs == []
+
+
+@pytest.mark.e2e
+def test_editing_one_packaged_template_reruns_only_its_criterions_judgments(
+        done, tmp_path, monkeypatch):
+    """An openai judge (a local fake server) on a copy of the finished run: editing the
+    harmlessness template reruns the red-team judgments and what follows, no others."""
+    from tests.fake_openai import FakeOpenAI
+
+    workdir = tmp_path / "wf"
+    shutil.copytree(done.workdir, workdir, symlinks=True)
+    monkeypatch.setenv("TEST_JUDGE_KEY", "sk-test")
+    with FakeOpenAI() as server:
+        cfg = reduced_config()
+        cfg["evaluation"]["judge"] = {"backend": "openai", "base_url": server.url,
+                                      "api_key_env": "TEST_JUDGE_KEY", "repetitions": 1}
+        config = str(write_config(workdir / "openai.yaml", cfg))
+        proc = snakemake(workdir, "--configfile", config, timeout=900)
+        assert proc.returncode == 0, output_of(proc)[-5000:]
+    output, jobs = dry_run(workdir, "--configfile", config)
+    assert "Nothing to be done" in output and jobs == []
+    judged = {
+        *(("judge", m, "red_team") for m in REDUCED_ALIGNED),
+        ("winrate", None, None), ("elo", None, None),
+        *((rule, None, None) for rule in STATISTICS), ("all", None, None)}
+    with appended(workdir / TEMPLATES / "harmlessness_scores.txt"):
+        _, jobs = dry_run(workdir, "--configfile", config)
+    assert {j.key for j in jobs} == judged
+    assert all("param" in j.reason.lower() for j in jobs if j.rule == "judge")
+    # another set's template is no job's
+    with appended(workdir / TEMPLATES / "v2" / "helpfulness_scores.txt"):
+        output, jobs = dry_run(workdir, "--configfile", config)
+    assert "Nothing to be done" in output and jobs == []
+    # the record of a red-team judgment names its template
+    record = json.loads((workdir / SEED0 / "battles" / "red_team" / "dpo_h__vs__sft.jsonl"
+                         ".record.json").read_text(encoding="utf-8"))
+    assert record["inputs"]["template"]["name"].endswith("prompts/harmlessness_scores.txt")
 
 
 @pytest.mark.e2e
