@@ -252,7 +252,13 @@ class Plan(Experiment):
     def judge_settings(self, prompt_set: str) -> dict[str, Any]:
         """The set's judge with only its own criterion's template: editing the other
         criterion's template must not rerun this set's judge jobs (params trigger)."""
-        return self.judge(prompt_set).for_criterion(self.criterion(prompt_set)).to_dict()
+        return dict(self._criterion_judges[prompt_set])
+
+    @cached_property
+    def _criterion_judges(self) -> dict[str, dict[str, Any]]:
+        """Each set's `judge_settings`, read once per set, not once per judge job."""
+        return {s: self.judge(s).for_criterion(self.criterion(s)).to_dict()
+                for s in self.prompt_sets}
 
     def judge_templates(self, prompt_sets: list[str]) -> dict[str, str]:
         """{criterion: sha256} of the packaged prompt templates the sets' judges render
