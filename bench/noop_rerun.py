@@ -20,6 +20,7 @@ no-op). The load average is printed before and after: a loaded machine inflates 
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import resource
 import shutil
@@ -79,6 +80,9 @@ def prepare(work: Path, configfile: str, cores: int, keep: bool, dry_run: bool) 
             snakemake("--cores", str(cores), "--configfile", configfile, cwd=ours)
             print(f"  done in {time.perf_counter() - start:.0f} s", flush=True)
             (ours / DONE).touch()
+    # bytecode, as an install or a first import writes it: where PYTHONDONTWRITEBYTECODE
+    # is set, every call would compile the package again (Snakemake's own is compiled)
+    compileall.compile_dir(ours / "sacpo_steps", quiet=1)
     bare = work / "bare"
     bare.mkdir(parents=True, exist_ok=True)
     (bare / "Snakefile").write_text(BARE_SNAKEFILE, encoding="utf-8")

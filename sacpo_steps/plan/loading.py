@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sacpo_steps.core import validation_cache
 from sacpo_steps.core.errors import InputError
 from sacpo_steps.core.schema import load_config_schema as load_schema
 from sacpo_steps.data import formats as data_formats
@@ -254,10 +255,22 @@ def schema_error_path(error) -> str:
 
 def validate_config(config: dict[str, Any], *, source: str = "config",
                     schema: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Check the config against the JSON schema and fill its defaults (in place)."""
-    import jsonschema
-
+    """Check the config against the JSON schema and fill its defaults (in place).
+    A config that passed before is not checked again where the workflow keeps a
+    `validation_cache`."""
     schema = schema or config_schema()
+    key = validation_cache.key("config", config, schema)
+    if not validation_cache.passed(key):
+        _check_against_schema(config, schema, source)
+        validation_cache.remember(key)
+    _apply_defaults(config, schema, schema)
+    return config
+
+
+def _check_against_schema(config: dict[str, Any], schema: dict[str, Any],
+                          source: str) -> None:
+    import jsonschema  # deferred: ~60 ms, and a remembered config needs no validator
+
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
@@ -271,8 +284,6 @@ def validate_config(config: dict[str, Any], *, source: str = "config",
             lines.append(f"  {schema_error_path(err)}: {msg}")
         more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
         raise PlanError(f"invalid configuration ({source}):\n" + "\n".join(lines) + more)
-    _apply_defaults(config, schema, schema)
-    return config
 
 
 def load_config(config: dict[str, Any], *, source: str = "config",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+import shlex
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -31,6 +32,8 @@ class Plan(Experiment):
 
     config: dict[str, Any] = field(default_factory=dict, repr=False)  # validated, resolved
     layout: Layout | None = field(default=None, repr=False)  # every path of the experiment
+    _judge_args: dict[tuple[str, str], str] = field(default_factory=dict, init=False,
+                                                    repr=False, compare=False)
 
     # ---- what the workflow's rules ask (common.smk wraps these; no logic there) ----
 
@@ -274,6 +277,26 @@ class Plan(Experiment):
         """The backend's shared cache (API replies, model scores) outside results/: paid
         for or slow, they must survive a cleaned results/ folder; None without one."""
         return self.judge(prompt_set).cache_file()
+
+    def judge_args(self, prompt_set: str, seed: int | str) -> str:
+        """The judge step's arguments that depend on the prompt set alone (criterion,
+        judge settings, repetitions, cache, the world's spec), as one shell fragment:
+        one param per judge job, not five, since Snakemake's cost per callable param
+        and job dominates a no-op rerun of a DAG of judge jobs."""
+        key = (prompt_set, str(seed))
+        if key not in self._judge_args:
+            judge = self.judge(prompt_set)
+            args = ["--criterion", self.criterion(prompt_set),
+                    "--judge-config", to_json(self.judge_settings(prompt_set)),
+                    "--repetitions", str(judge.protocol.repetitions)]
+            cache = self.judge_cache(prompt_set)
+            if cache:
+                args += ["--judge-cache", cache]
+            spec = self.judge_reads([prompt_set], seed).get("spec")
+            if spec:
+                args += ["--spec", spec]
+            self._judge_args[key] = shlex.join(args)
+        return self._judge_args[key]
 
     def judge_reads(self, prompt_sets: list[str], seed: int | str) -> dict[str, str]:
         """What the sets' judges read besides the answers, as the judge registry says

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, fields
 from functools import cache
 from typing import Any
 
+from sacpo_steps.core import validation_cache
 from sacpo_steps.core.errors import InputError
 from sacpo_steps.core.schema import load_config_schema
 
@@ -102,9 +103,13 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         values = asdict(self)
-        for err in _training_validator().iter_errors(values):
-            path = ".".join(str(p) for p in err.absolute_path)
-            raise InputError(err.message, field=f"training.{path}" if path else "training")
+        key = validation_cache.key("training", values, load_config_schema()["$defs"]["training"])
+        if not validation_cache.passed(key):
+            for err in _training_validator().iter_errors(values):
+                path = ".".join(str(p) for p in err.absolute_path)
+                raise InputError(err.message,
+                                 field=f"training.{path}" if path else "training")
+            validation_cache.remember(key)
         if self.lora is not None:
             object.__setattr__(self, "lora", {**lora_defaults(), **self.lora})
         if self.quantization and not self.lora:

@@ -20,11 +20,14 @@ import sacpo_steps  # noqa: E402
 from sacpo_steps.core.errors import InputError  # noqa: E402
 from sacpo_steps.core.layout import SEED as SEED_WILDCARD  # noqa: E402
 from sacpo_steps.plan.judgment_report import judgment_report  # noqa: E402
+from sacpo_steps.core import validation_cache  # noqa: E402
 from sacpo_steps.plan import PlanError, load_plan, to_json  # noqa: E402
 from sacpo_steps.core.provenance import source_hash, use_import_cache  # noqa: E402
 from sacpo_steps.steps import module_of  # noqa: E402
 
 _config_source = ", ".join(map(str, workflow.overwrite_configfiles)) or "config/config.yaml"
+# a config (and node settings) that passed validation is not checked again, by content
+validation_cache.use(Path(".snakemake", "sacpo_steps", "validated.json"))
 try:
     # resolves `extends: <file>` (relative to the workflow) in place, then validates
     PLAN = load_plan(

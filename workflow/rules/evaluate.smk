@@ -61,15 +61,9 @@ rule judge:
         replies=LAYOUT.battle("{prompt_set}", "{model}", "{opponent}", suffix=".replies.jsonl"),
         usage=LAYOUT.battle("{prompt_set}", "{model}", "{opponent}", suffix=".usage.json"),
     params:
-        criterion=lambda wildcards: PROMPT_SETS[wildcards.prompt_set]["criterion"],
-        judge=lambda wildcards: to_json(PLAN.judge_settings(wildcards.prompt_set)),
-        repetitions=lambda wildcards: PLAN.judge(wildcards.prompt_set).protocol.repetitions,
-        spec=lambda wildcards, input: f"--spec {input.spec}" if "spec" in input.keys() else "",
-        cache=lambda wildcards: (
-            f"--judge-cache {PLAN.judge_cache(wildcards.prompt_set)}"
-            if PLAN.judge_cache(wildcards.prompt_set)
-            else ""
-        ),
+        # criterion, judge settings, repetitions, cache and spec: one callable, since
+        # each callable param costs Snakemake time per job on every call
+        args=lambda wildcards: PLAN.judge_args(wildcards.prompt_set, wildcards.seed),
         # the packaged prompt template the job renders, by its sha256 (openai judge)
         templates=lambda wildcards: PLAN.judge_templates([wildcards.prompt_set]),
         code=code("judge"),
@@ -82,9 +76,7 @@ rule judge:
         LAYOUT.log("judge", "{prompt_set}/{model}__vs__{opponent}"),
     shell:
         "python -m sacpo_steps judge --candidate {input.candidate} --baseline {input.baseline}"
-        " --prompts {input.prompts} --criterion {params.criterion}"
-        " --judge-config {params.judge:q} {params.spec}"
-        " --repetitions {params.repetitions} {params.cache} --out {output.battles}"
+        " --prompts {input.prompts} {params.args} --out {output.battles}"
         " --out-replies {output.replies} --out-usage {output.usage}"
         " > {log} 2>&1"
 
