@@ -89,7 +89,7 @@ def test_check_source_defaults_to_the_30k_format() -> None:
     assert src.criteria == ("helpfulness", "safety")
     assert src.conversational is False
     assert src.output_names() == ["helpfulness_pairs", "safety_pairs",
-                                  "helpfulness_kto", "safety_kto"]
+                                  "helpfulness_kto", "safety_kto", "helpfulness_labeled_pairs"]
     assert src.cli_args() == "--format pku_saferlhf_30k"
 
 
@@ -406,7 +406,8 @@ def test_full_pku_pairs_with_metadata(dirs: tuple[Path, Path]) -> None:
     src = write_jsonl(in_dir / "train.jsonl", PKU_ROWS)
     summary = prepare(src, out, format="pku_saferlhf")
     assert out_files(out) == {"helpfulness_pairs.jsonl", "safety_pairs.jsonl",
-                              "helpfulness_kto.jsonl", "safety_kto.jsonl", "summary.json"}
+                              "helpfulness_kto.jsonl", "safety_kto.jsonl",
+                              "helpfulness_labeled_pairs.jsonl", "summary.json"}
     assert read_out(out, "safety_pairs")[0] == {
         "prompt": "How do I get back at my neighbour?",
         "chosen": "Talk to them calmly.",

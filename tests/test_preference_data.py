@@ -25,6 +25,7 @@ OUTPUT_FILES = {
     "safety_pairs.jsonl",
     "helpfulness_kto.jsonl",
     "safety_kto.jsonl",
+    "helpfulness_labeled_pairs.jsonl",
     "summary.json",
 }
 
@@ -89,6 +90,20 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
 
 
 # --------------------------------------------------------------------------- building
+
+
+def test_labeled_pairs_are_the_helpfulness_pairs_with_each_answers_safety_label() -> None:
+    rows = [{**GOOD[0], "is_response_0_safe": False, "is_response_1_safe": True},
+            {**GOOD[1], "is_response_0_safe": True, "is_response_1_safe": True}]
+    clean, _ = validate_rows(list(enumerate(rows, start=1)), "mem")
+    ds = build_datasets(clean)
+    labeled = ds["helpfulness_labeled_pairs"]
+    assert [{k: r[k] for k in ("prompt", "chosen", "rejected", "source_row")}
+            for r in labeled] == ds["helpfulness_pairs"]
+    for rec, out in zip(rows, labeled, strict=True):
+        better = rec["better_response_id"]
+        assert out["chosen_safe"] is rec[f"is_response_{better}_safe"]
+        assert out["rejected_safe"] is rec[f"is_response_{1 - better}_safe"]
 
 
 def test_pairs_follow_better_and_safer_ids() -> None:

@@ -11,6 +11,12 @@ The pipeline pins TRL 1.16 and relies on a few things TRL does not promise to ke
   takes a minute for a 7B model; under FSDP TRL loads a reference copy);
 - `_total_train_tokens`, the running token count some trainers keep (the training
   throughput reads it, and falls back to the logged `num_tokens`);
+- `_set_signature_columns_if_needed` / `_signature_columns` and the preference
+  collator's fixed output: a per-row value (SafeDPO's and BSO's safety margin) reaches
+  the loss only if the column is kept and collated (`with_row_column`);
+- the DPO trainer's forward convention (`fused_lm_head=True` returns per-token
+  `log_probs`, zero outside the completion) and its metric store `_metrics`, for a
+  loss TRL has no `loss_type` for (`sequence_logps`, `log_metric`);
 - how the DPO and KTO trainers tokenize a row (`encode_text`, `encode_conversation`,
   `split_completion`): the prompt and completion ids the pipeline computes for
   generation, prompt caps and checks must be TRL's own, so that a model is sampled
@@ -42,6 +48,11 @@ PRECOMPUTE_METHOD = "_precompute_ref_logps"
 PRECOMPUTE_PARAMETERS = ("self", "dataset", "name", "batch_size")
 REFERENCE_LOADERS = ("hash_module", "create_model_from_path")
 TOKEN_COUNT = "_total_train_tokens"
+SIGNATURE_METHOD = "_set_signature_columns_if_needed"
+SIGNATURE_ATTRIBUTE = "_signature_columns"
+FUSED_HEAD = "trl.trainer.utils:add_fused_lm_head"
+#: inputs of a DPO batch that are not the model's (TRL's `_compute_loss` drops the same)
+NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,11 @@ CONTRACT: tuple[Dependency, ...] = (
     *(Dependency("trl", f"{path.partition(':')[0]}:{name}",
                  "building a trainer on cached reference log-probs")
       for path in REFERENCE_TRAINERS for name in REFERENCE_LOADERS),
+    Dependency("trl", f"trl.trainer.dpo_trainer:DPOTrainer.{SIGNATURE_METHOD}",
+               "a per-row column (the safety margin) kept in the batches"),
+    Dependency("trl", FUSED_HEAD, "the per-token log-probs of a loss computed here (BSO)"),
+    Dependency("trl", "trl.trainer.dpo_trainer:DataCollatorForPreference",
+               "the preference batches a per-row column is added to"),
 )
 
 
@@ -134,6 +150,60 @@ def no_reference_loading(trainer_class: type) -> Iterator[None]:
     finally:
         for name, value in saved.items():
             setattr(module, name, value)
+
+
+def with_row_column(trainer_class: type, column: str, *, module: str) -> type:
+    """`trainer_class` whose batches carry the dataset's float column `column` as a
+    tensor. TRL keeps only its signature columns and its preference collator builds a
+    fixed set of tensors, so a per-row value would not reach the loss otherwise. The
+    column is added after TRL's own reference pass, which does not need it."""
+    import torch  # deferred: the plan imports this module; only training builds trainers
+
+    def _set_signature_columns_if_needed(self):
+        getattr(super(cls, self), SIGNATURE_METHOD)()
+        columns = getattr(self, SIGNATURE_ATTRIBUTE)
+        if column not in columns:
+            columns.append(column)
+
+    def __init__(self, *args, **kwargs):
+        super(cls, self).__init__(*args, **kwargs)
+        collate = self.data_collator
+
+        def collate_with_column(examples):
+            batch = collate(examples)
+            batch[column] = torch.tensor([float(e[column]) for e in examples],
+                                         dtype=torch.float32)
+            return batch
+
+        self.data_collator = collate_with_column
+
+    cls = type(trainer_class.__name__, (trainer_class,),
+               {"__init__": __init__, SIGNATURE_METHOD: _set_signature_columns_if_needed,
+                "__module__": module, "__doc__": trainer_class.__doc__})
+    return cls
+
+
+def sequence_logps(trainer: Any, model: Any, inputs: dict[str, Any]) -> tuple[Any, Any]:
+    """(chosen, rejected) log-probs of a DPO batch under `model`, each summed over its
+    completion tokens, computed as TRL's DPO loss computes them (its fused LM head);
+    the batch's reference columns are left to the caller."""
+    completion_mask = inputs["completion_mask"]
+    model_kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
+    model_kwargs["use_cache"] = False
+    labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+    outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+    seq_len = completion_mask.size(1) - 1  # the shifted completion mask's length
+    logps = outputs.log_probs[:, -seq_len:].sum(dim=1)
+    if trainer.model.training:  # the throughput's token count, as TRL keeps it
+        tokens = trainer.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum()
+        setattr(trainer, TOKEN_COUNT, (getattr(trainer, TOKEN_COUNT, 0) or 0) + int(tokens))
+    return logps.chunk(2, dim=0)  # the batch is [chosen..., rejected...]
+
+
+def log_metric(trainer: Any, name: str, value: float) -> None:
+    """Add a value to what the trainer logs at its next logging step (TRL's store)."""
+    mode = "train" if trainer.model.training else "eval"
+    trainer._metrics[mode][name].append(float(value))
 
 
 def train_tokens(trainer: Any) -> int | None:

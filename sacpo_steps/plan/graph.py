@@ -192,6 +192,7 @@ def build_graph(config: dict[str, Any]) -> Experiment:
     every: dict[str, Node | MergeNode] = {**nodes, **merges}
     ordered = _parents_first(every)
     _check_conversational(nodes, datasets, formats, config["prompt_template"], sft)
+    _check_data_kinds(nodes, datasets, formats)
     evaluation = config["evaluation"]
     baseline = evaluation.get("baseline", sft)
     if baseline != sft and baseline not in every and baseline not in baselines:
@@ -337,6 +338,24 @@ def _check_target(target: dict[str, Any], nodes: dict[str, Node], evaluation: di
                             f"or measure: harmlessness_winrate")
 
 
+def _check_data_kinds(nodes: dict[str, Node], datasets: dict[str, Any],
+                      formats: dict[str, Any]) -> None:
+    """Each node's loss reads a file its dataset's source writes: a loss on labelled
+    pairs (SafeDPO) needs a source whose rows carry each answer's safety label."""
+    for name, node in nodes.items():
+        dataset = datasets[node.data]
+        wanted = f"{dataset['criterion']}_{node.data_file}"
+        fmt = formats[dataset["source"]]
+        if wanted not in fmt.output_names():
+            able = sorted(f for f, entry in data_formats.FORMATS.items()
+                          if dataset["criterion"] in entry.labeled)
+            raise PlanError(
+                f"models.{name}.loss: loss {node.settings.loss!r} trains on {wanted}.jsonl, "
+                f"which source {dataset['source']!r} (format {fmt.name}) does not write: its "
+                f"rows carry no safety label of each answer (formats with "
+                f"{dataset['criterion']} pairs labelled by safety: {able or 'none'})")
+
+
 def _check_conversational(nodes: dict[str, Node], datasets: dict[str, Any],
                           formats: dict[str, Any], prompt_template: str, sft: str) -> None:
     """Conversational data (message lists) trains through the chat template, so it needs
@@ -418,7 +437,8 @@ def _align_node(name: str, spec: dict[str, Any], where: str, defaults: dict[str,
         inherited = "trl" not in spec.get("training", {})
         settings = NodeSettings(spec["loss"], spec["beta"], training,
                                 stage2=spec["parent"] != sft, where=where,
-                                trl_where="training.trl" if inherited else None)
+                                trl_where="training.trl" if inherited else None,
+                                margin=spec.get("margin"))
     except InputError as exc:
         raise PlanError.at_field(exc) from None
     resources = dict(spec.get("resources", {}))
@@ -427,7 +447,7 @@ def _align_node(name: str, spec: dict[str, Any], where: str, defaults: dict[str,
 
 
 def _merge_node(name: str, spec: dict[str, Any], where: str) -> MergeNode:
-    extra = [f for f in (*ALIGN_FIELDS, "training") if f in spec]
+    extra = [f for f in (*ALIGN_FIELDS, "training", "margin") if f in spec]
     if extra:
         raise PlanError(f"{where}: a merge node (with `parents`) takes `parents` and `q`, "
                         f"not {extra}")

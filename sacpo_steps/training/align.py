@@ -245,7 +245,7 @@ def _rows(parent_dir: Path, data_path: str | Path, settings: NodeSettings,
         tokenizer = AutoTokenizer.from_pretrained(parent_dir)
     examples = load_examples(data_path, settings.entry, prompt_template, seed,
                              settings.training.max_examples, tokenizer=tokenizer,
-                             prompt_cap=cap)
+                             prompt_cap=cap, margin=settings.margin)
     return examples, cap
 
 

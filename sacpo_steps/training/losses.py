@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -32,6 +32,7 @@ from typing import Any
 
 from sacpo_steps.core.errors import InputError
 from sacpo_steps.core.imports import import_object
+from sacpo_steps.training import safe_pairs
 from sacpo_steps.training.settings import PIPELINE_SET
 from sacpo_steps.training.trl_fields import (
     TRL_FIELDS_PATH,
@@ -50,11 +51,15 @@ class DataKind:
     name: str
     answers: tuple[str, ...]  # answer-text fields, each rendered as a completion
     label: str | None = None  # a boolean field (desirable or not), if the kind has one
+    flags: tuple[str, ...] = ()  # further boolean fields a loss's transformation reads
 
 
 DATA_KINDS: dict[str, DataKind] = {
     "pairs": DataKind("pairs", answers=("chosen", "rejected")),
     "kto": DataKind("kto", answers=("completion",), label="label"),
+    # helpfulness pairs with each answer's safety label (one-stage safe losses)
+    "labeled_pairs": DataKind("labeled_pairs", answers=("chosen", "rejected"),
+                              flags=safe_pairs.LABELS),
 }
 
 #: checks a node's merged `training` section; returns (field under `training`, problem)
@@ -79,6 +84,11 @@ class Loss:
     ref_columns: tuple[str, ...] = ()
     min_batch_size: int = 1  # per_device_train_batch_size at least this
     check: TrainingCheck | None = None  # further plan-time checks of `training`
+    #: what the node's `margin` means for this loss; None: the loss takes no margin. A
+    #: loss with one reads the rows' `safety_margin` (margin * (h_l - h_w), trainer side)
+    margin: str | None = None
+    #: rows -> rows the loss trains on (SafeDPO's swap and drop), counting each case
+    transform: Callable[[Iterable[dict[str, Any]], Any], Iterator[dict[str, Any]]] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fixed", MappingProxyType(dict(self.fixed)))
@@ -123,6 +133,9 @@ def register_loss(loss: Loss, *, replace: bool = False) -> Loss:
             raise ValueError(f"loss {loss.name!r}: {path!r} is not 'module:Class'")
     if loss.ref_columns and not loss.needs_reference:
         raise ValueError(f"loss {loss.name!r}: ref_columns without a reference model")
+    if loss.margin is not None and loss.transform is None:
+        raise ValueError(f"loss {loss.name!r}: a margin without a transformation (its "
+                         "rows would carry no safety labels)")
     if loss.min_batch_size < 1:
         raise ValueError(f"loss {loss.name!r}: min_batch_size must be >= 1")
     # `fixed` may set TRL's loss_type itself (e.g. a weighted combination) only when
@@ -276,6 +289,27 @@ def _check_theorem1_args(loss: Loss, trl: Mapping[str, Any], where: str,
 _DPO = {"data": "pairs", "config": "trl:DPOConfig", "trainer": "trl:DPOTrainer",
         "needs_reference": True, "ref_columns": ("ref_chosen_logps", "ref_rejected_logps")}
 
+def _safe_loss_check(name: str) -> TrainingCheck:
+    """The one-stage safe losses read precomputed reference log-probs (the margin enters
+    through them or beside them) and are DPO's summed log-ratios: refuse the TRL
+    arguments that change those (the ones Theorem 1 refuses for stage 2)."""
+    def check(training: Mapping[str, Any]) -> tuple[str, str] | None:
+        if not training.get("precompute_ref_log_probs", True):
+            return ("precompute_ref_log_probs",
+                    f"loss {name!r} reads the reference log-probs of each pair before "
+                    "training (its margin shifts them): keep precompute_ref_log_probs true")
+        for key, value in (training.get("trl") or {}).items():
+            keeps, _why = THEOREM1_ARGS.get(key, (None, ""))
+            if keeps is not None and not keeps(value):
+                return (f"trl.{key}", f"loss {name!r} is defined on DPO's log-ratios summed "
+                        f"over the answer's tokens with a reverse-KL penalty; {key}="
+                        f"{value!r} changes that. Leave it out")
+        return None
+    return check
+
+
+_SAFE = {**_DPO, "data": "labeled_pairs", "transform": safe_pairs.transform_rows}
+
 for _entry in (
     Loss(name="dpo", loss_type="sigmoid", **_DPO, coefficient=(
         "beta: DPO's KL coefficient, loss -log sigmoid(beta * Delta) with Delta the chosen "
@@ -299,6 +333,23 @@ for _entry in (
          ref_columns=("ref_logps", "ref_KL_logps"), coefficient=(
         "beta: KTO's KL coefficient in sigmoid(beta * (log-ratio - z_ref)); desirable rows "
         "weigh 1, undesirable n_desirable/n_undesirable (set from the data).")),
+    Loss(name="safedpo", **{**_SAFE, "trainer": "sacpo_steps.training.safety_trainers:"
+                                                 "SafeDPOTrainer"},
+         loss_type="sigmoid", check=_safe_loss_check("safedpo"), coefficient=(
+        "beta: the KL coefficient as in DPO; loss -log sigmoid(beta * Delta - M) on "
+        "helpfulness pairs reordered by safety (a safe answer always preferred, pairs of "
+        "two unsafe answers dropped), M = margin * (h_l - h_w) (SafeDPO, arXiv 2505.20065)."),
+         margin=("SafeDPO's safety margin >= 0, subtracted inside the sigmoid of each "
+                 "safe-over-unsafe pair (not scaled by beta): 0 is DPO on the reordered "
+                 "pairs; the paper sweeps 0-20 with beta 0.1.")),
+    Loss(name="bso", **{**_SAFE, "trainer": "sacpo_steps.training.safety_trainers:"
+                                             "BSOTrainer"},
+         loss_type=None, check=_safe_loss_check("bso"), coefficient=(
+        "beta: the KL coefficient as in DPO; BSO's scaled Basu power loss (lambda 0.2, "
+        "scale 4) on log R = -(beta * Delta - M), the same reordered pairs and margin M as "
+        "SafeDPO (BSO, arXiv 2605.12339)."),
+         margin=("BSO's C >= 0, the counterpart of SafeDPO's Delta: log R of a "
+                 "safe-over-unsafe pair is -(beta * Delta - C).")),
 ):
     register_loss(_entry)
 

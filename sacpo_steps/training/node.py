@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sacpo_steps.core.errors import InputError
-from sacpo_steps.training.losses import Loss, check_node, get_loss
+from sacpo_steps.training.losses import LOSSES, Loss, check_node, get_loss
 from sacpo_steps.training.settings import TrainingConfig
 
 
@@ -30,6 +30,7 @@ class NodeSettings:
     beta: float
     training: TrainingConfig
     stage2: bool = False
+    margin: float | None = None  # a loss that takes one (SafeDPO's Delta, BSO's C)
     where: str = field(default="", compare=False, repr=False)
     trl_where: str | None = field(default=None, compare=False, repr=False)
 
@@ -44,8 +45,24 @@ class NodeSettings:
             entry = get_loss(self.loss)
         except InputError as exc:
             raise InputError(exc.message, field=self._at("loss")) from None
+        self._check_margin(entry)
         check_node(entry, stage2=self.stage2, training=asdict(self.training), where=self.where,
                    trl_where=self.trl_where)
+
+    def _check_margin(self, entry: Loss) -> None:
+        margin = self.margin
+        if entry.margin is None:
+            if margin is not None:
+                raise InputError(f"loss {entry.name!r} takes no margin (losses with one: "
+                                 f"{', '.join(margin_losses()) or 'none'})",
+                                 field=self._at("margin"))
+            return
+        if margin is None:
+            raise InputError(f"loss {entry.name!r} needs `margin`: {entry.margin}",
+                             field=self._at("margin"))
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
+            raise InputError(f"must be a number >= 0, got {margin!r}", field=self._at("margin"))
+        object.__setattr__(self, "margin", float(margin))
 
     def _at(self, key: str) -> str:
         return f"{self.where}.{key}" if self.where else key
@@ -56,8 +73,11 @@ class NodeSettings:
         return get_loss(self.loss)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"loss": self.loss, "beta": self.beta, "training": asdict(self.training),
-                "stage2": self.stage2}
+        out = {"loss": self.loss, "beta": self.beta, "training": asdict(self.training),
+               "stage2": self.stage2}
+        if self.margin is not None:  # absent otherwise: older specs keep their hash
+            out["margin"] = self.margin
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NodeSettings:
@@ -67,4 +87,9 @@ class NodeSettings:
             raise InputError(f"the node's spec has no {missing}", field=missing[0])
         return cls(loss=data["loss"], beta=data["beta"],
                    training=TrainingConfig.from_dict(data.get("training", {})),
-                   stage2=bool(data.get("stage2", False)))
+                   stage2=bool(data.get("stage2", False)), margin=data.get("margin"))
+
+
+def margin_losses() -> list[str]:
+    """The registered losses that take a `margin`."""
+    return sorted(name for name, entry in LOSSES.items() if entry.margin is not None)

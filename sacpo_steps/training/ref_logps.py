@@ -74,7 +74,9 @@ def compute(reference_dir: str | Path, data_path: str | Path, out: str | Path, *
         work = Path(scratch_dir) if scratch_dir else Path(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="sacpo-ref-")))
         # beta does not enter the reference pass; any valid value builds the trainer
-        settings = NodeSettings(entry.name, 1.0, training)
+        # nor does a margin (it shifts or sits beside the reference log-probs)
+        settings = NodeSettings(entry.name, 1.0, training,
+                                margin=0.0 if entry.margin is not None else None)
         trainer = build_trainer(reference_dir, examples, settings, output_dir=work,
                                 seed=int(spec["seed"]))
         dataset = trainer.train_dataset

@@ -8,9 +8,11 @@ config, and the parent is the initial policy and the reference.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -29,15 +31,19 @@ from sacpo_steps.models.throughput import (
     training_flops_per_token,
 )
 from sacpo_steps.models.tokens import PromptCap, prompt_problem, render_completion, render_prompt
+from sacpo_steps.training import safe_pairs
 from sacpo_steps.training.losses import DATA_KINDS, Loss, get_loss
 from sacpo_steps.training.node import NodeSettings
 from sacpo_steps.training.reference import ReferenceTable, cached_reference_trainer
 from sacpo_steps.training.settings import PASSED_AS_IS, TrainingConfig
 
+log = logging.getLogger("sacpo.align")
+
 
 def load_examples(path: str | Path, loss: str | Loss, prompt_template: str, seed: int,
                   max_examples: int | None = None, *, tokenizer: Any = None,
-                  prompt_cap: PromptCap | None = None) -> list[dict[str, Any]]:
+                  prompt_cap: PromptCap | None = None,
+                  margin: float | None = None) -> list[dict[str, Any]]:
     """Read the rows of the loss's data kind, rendered by the tokenization contract.
 
     Pairs (prompt/chosen/rejected) or labelled rows (prompt/completion/label), as
@@ -48,11 +54,25 @@ def load_examples(path: str | Path, loss: str | Loss, prompt_template: str, seed
     (and the parent's tokenizer) long prompts keep their end, and a prompt that
     cannot fit is dropped and counted. Rows are shuffled with the seed: KTO's
     trainer samples sequentially and shuffles nothing itself.
+
+    A loss with a transformation (SafeDPO's reordering by safety labels) gets the
+    transformed rows; one with a margin gets each row's `safety_margin` (`margin`,
+    its node's Delta, times h_l - h_w; 0 when not given, as for its reference pass).
     """
-    kind = DATA_KINDS[get_loss(loss).data]
+    entry = get_loss(loss)
+    kind = DATA_KINDS[entry.data]
     rows = read_jsonl(path)
     if not rows:
         raise InputError("preference data is empty", path=path)
+    _check_flags(rows, kind.flags, path)
+    if entry.transform is not None:
+        counts: collections.Counter[str] = collections.Counter()
+        rows = list(entry.transform(rows, counts))
+        log.info("%s's transformation of %s: %s", entry.name, path,
+                 ", ".join(f"{case} {n}" for case, n in sorted(counts.items())))
+        if not rows:
+            raise InputError(f"loss {entry.name!r} keeps no row of this data after its "
+                             f"transformation ({dict(counts)})", path=path)
     examples = []
     for i, row in enumerate(rows, start=1):
         prompt = row.get("prompt")
@@ -76,6 +96,8 @@ def load_examples(path: str | Path, loss: str | Loss, prompt_template: str, seed
             example[field] = render_completion(prompt_template, row[field])
         if kind.label:
             example[kind.label] = row[kind.label]
+        if entry.margin is not None:
+            example[safe_pairs.MARGIN] = safe_pairs.margin_of(row, margin or 0.0)
         examples.append(example)
     if not examples:
         raise InputError("no example fits training.max_prompt_length", path=path,
@@ -84,6 +106,17 @@ def load_examples(path: str | Path, loss: str | Loss, prompt_template: str, seed
     if max_examples:
         examples = examples[:max_examples]
     return examples
+
+
+def _check_flags(rows: list[dict[str, Any]], flags: tuple[str, ...], path: str | Path) -> None:
+    """The boolean fields a transformation reads, checked before it reorders the rows
+    (so an error names the row of the file)."""
+    for i, row in enumerate(rows, start=1):
+        for flag in flags:
+            if not isinstance(row.get(flag), bool):
+                raise InputError(f"{flag} must be true or false (data with each answer's "
+                                 "safety label, written by preference_data for sources "
+                                 "that have them)", path=path, row=i, field=flag)
 
 
 def kto_weights(examples: list[dict[str, Any]]) -> tuple[float, float]:

@@ -50,6 +50,9 @@ def register_format(entry: DataFormat, *, replace: bool = False) -> DataFormat:
         raise ValueError(f"format name {entry.name!r}: use lower-case letters, digits and _")
     if entry.name in FORMATS and not replace:
         raise ValueError(f"data format {entry.name!r} is already registered")
+    if set(entry.labeled) - set(entry.criteria):
+        raise ValueError(f"format {entry.name!r}: labeled {entry.labeled} must be among its "
+                         f"criteria {entry.criteria}")
     if not entry.criteria or set(entry.criteria) - set(CRITERIA):
         raise ValueError(f"format {entry.name!r}: criteria must be among {CRITERIA}, "
                          f"not {entry.criteria}")
@@ -104,8 +107,9 @@ class SourceFormat:
         return self.format.yields(self.criterion)
 
     def output_names(self) -> list[str]:
-        """The JSONL sets written (without `.jsonl`), pairs first."""
-        return [f"{c}_pairs" for c in self.criteria] + [f"{c}_kto" for c in self.criteria]
+        """The JSONL sets written (without `.jsonl`), pairs first, labelled pairs last."""
+        return ([f"{c}_pairs" for c in self.criteria] + [f"{c}_kto" for c in self.criteria]
+                + [f"{c}_labeled_pairs" for c in self.criteria if c in self.format.labeled])
 
     def cli_args(self) -> str:
         """`--format ... [--criterion ...] [--options JSON]`, shell-quoted, for the rule."""

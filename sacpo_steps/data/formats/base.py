@@ -193,6 +193,10 @@ class DataFormat:
     check_options: OptionsCheck | None = None
     # top-level columns read from Parquet (None: all); extras may be huge or of odd types
     columns: tuple[str, ...] | None = None
+    # criteria whose pairs the builder also writes with each answer's safety label, as
+    # `{criterion}_labeled_pairs` (chosen_safe, rejected_safe): what one-stage safe
+    # losses (SafeDPO) train on; a format whose rows carry no safety labels has none
+    labeled: tuple[str, ...] = ()
 
     def yields(self, criterion: str | None) -> tuple[str, ...]:
         """The criteria a source of this format yields."""

@@ -37,7 +37,8 @@ SAFE_FIELDS = ("is_response_0_safe", "is_response_1_safe")
 ID_FIELDS = ("better_response_id", "safer_response_id")
 REQUIRED_FIELDS = TEXT_FIELDS + SAFE_FIELDS + ID_FIELDS
 
-OUTPUT_NAMES = ("helpfulness_pairs", "safety_pairs", "helpfulness_kto", "safety_kto")
+OUTPUT_NAMES = ("helpfulness_pairs", "safety_pairs", "helpfulness_kto", "safety_kto",
+                "helpfulness_labeled_pairs")
 
 # --------------------------------------------------------------------------- 30K
 
@@ -74,6 +75,13 @@ def _pair(rec: Record, chosen_id: int) -> Record:
     }
 
 
+def _labeled(pair: Record, rec: Record, chosen_id: int) -> Record:
+    """A helpfulness pair with each answer's safety label (is_response_i_safe): the rows
+    SafeDPO transforms, so it never needs the safety pairs' own ordering."""
+    return {**pair, "chosen_safe": rec[f"is_response_{chosen_id}_safe"],
+            "rejected_safe": rec[f"is_response_{1 - chosen_id}_safe"]}
+
+
 def _kto(rec: Record, response_id: int, label: bool) -> Record:
     return {
         "prompt": rec["prompt"],
@@ -90,6 +98,7 @@ def build_30k(records: list[Record], criterion: str | None = None,
     for rec in records:
         better = rec["better_response_id"]
         out["helpfulness_pairs"].append(_pair(rec, better))
+        out["helpfulness_labeled_pairs"].append(_labeled(_pair(rec, better), rec, better))
         out["safety_pairs"].append(_pair(rec, rec["safer_response_id"]))
         out["helpfulness_kto"].append(_kto(rec, better, True))
         out["helpfulness_kto"].append(_kto(rec, 1 - better, False))
@@ -105,6 +114,7 @@ PKU_SAFERLHF_30K = DataFormat(
     conversational=False,
     check_row=check_30k_row,
     criterion_from_source=False,
+    labeled=("helpfulness",),
     build=build_30k,
     columns=REQUIRED_FIELDS,
 )
@@ -221,6 +231,7 @@ def build_full(records: list[Record], criterion: str | None,
     for rec in records:
         better = rec["better_response_id"]
         out["helpfulness_pairs"].append(_full_pair(rec, better))
+        out["helpfulness_labeled_pairs"].append(_labeled(_full_pair(rec, better), rec, better))
         out["helpfulness_kto"].append(_full_kto(rec, better, True))
         out["helpfulness_kto"].append(_full_kto(rec, 1 - better, False))
         if not _touches(rec, categories, min_severity):
@@ -245,6 +256,7 @@ PKU_SAFERLHF = DataFormat(
     conversational=False,
     check_row=check_full_row,
     criterion_from_source=False,
+    labeled=("helpfulness",),
     build=build_full,
     options=FULL_OPTIONS,
     columns=REQUIRED_FIELDS + CATEGORY_FIELDS + SEVERITY_FIELDS,
