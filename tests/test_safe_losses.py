@@ -229,3 +229,25 @@ def test_bso_logistic_member_is_safedpo(tiny_models, labeled_file, tmp_path, mon
     bso = first_batch_loss(safe_trainer("bso", tiny_models, examples, tmp_path,
                                         beta=0.5, margin=1.5))
     assert bso == pytest.approx(safedpo, rel=1e-5)
+
+
+def test_safedpo_and_bso_nodes_share_one_reference_pass():
+    cfg = demo_config()
+    for name, loss, margin in (("s0", "safedpo", 0), ("s2", "safedpo", 2), ("b2", "bso", 2)):
+        cfg["models"][name] = {"parent": "sft", "data": "helpfulness", "loss": loss,
+                               "beta": 0.1, "margin": margin}
+    plan = load_plan(cfg)
+    shared = [readers for (ref, key), readers in plan.ref_logps_jobs.items()
+              if "safedpo" in key]
+    assert shared == [["s0", "s2", "b2"]]
+    assert plan.align_ref_logps("b2", 0) == plan.align_ref_logps("s0", 0)
+
+
+def test_a_loss_can_share_only_a_matching_reference_pass():
+    from sacpo_steps.training.losses import LOSSES, Loss, register_loss
+
+    bso = LOSSES["bso"]
+    wrong = Loss(**{**bso.__dict__, "name": "bso_wrong", "reference_loss": "dpo"})
+    with pytest.raises(ValueError, match="same data"):
+        register_loss(wrong)
+    assert "bso_wrong" not in LOSSES

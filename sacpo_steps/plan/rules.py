@@ -143,10 +143,11 @@ class Plan(Experiment):
         for name, node in self.nodes.items():
             entry = losses.get_loss(node.loss)
             if entry.ref_columns and node.training.precompute_ref_log_probs:
-                spec = reference_key_spec(node.loss, asdict(node.training),
-                                                    self.config["prompt_template"])
+                # a loss reading another's reference pass (bso: safedpo's) shares its job
+                spec = reference_key_spec(entry.reference_name, asdict(node.training),
+                                          self.config["prompt_template"])
                 digest = hashlib.sha256(to_json(spec).encode()).hexdigest()[:12]
-                keys[name] = f"{node.data}-{node.loss}-{digest}"
+                keys[name] = f"{node.data}-{entry.reference_name}-{digest}"
         return keys
 
     def ref_logps_key(self, name: str) -> str | None:
@@ -172,8 +173,8 @@ class Plan(Experiment):
     def ref_logps_spec(self, reference: str, key: str, seed: int | str) -> dict[str, Any]:
         """The ref_logps step's spec: what the pass depends on (its rerun trigger)."""
         node = self.nodes[self.ref_logps_consumer(reference, key)]
-        spec = reference_key_spec(node.loss, asdict(node.training),
-                                            self.config["prompt_template"])
+        spec = reference_key_spec(losses.get_loss(node.loss).reference_name,
+                                  asdict(node.training), self.config["prompt_template"])
         return {"reference": reference, "data": node.data, **spec, "seed": int(seed)}
 
     def ref_logps_file(self, reference: str, key: str, seed: int | str = SEED) -> str:

@@ -258,7 +258,7 @@ def _inputs(parent_dir: Path, parent: str, data_path: str | Path, settings: Node
     inputs = {"parent": model_input(parent_dir, parent), "data": file_input(data_path)}
     if ref_logps is not None:
         table = ReferenceTable(ref_logps)
-        table.check_settings(loss=settings.loss, training=settings.training,
+        table.check_settings(loss=settings.entry.reference_name, training=settings.training,
                              prompt_template=prompt_template)
         table.check_reference(inputs["parent"])
         inputs["ref_logps"] = file_input(ref_logps)

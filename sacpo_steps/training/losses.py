@@ -89,9 +89,17 @@ class Loss:
     margin: str | None = None
     #: rows -> rows the loss trains on (SafeDPO's swap and drop), counting each case
     transform: Callable[[Iterable[dict[str, Any]], Any], Iterator[dict[str, Any]]] | None = None
+    #: another loss whose reference pass this one reads: the same rows, trainer pass and
+    #: columns, so nodes of both share one ref_logps job (None: its own)
+    reference_loss: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fixed", MappingProxyType(dict(self.fixed)))
+
+    @property
+    def reference_name(self) -> str:
+        """The loss whose reference pass this one's nodes read (usually itself)."""
+        return self.reference_loss or self.name
 
     @property
     def config_name(self) -> str:
@@ -133,6 +141,13 @@ def register_loss(loss: Loss, *, replace: bool = False) -> Loss:
             raise ValueError(f"loss {loss.name!r}: {path!r} is not 'module:Class'")
     if loss.ref_columns and not loss.needs_reference:
         raise ValueError(f"loss {loss.name!r}: ref_columns without a reference model")
+    if loss.reference_loss is not None:
+        other = LOSSES.get(loss.reference_loss)
+        if other is None or (other.data, other.transform, other.ref_columns) != \
+                (loss.data, loss.transform, loss.ref_columns):
+            raise ValueError(f"loss {loss.name!r}: reference_loss {loss.reference_loss!r} "
+                             "must be registered first, with the same data, transformation "
+                             "and reference columns")
     if loss.margin is not None and loss.transform is None:
         raise ValueError(f"loss {loss.name!r}: a margin without a transformation (its "
                          "rows would carry no safety labels)")
@@ -344,7 +359,8 @@ for _entry in (
                  "pairs; the paper sweeps 0-20 with beta 0.1.")),
     Loss(name="bso", **{**_SAFE, "trainer": "sacpo_steps.training.safety_trainers:"
                                              "BSOTrainer"},
-         loss_type=None, check=_safe_loss_check("bso"), coefficient=(
+         loss_type=None, check=_safe_loss_check("bso"), reference_loss="safedpo",
+         coefficient=(
         "beta: the KL coefficient as in DPO; BSO's scaled Basu power loss (lambda 0.2, "
         "scale 4) on log R = -(beta * Delta - M), the same reordered pairs and margin M as "
         "SafeDPO (BSO, arXiv 2605.12339)."),
