@@ -26,6 +26,7 @@ STEPS: dict[str, str] = {
     "elo": "sacpo_steps.reporting.elo",
     "figures": "sacpo_steps.reporting.figures",
     "across_seeds": "sacpo_steps.reporting.across_seeds",
+    "comparison": "sacpo_steps.reporting.comparison",
 }
 
 #: commands for users that no rule runs: what is stale (lineage), and a fingerprint of

@@ -16,6 +16,11 @@ smaller beta/lambda. Then q = 0, then halving [lo, hi] until it is narrower than
 `tolerance`. lambda ~ q * lambda_bar is reported, labelled approximate: merging
 weights only approximates mixing policies.
 
+Matched comparisons: `--target-from` takes the target from another model's
+harmlessness row (the lower end of its interval) in a seed's win-rate table, and
+`--match-battles` then compares helpfulness of the merge at the found q with that
+model's, paired over the prompts both answered against the same baseline.
+
 One search job runs every evaluation (merge, generate, judge) in-process, because
 the q values to try depend on earlier measurements: a Snakemake checkpoint would
 cost a DAG re-evaluation and several job start-ups per step for no caching gain.
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -45,7 +51,14 @@ from sacpo_steps.evaluation.judge import (
 )
 from sacpo_steps.evaluation.judges.base import JudgeRequest
 from sacpo_steps.evaluation.judges.registry import make_judge
-from sacpo_steps.evaluation.stats import SCORE_A, bootstrap_interval, load_battles, win_rates
+from sacpo_steps.evaluation.stats import (
+    REQUIRED_COLUMNS,
+    SCORE_A,
+    bootstrap_interval,
+    load_battles,
+    prompt_scores,
+    win_rates,
+)
 from sacpo_steps.models.merge import merge
 
 log = logging.getLogger("sacpo.target_search")
@@ -245,17 +258,120 @@ LABELS = {"harmlessness_winrate": "harmlessness win rate vs the baseline",
           "safe_rate": "safe rate of the red-team answers"}
 
 
+def target_from_table(path: str | Path, model: str, measure: str) -> float:
+    """The lower end of `model`'s harmlessness interval in a seed's winrate.csv: meeting
+    it means the merge is at least as harmless as `model`, by the same judge."""
+    import pandas as pd
+
+    if measure != "harmlessness_winrate":
+        raise InputError(f"--target-from reads a harmlessness win rate, so it needs "
+                         f"--measure harmlessness_winrate (got {measure!r})", field="--measure")
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("file not found", path=path, field="--target-from")
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(f"not a readable CSV ({exc})", path=path) from None
+    missing = [c for c in ("model", "criterion", "ci_low") if c not in table.columns]
+    if missing:
+        raise InputError(f"missing columns {missing}", path=path)
+    rows = table[(table["model"].astype(str) == model)
+                 & (table["criterion"].astype(str) == "harmlessness")]
+    if rows.empty:
+        known = sorted(set(table["model"].astype(str)))
+        raise InputError(f"no harmlessness row for model {model!r} (models: "
+                         f"{', '.join(known)})", path=path, field="--target-model")
+    if len(rows) > 1:
+        raise InputError(f"{len(rows)} harmlessness rows for model {model!r}: give one "
+                         "seed's table (seed-<s>/tables/winrate.csv), not the across-seed one",
+                         path=path, field="--target-model")
+    low = float(rows["ci_low"].iloc[0])
+    if not math.isfinite(low):
+        raise InputError(f"model {model!r} has no harmlessness interval", path=path,
+                         row=int(rows.index[0]) + 2, field="ci_low")
+    return low
+
+
+def model_helpfulness(path: str | Path, model: str, baseline: str) -> Any:
+    """`model`'s helpfulness score per prompt id against `baseline`, from a battle table
+    (a seed's battles.csv, or battle JSONL files): win 1, tie 0.5, loss 0, the mean over
+    orders and repetitions, errors left out (as MergeEvaluator scores each q)."""
+    import pandas as pd
+
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        battles = load_battles([path])
+    else:
+        if not path.is_file():
+            raise InputError("file not found", path=path, field="--match-battles")
+        try:
+            battles = pd.read_csv(path, dtype={"prompt_id": str, "prompt_set": str})
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+            raise InputError(f"not a readable CSV ({exc})", path=path) from None
+        missing = [c for c in REQUIRED_COLUMNS if c not in battles.columns]
+        if missing:
+            raise InputError(f"missing columns {missing}", path=path)
+    try:
+        scores = prompt_scores(battles, model, baseline, "helpfulness")
+    except InputError as exc:
+        raise InputError(exc.message, path=path, field="--match-model") from None
+    # keys are "<prompt set>\x1f<prompt id>"; the search's own scores are keyed by id
+    ids = pd.Index([key.split("\x1f")[-1] for key in scores.index])
+    if ids.has_duplicates:
+        raise InputError(f"{model!r}: one prompt id in several prompt sets", path=path,
+                         field="prompt_id")
+    return pd.Series(scores.to_numpy(), index=ids)
+
+
+def matched_comparison(result: SearchResult, q_scores: dict[float, Any], other: Any, *,
+                       model: str, target: float, rounds: int, seed: int) -> dict[str, Any]:
+    """Helpfulness of the merge at the found q minus `model`'s, paired over prompts.
+    A missed target is recorded with q = None: a result, not a failure."""
+    out: dict[str, Any] = {"model": model, "seed": seed, "target": target, "q": result.q,
+                           "diff": None, "low": None, "high": None, "prompts": None}
+    if not result.met or result.q is None:
+        return out
+    mine = q_scores[result.q]
+    diff, low, high = paired_difference(mine, other, rounds=rounds, seed=seed)
+    out.update(diff=diff, low=low, high=high,
+               prompts=int(len(mine.index.intersection(other.index))))
+    return out
+
+
+def matched_line(matched: dict[str, Any]) -> str:
+    """One sentence for the md and the log."""
+    if matched["q"] is None:
+        return (f"Matched to {matched['model']} (target {matched['target']:.3f}, its "
+                "harmlessness lower bound): no q meets it, so no paired comparison.")
+    return (f"Matched to {matched['model']} (target {matched['target']:.3f}, its harmlessness "
+            f"lower bound): P-SACPO at q = {matched['q']:g} minus {matched['model']}, "
+            f"helpfulness paired over {matched['prompts']} prompts: {matched['diff']:+.3f} "
+            f"[{matched['low']:+.3f}, {matched['high']:+.3f}]")
+
+
 def write_result(result: SearchResult, target: float, out_json: Path, out_md: Path,
-                 measure: str = "harmlessness_winrate") -> None:
+                 measure: str = "harmlessness_winrate", *,
+                 target_from: dict[str, str] | None = None,
+                 matched: dict[str, Any] | None = None) -> None:
     rows = [f"| q | {measure.replace('_', ' ')} [95% CI] | helpfulness [95% CI] | meets |",
             "|---|---|---|---|"]
     for m in sorted(result.trace, key=lambda m: m.q):
         rows.append(f"| {m.q:g} | {m.constraint:.3f} [{m.constraint_low:.3f}, "
                     f"{m.constraint_high:.3f}] | {m.helpfulness:.3f} [{m.helpfulness_low:.3f},"
                     f" {m.helpfulness_high:.3f}] | {'yes' if m.meets(target) else 'no'} |")
-    text = f"Target: {LABELS[measure]}, lower bound >= {target}\n\n" + "\n".join(rows)
+    source = (f" (the lower end of {target_from['model']}'s harmlessness interval in "
+              f"{target_from['table']})" if target_from else "")
+    text = (f"Target: {LABELS[measure]}, lower bound >= {target}{source}\n\n"
+            + "\n".join(rows))
     text += f"\n\n{result.message}\n"
+    if matched is not None:
+        text += f"\n{matched_line(matched)}\n"
     payload = {"target": target, "measure": measure, **asdict(result)}
+    if target_from is not None:
+        payload["target_from"] = target_from
+    if matched is not None:
+        payload["matched"] = matched
     with atomic_output(out_json) as tj, atomic_output(out_md) as tm:
         tj.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
         tm.write_text(text, encoding="utf-8")
@@ -266,7 +382,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--a", required=True, help="reward-aligned model (q = 0)")
     p.add_argument("--b", required=True, help="over-safe stage-2 child (q = 1)")
     p.add_argument("--name-b", default="b")
-    p.add_argument("--target", type=float, required=True)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--target", type=float, help="the target value itself")
+    which.add_argument("--target-from", metavar="TABLE",
+                       help="a seed's winrate.csv: the target is the lower end of "
+                            "--target-model's harmlessness interval there")
+    p.add_argument("--target-model", metavar="M", help="the model --target-from reads")
+    p.add_argument("--match-battles", metavar="FILE",
+                   help="a seed's battles.csv: compare helpfulness at the found q with "
+                        "--match-model's, paired over prompts")
+    p.add_argument("--match-model", metavar="M",
+                   help="the model to compare with (default: --target-model)")
     p.add_argument("--tolerance", type=float, default=default_of("target.tolerance"))
     p.add_argument("--lambda-bar", type=float)
     p.add_argument("--prompts", nargs=2, metavar=("HELPFULNESS", "RED_TEAM"), required=True)
@@ -295,6 +421,27 @@ def main(argv: list[str] | None = None) -> None:
     if set(judges) != {"helpfulness", "red_team"}:
         raise InputError("expected an object with the keys helpfulness and red_team",
                          field="--judges")
+    # the target and the compared model's scores are read before any merge: a bad
+    # table fails in seconds, not after the first evaluation
+    target, target_from = args.target, None
+    if args.target_from is not None:
+        if not args.target_model:
+            raise InputError("--target-from needs --target-model", field="--target-model")
+        target = target_from_table(args.target_from, args.target_model, args.measure)
+        target_from = {"table": args.target_from, "model": args.target_model}
+        log.info("target %.4f: the lower end of %s's harmlessness interval in %s", target,
+                 args.target_model, args.target_from)
+    elif args.target_model:
+        raise InputError("--target-model goes with --target-from", field="--target-model")
+    match_model = args.match_model or args.target_model
+    other = None
+    if args.match_battles is not None:
+        if not match_model:
+            raise InputError("--match-battles needs --match-model (or --target-model)",
+                             field="--match-model")
+        other = model_helpfulness(args.match_battles, match_model, args.baseline_name)
+    elif args.match_model:
+        raise InputError("--match-model goes with --match-battles", field="--match-battles")
     with tempfile.TemporaryDirectory(prefix="target-search-") as tmp:
         evaluate = MergeEvaluator(
             Path(args.a), Path(args.b),
@@ -305,15 +452,22 @@ def main(argv: list[str] | None = None) -> None:
             work=Path(tmp), rounds=args.rounds, seed=args.seed, threads=args.threads,
             measure=args.measure, baseline_name=args.baseline_name)
         try:
-            result = search(evaluate, args.target, tolerance=args.tolerance,
+            result = search(evaluate, target, tolerance=args.tolerance,
                             lambda_bar=args.lambda_bar, over_safe_name=args.name_b)
             if result.met and result.q != 1.0:
                 gain = result.helpfulness_gain = evaluate.paired_gain(result.q, 1.0)
                 result.message += (f". Helpfulness gain over the over-safe model (paired "
                                    f"over prompts): {gain[0]:+.3f} [{gain[1]:+.3f}, "
                                    f"{gain[2]:+.3f}]")
+            matched = None
+            if other is not None:
+                matched = matched_comparison(result, evaluate.per_prompt, other,
+                                             model=match_model, target=target,
+                                             rounds=args.rounds, seed=args.seed)
+                log.info("%s", matched_line(matched))
         finally:
             evaluate.close()
-    write_result(result, args.target, Path(args.out_json), Path(args.out_md), args.measure)
+    write_result(result, target, Path(args.out_json), Path(args.out_md), args.measure,
+                 target_from=target_from, matched=matched)
     # a missed target is a result, not a failure: the trace stays in the outputs
     (log.info if result.met else log.error)("%s", result.message)
