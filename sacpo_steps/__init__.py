@@ -24,7 +24,8 @@ and imports nothing. Extensions register through stable entry points:
 
 import time as _time
 
-__version__ = "0.1.0"
+# `__version__` is read from pyproject.toml, its one home (module `__getattr__` below), so
+# that a release changes no code: every step's source hash covers this file.
 
 #: the subpackages in dependency order: each imports only from those before it
 LAYERS = ("core", "data", "models", "training", "evaluation", "reporting", "research", "plan")
@@ -37,3 +38,31 @@ _PROCESS_START = _time.monotonic()
 def seconds_since_start() -> float:
     """Seconds since this process imported the package (about since it started)."""
     return _time.monotonic() - _PROCESS_START
+
+
+def _version() -> str:
+    """The version of this code. Inside a clone, the clone's pyproject.toml (an install
+    elsewhere may be another version); an installed wheel, its own metadata."""
+    import re
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    try:
+        text = pyproject.read_text(encoding="utf-8")
+    except OSError:
+        text = ""
+    found = re.search(r'(?m)^version = "([^"]+)"$', text)
+    if found and re.search(r'(?m)^name = "sacpo-steps"$', text):
+        return found.group(1)
+    from importlib import metadata
+
+    try:
+        return metadata.version("sacpo-steps")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def __getattr__(name: str) -> str:
+    if name == "__version__":
+        return _version()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
