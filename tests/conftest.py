@@ -44,7 +44,7 @@ def pairs_file(tmp_path) -> Path:
 LOG2 = math.log(2.0)
 
 
-# Test tiers (pyproject.toml registers the markers; README "Test tiers"): an end-to-end
+# Test tiers (pyproject.toml registers the markers; docs/testing.md, "Test tiers"): an end-to-end
 # Snakemake run, a launch of several processes or a SLURM cluster always takes more
 # than a few seconds, so each of these markers implies `slow` and `-m "not slow"` (the
 # fast tier) leaves them out.

@@ -237,16 +237,16 @@ def test_source_hash_follows_edits_of_the_closure(tmp_path):
 
 # ---- one name per rule, step and module ---------------------------------------------
 
-#: rules that do not share their step's name, and why (the README says so too)
+#: rules that do not share their step's name, and why (docs/pipeline.md says so too)
 RULE_EXCEPTIONS = {"merge_<a>__<b>": "merge",  # one rule per parent pair, all step merge
                    "figures_across_seeds": "figures"}  # the figures step on across-seed tables
 
 
 def readme_rule_table() -> dict[str, str]:
-    """{rule: step} from the README's rule table ("| `rule` | `step` ... |")."""
+    """{rule: step} from the rule table of docs/pipeline.md ("| `rule` | `step` ... |")."""
     import re
 
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    text = (ROOT / "docs" / "pipeline.md").read_text(encoding="utf-8")
     start = text.index("| rule | step")
     rows = {}
     for line in text[start:].splitlines()[2:]:
@@ -300,7 +300,8 @@ def test_the_readme_lists_every_rule_with_its_module():
     rules = workflow_rules()
     assert set(table) == set(rules) - {"all"}, (set(table) ^ set(rules))
     for rule, module in table.items():
-        assert module == rules[rule], f"README: {rule} -> {module}, workflow: {rules[rule]}"
+        assert module == rules[rule], (f"docs/pipeline.md: {rule} -> {module}, "
+                                       f"workflow: {rules[rule]}")
 
 
 @pytest.mark.slow
