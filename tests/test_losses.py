@@ -281,7 +281,8 @@ def test_align_refuses_what_the_plan_would(tiny_models, pairs_file, tmp_path):
               settings=NodeSettings("robust", 0.1, TrainingConfig.from_dict(ONE_STEP)),
               prompt_template=PROMPT_TEMPLATE)
     assert not (tmp_path / "out").exists()
-    with pytest.raises(InputError, match="known losses: bso, dpo, hinge, ipo, kto, robust, safedpo"):
+    with pytest.raises(InputError,
+                       match="known losses: bso, dpo, hinge, ipo, kto, robust, safedpo"):
         align(tiny_models["stage1"], pairs_file, tmp_path / "out", name="r", parent="stage1",
               data="safety",
               settings=NodeSettings("simpo", 0.1, TrainingConfig.from_dict(ONE_STEP)),

@@ -230,6 +230,14 @@ class Layout:
     def target(self, name: str, seed: int | str = SEED) -> str:
         return f"{self.seed_dir(seed)}/target/{name}"
 
+    def matched(self, model: str, suffix: str, seed: int | str = SEED) -> str:
+        """A matched target search of one seed: P-SACPO at `model`'s harmlessness."""
+        return f"{self.seed_dir(seed)}/matched/{model}{suffix}"
+
+    def comparison(self, name: str) -> str:
+        """An output of the method comparison (across seeds)."""
+        return f"{self.root}/comparison/{name}"
+
     def table(self, name: str) -> str:
         """An across-seed table."""
         return f"{self.root}/tables/{name}"

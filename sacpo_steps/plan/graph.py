@@ -201,6 +201,9 @@ def build_graph(config: dict[str, Any]) -> Experiment:
     judges = _read_judges(evaluation)
     if config.get("target"):
         _check_target(config["target"], nodes, evaluation, judges)
+    if config.get("comparison"):
+        _check_comparison(config["comparison"], nodes, [sft, *ordered, *baselines],
+                          evaluation)
     return Experiment(sft=sft, nodes={n: nodes[n] for n in ordered if n in nodes},
                       datasets=datasets, baseline=baseline,
                       merges={n: merges[n] for n in ordered if n in merges},
@@ -336,6 +339,36 @@ def _check_target(target: dict[str, Any], nodes: dict[str, Node], evaluation: di
                             f"which the {backend.name!r} judge of prompt set {red_team!r} "
                             f"cannot (it compares two answers): use a judge of {able}, "
                             f"or measure: harmlessness_winrate")
+
+
+def _check_comparison(comparison: dict[str, Any], nodes: dict[str, Node], models: list[str],
+                      evaluation: dict[str, Any]) -> None:
+    """Each method lists models of the plan, once; a match searches over a stage-2 node
+    and matches models of the plan, with both criteria's prompt sets to measure on."""
+    seen: dict[str, str] = {}
+    for method, members in comparison["methods"].items():
+        for model in members:
+            if model not in models:
+                raise PlanError(f"comparison.methods.{method}: unknown model {model!r} "
+                                f"(plan models: {models})")
+            if model in seen:
+                raise PlanError(f"comparison.methods.{method}: {model!r} is already a model "
+                                f"of method {seen[model]!r}")
+            seen[model] = method
+    match = comparison.get("match")
+    if not match:
+        return
+    over_safe = match["over_safe"]
+    if over_safe not in nodes or nodes[over_safe].parent not in nodes:
+        raise PlanError(f"comparison.match.over_safe: {over_safe!r} is not a stage-2 "
+                        "alignment node (an aligned model whose parent is aligned too)")
+    unknown = [m for m in match["models"] if m not in models]
+    if unknown:
+        raise PlanError(f"comparison.match.models: unknown model(s) {unknown} "
+                        f"(plan models: {models})")
+    criteria = {ps["criterion"] for ps in evaluation["prompt_sets"].values()}
+    if not {"helpfulness", "harmlessness"} <= criteria:
+        raise PlanError("comparison.match: needs a helpfulness and a harmlessness prompt set")
 
 
 def _check_data_kinds(nodes: dict[str, Node], datasets: dict[str, Any],

@@ -344,18 +344,21 @@ class Plan(Experiment):
         first = {ps["criterion"]: n for n, ps in reversed(self.prompt_sets.items())}
         return first["helpfulness"], first["harmlessness"]
 
-    def target_inputs(self, seed: int | str) -> dict[str, Any]:
-        node = self.nodes[self.target["over_safe"]]
+    def target_inputs(self, seed: int | str, over_safe: str | None = None) -> dict[str, Any]:
+        """The target search's inputs: the merge's parents, both prompt sets, the
+        baseline's answers to them and what the judges read."""
+        node = self.nodes[over_safe or self.target["over_safe"]]
         sets = list(self.target_sets())
         return {"a": self.model_dir(node.parent, seed), "b": self.model_dir(node.name, seed),
                 "prompts": [self.paths.prompt_set_file(s, seed) for s in sets],
                 "baseline": [self.paths.generation(self.baseline, s, seed) for s in sets],
                 **self.judge_reads(sets, seed)}
 
-    def target_generation_spec(self, seed: int | str) -> dict[str, Any]:
+    def target_generation_spec(self, seed: int | str, over_safe: str | None = None
+                               ) -> dict[str, Any]:
         """The target search's generation settings: it generates merges of the over-safe
         node and its parent, so under the smaller of their prompt caps, as a merge node."""
-        node = self.nodes[self.target["over_safe"]]
+        node = self.nodes[over_safe or self.target["over_safe"]]
         return {**self.generation_spec(self.sft, seed),
                 "max_prompt_length": self._smallest_cap((node.parent, node.name))}
 
@@ -370,9 +373,41 @@ class Plan(Experiment):
             judges[role] = judge
         return judges
 
+    # ---- the method comparison (reporting/comparison.py, docs/comparison.md) ----
+
+    @property
+    def comparison(self) -> dict[str, Any] | None:
+        return self.config.get("comparison")
+
+    @property
+    def matched_models(self) -> list[str]:
+        """The models P-SACPO is matched to (comparison.match.models), or none."""
+        match = (self.comparison or {}).get("match") or {}
+        return list(match.get("models", []))
+
+    def matched_inputs(self, model: str, seed: int | str) -> dict[str, Any]:
+        """A matched search's inputs: the target search's, with the seed's win rates
+        (the target: `model`'s harmlessness lower bound) and battles (its helpfulness)."""
+        return {**self.target_inputs(seed, self.comparison["match"]["over_safe"]),
+                "table": self.paths.seed_table("winrate.csv", seed),
+                "battles": self.paths.seed_table("battles.csv", seed)}
+
+    def comparison_card_dirs(self) -> list[str]:
+        """Every trained or merged model of every seed: the costs follow each method's
+        models back to SFT through their model cards."""
+        return [self.model_dir(name, seed) for seed in self.seeds
+                for name in (*self.nodes, *self.merges)]
+
+    def comparison_matched(self) -> list[str]:
+        return [self.paths.matched(m, ".json", seed) for seed in self.seeds
+                for m in self.matched_models]
+
+    COMPARISON_OUTPUTS = ("frontier.png", "frontier.svg", "costs.csv", "costs.md",
+                          "matched.csv", "matched.md", "dominance.csv", "dominance.md")
+
     def final_outputs(self, tables: list[str], figures: list[str]) -> list[str]:
         """What `rule all` asks for: the across-seed tables and figures, and every seed's
-        own tables, figures and target search."""
+        own tables, figures and target search; the method comparison's outputs."""
         paths = self.paths
         out = [*(paths.table(t) for t in tables), *(paths.figure(f) for f in figures)]
         for seed in self.seeds:
@@ -380,6 +415,8 @@ class Plan(Experiment):
             out += [paths.seed_figure(f, seed) for f in figures]
             if self.target:
                 out += [paths.target(f, seed) for f in ("search.json", "search.md")]
+        if self.comparison:
+            out += [paths.comparison(name) for name in self.COMPARISON_OUTPUTS]
         return out
 
     def prompt_counts(self) -> dict[str, tuple[int | None, str, int]]:
