@@ -251,3 +251,39 @@ def test_a_loss_can_share_only_a_matching_reference_pass():
     with pytest.raises(ValueError, match="same data"):
         register_loss(wrong)
     assert "bso_wrong" not in LOSSES
+
+
+@pytest.mark.parametrize("loss", ["safedpo", "bso"])
+def test_align_reads_safedpos_shared_reference_pass_and_trains_as_its_own(
+        loss, tiny_models, labeled_file, tmp_path):
+    """The ref_logps job computes SafeDPO's pass once (margin 0 rows); a SafeDPO or BSO
+    node reading it trains to the same weights as with its own pass, and its card
+    records the margin."""
+    from safetensors.torch import load_file
+
+    from sacpo_steps.training import ref_logps
+    from sacpo_steps.training.align import align
+    from sacpo_steps.training.reference import reference_key_spec
+
+    settings = {**ONE_STEP, "per_device_train_batch_size": 2, "max_steps": 2}
+    key = reference_key_spec("safedpo", settings, PROMPT_TEMPLATE)
+    table = tmp_path / "ref.json"
+    done = ref_logps.compute(tiny_models["stage1"], labeled_file, table,
+                             spec={"reference": "stage1", "data": "d", **key, "seed": 0})
+    assert done["rows"] == 6  # the transformed rows: both-unsafe pairs dropped
+
+    def train(out, **kwargs):
+        return align(tiny_models["stage1"], labeled_file, out, name="s", parent="stage1",
+                     data="d", settings=NodeSettings(loss, 0.1, training(**settings),
+                                                     margin=2.0),
+                     prompt_template=PROMPT_TEMPLATE, seed=0, **kwargs)
+
+    own = train(tmp_path / "own")
+    cached = train(tmp_path / "cached", ref_logps=table)
+    a = load_file(tmp_path / "own" / "model.safetensors")
+    b = load_file(tmp_path / "cached" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "weights differ from its own pass"
+    assert cached["training"]["first_loss"] == own["training"]["first_loss"]
+    card = json.loads((tmp_path / "cached" / "sacpo.json").read_text())
+    assert card["lineage"][-1]["margin"] == 2.0 and "margin 2.0" in card["description"]
+    assert card["method"] == loss

@@ -277,13 +277,17 @@ def _summary(trainer: Any, result: Any, *, name: str, parent: str, data: str,
         settings.entry
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     stage = {"name": name, "parent": parent, "data": data, "loss": loss, "beta": beta}
+    margin = ""
+    if settings.margin is not None:  # SafeDPO's Delta, BSO's C
+        stage["margin"] = settings.margin
+        margin = f", margin {settings.margin}"
     return {
         "name": name,
         "method": loss,
         "loss_type": entry.loss_type,
         "coefficient": entry.coefficient,
         "description": (f"{loss.upper()} on '{data}' from '{parent}' (initial policy and "
-                        f"reference), coefficient beta = {beta}."),
+                        f"reference), coefficient beta = {beta}{margin}."),
         "lineage": read_lineage(parent_dir).get("lineage", []) + [stage],
         "prompt_template": prompt_template,
         "reference": parent if reference_dir is None else str(reference_dir),
