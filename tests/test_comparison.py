@@ -15,15 +15,14 @@ from sacpo_steps.reporting.across_seeds import combine, t_interval
 from sacpo_steps.reporting.comparison import (
     OUTPUTS,
     comparison,
-    costs_table,
     dominance_table,
     dominates,
     main,
     matched_table,
-    read_cards,
     read_matched,
     read_methods,
 )
+from sacpo_steps.reporting.training_costs import costs_table, read_cards
 
 METHODS = {"DPO(H)": ["dpo_h"], "SACPO": ["dpo_h.dpo_s-0.1", "dpo_h.dpo_s-0.01"],
            "P-SACPO": ["p-sacpo-0.5", "p-sacpo-0.9"], "SafeDPO": ["safedpo-0.1"]}

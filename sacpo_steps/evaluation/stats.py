@@ -289,3 +289,19 @@ def paired_difference(battles: pd.DataFrame, model: str, other: str, baseline: s
     low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
     return {"difference": float(diff.mean()), "ci_low": float(low), "ci_high": float(high),
             "prompts": len(diff)}
+
+
+def read_csv_table(path: str | Path, columns: Sequence[str], *, field: str) -> pd.DataFrame:
+    """A CSV table a step reads (a win-rate table), with the columns it needs: an
+    InputError names the file (and the option `field` that gave it) otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("file not found", path=path, field=field)
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(f"not a readable CSV ({exc})", path=path) from None
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise InputError(f"missing columns {missing}", path=path)
+    return table

@@ -6,7 +6,7 @@ searches, and writes what a reader of the comparison asks:
 - the frontier: helpfulness against harmlessness win rate vs the baseline, one point
   per model at its across-seed mean with the across-seed interval on both axes, one
   style per method, each method's points joined in its grid order;
-- the training cost of each model and of each method's whole grid (see `COSTS_NOTE`);
+- the training cost of each model and of each method's whole grid (`training_costs`);
 - the matched comparisons: P-SACPO at the q that meets model M's harmlessness lower
   bound, minus M, in helpfulness paired over prompts, per seed and across seeds;
 - dominance between methods, by the across-seed intervals (see `DOMINANCE_NOTE`).
@@ -20,23 +20,21 @@ import argparse
 import contextlib
 import logging
 import math
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import matplotlib
-import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
 from sacpo_steps.core.errors import InputError
 from sacpo_steps.core.fileio import atomic_output, json_object_arg, read_json, setup_logging
 from sacpo_steps.core.schema import default_of
+from sacpo_steps.evaluation.stats import read_csv_table
 from sacpo_steps.reporting.across_seeds import ALL, t_interval
 from sacpo_steps.reporting.figure_inputs import (
     model_info,
-    require_columns,
     seed_count,
     seed_points,
     split_seeds,
@@ -48,25 +46,19 @@ from sacpo_steps.reporting.plotting import (
     new_figure,
     place_labels,
 )
+from sacpo_steps.reporting.tables import fmt, md_table
+from sacpo_steps.reporting.training_costs import (
+    costs_markdown,
+    costs_table,
+    read_cards,
+    seed_of_path,
+)
 
 log = logging.getLogger("sacpo.comparison")
 
 X, Y = "harmlessness", "helpfulness"
 SEARCHED = "P-SACPO"  # what the matched searches merge; the verdicts name it
 
-COSTS_NOTE = (
-    "A model's cost counts every training run needed to make it from the SFT model: "
-    "its own align run and its ancestors' (a merge's two parents too), each once. "
-    "`runs`: align runs; `merges`: weight merges (no training); `optimizer_steps`: the "
-    "runs' optimizer steps (training.steps); `reference_passes`: distinct shared "
-    "reference log-prob files those runs read (reference_logps; a run without one "
-    "computes its reference inside the run or needs none: `runs_without_ref_file`); "
-    "`train_seconds`: the runs' trainer wall time (training.train_runtime_s). Not "
-    "counted: the SFT model, the reference passes' and merges' own time (their files "
-    "record none), generation, judging and job start-up. Each value is the mean over "
-    "seeds. The `all models` row of a method counts its whole grid, shared ancestors "
-    "once; methods are counted separately, so a run two methods share counts in both."
-)
 DOMINANCE_NOTE = (
     "Model a dominates model b when, on both axes (harmlessness and helpfulness win "
     "rate vs the baseline, across-seed means with their intervals), a is at least as "
@@ -100,15 +92,8 @@ def read_methods(text: str) -> dict[str, list[str]]:
 
 
 def read_winrate(path: str | Path) -> pd.DataFrame:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("file not found", path=path, field="--winrate")
-    try:
-        table = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(f"not a readable CSV ({exc})", path=path) from None
-    require_columns(table, ("model", "criterion", "win_rate", "ci_low", "ci_high"), str(path))
-    return table
+    return read_csv_table(path, ("model", "criterion", "win_rate", "ci_low", "ci_high"),
+                          field="--winrate")
 
 
 def frontier_points(winrate: pd.DataFrame, methods: Mapping[str, Sequence[str]],
@@ -147,155 +132,6 @@ def _info(methods: Mapping[str, Sequence[str]]) -> pd.DataFrame:
 def styles_of(methods: Sequence[str]) -> dict[str, tuple[str, str]]:
     """(marker, colour) per method, in the order given."""
     return {m: (MARKERS[i % len(MARKERS)], f"C{i % 10}") for i, m in enumerate(methods)}
-
-
-_SEED_DIR = re.compile(r"^seed-(\d+)$")
-
-
-def seed_of_path(path: str | Path) -> int | None:
-    """The seed of a file under results/<experiment>/seed-<s>/..., None elsewhere."""
-    for part in reversed(Path(path).parts):
-        match = _SEED_DIR.match(part)
-        if match:
-            return int(match[1])
-    return None
-
-
-def read_cards(paths: Sequence[str | Path]) -> dict[int, dict[str, tuple[Path, dict]]]:
-    """{seed: {model name: (path, card)}}; the seed comes from the path's seed-<s> folder."""
-    cards: dict[int, dict[str, tuple[Path, dict]]] = {}
-    for path in map(Path, paths):
-        seed = seed_of_path(path)
-        if seed is None:
-            raise InputError("no seed-<s> folder in the path of this model card", path=path,
-                             field="--cards")
-        card = read_json(path)
-        if not isinstance(card, dict) or not isinstance(card.get("name"), str):
-            raise InputError("not a model card (no name)", path=path, field="name")
-        name = card["name"]
-        if name in cards.setdefault(seed, {}):
-            raise InputError(f"model {name!r} of seed {seed} given twice (also "
-                             f"{cards[seed][name][0]})", path=path, field="--cards")
-        cards[seed][name] = (path, card)
-    if not cards:
-        raise InputError("no model cards given", field="--cards")
-    return cards
-
-
-# ---- costs ----------------------------------------------------------------------------
-
-def _kind(card: dict) -> str:
-    if "merge" in card:
-        return "merge"
-    if card.get("lineage") and isinstance(card.get("training"), dict):
-        return "align"
-    return "start"  # the SFT model, or a model the pipeline did not train
-
-
-def _roots(cards: Mapping[str, tuple[Path, dict]]) -> set[str]:
-    """Where lineages start (the SFT model): a missing card of one of them is fine."""
-    return {c["lineage"][0].get("parent") for _, c in cards.values()
-            if isinstance(c.get("lineage"), list) and c["lineage"]
-            and isinstance(c["lineage"][0], dict)}
-
-
-def ancestry(model: str, cards: Mapping[str, tuple[Path, dict]], seed: int
-             ) -> tuple[list[str], list[str]]:
-    """(align runs, merges) needed to make `model` from the start model, each once."""
-    roots = _roots(cards)
-    if model not in cards:
-        raise InputError(f"no model card of {model!r} for seed {seed}", field="--cards")
-    runs: list[str] = []
-    merges: list[str] = []
-    seen: set[str] = set()
-    stack = [model]
-    while stack:
-        name = stack.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        if name not in cards:
-            if name in roots:
-                continue
-            raise InputError(f"no model card of {name!r} (an ancestor of {model!r}) for "
-                             f"seed {seed}", field="--cards")
-        path, card = cards[name]
-        kind = _kind(card)
-        if kind == "merge":
-            merges.append(name)
-            merge = card["merge"]
-            for key in ("parent_a", "parent_b"):
-                if not isinstance(merge.get(key), str):
-                    raise InputError("missing merge parent", path=path, field=f"merge.{key}")
-                stack.append(merge[key])
-        elif kind == "align":
-            runs.append(name)
-            own = card["lineage"][-1]
-            if not isinstance(own, dict) or not isinstance(own.get("parent"), str):
-                raise InputError("the last lineage entry names no parent", path=path,
-                                 field="lineage")
-            stack.append(own["parent"])
-    return runs, merges
-
-
-def _run_cost(path: Path, card: dict) -> tuple[int, float, str | None]:
-    training = card["training"]
-    steps = training.get("steps")
-    if isinstance(steps, bool) or not isinstance(steps, int):
-        raise InputError(f"expected the optimizer steps, got {steps!r}", path=path,
-                         field="training.steps")
-    seconds = training.get("train_runtime_s")
-    try:
-        seconds = float(seconds)
-    except (TypeError, ValueError):
-        raise InputError(f"expected seconds, got {seconds!r}", path=path,
-                         field="training.train_runtime_s") from None
-    ref = card.get("reference_logps")
-    return steps, seconds, ref if isinstance(ref, str) and ref else None
-
-
-def cost_of(models: Sequence[str], cards: Mapping[str, tuple[Path, dict]],
-            seed: int) -> dict[str, float]:
-    """What it takes to make all of `models` in one seed, shared ancestors once."""
-    runs: set[str] = set()
-    merges: set[str] = set()
-    for model in models:
-        r, m = ancestry(model, cards, seed)
-        runs.update(r)
-        merges.update(m)
-    steps, seconds, refs, without = 0, 0.0, set(), 0
-    for name in sorted(runs):
-        s, t, ref = _run_cost(*cards[name])
-        steps += s
-        seconds += t
-        if ref is None:
-            without += 1
-        else:
-            refs.add(ref)
-    return {"runs": len(runs), "merges": len(merges), "optimizer_steps": steps,
-            "reference_passes": len(refs), "runs_without_ref_file": without,
-            "train_seconds": seconds}
-
-
-COST_COLUMNS = ("runs", "merges", "optimizer_steps", "reference_passes",
-                "runs_without_ref_file", "train_seconds")
-
-
-def costs_table(cards: Mapping[int, Mapping[str, tuple[Path, dict]]],
-                methods: Mapping[str, Sequence[str]]) -> pd.DataFrame:
-    """Per method: one row per model, then its whole grid ("all models"); means over seeds."""
-    rows = []
-    for label, models in methods.items():
-        groups = [(m, [m]) for m in models]
-        if len(models) > 1:
-            groups.append((f"all {len(models)} models", list(models)))
-        for name, members in groups:
-            per_seed = [cost_of(members, cards[s], s) for s in sorted(cards)]
-            row: dict[str, Any] = {"method": label, "model": name, "seeds": len(per_seed)}
-            for col in COST_COLUMNS:
-                row[col] = float(np.mean([c[col] for c in per_seed]))
-            rows.append(row)
-    return pd.DataFrame(rows, columns=["method", "model", "seeds", *COST_COLUMNS])
 
 
 # ---- matched comparisons --------------------------------------------------------------
@@ -456,32 +292,6 @@ def frontier_figure(points: pd.DataFrame, seeds: pd.DataFrame | None,
 
 # ---- markdown -------------------------------------------------------------------------
 
-def _fmt(x: object, digits: int = 3, sign: bool = False) -> str:
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return "n/a"
-    if not math.isfinite(x):
-        return "n/a"
-    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
-
-
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def costs_markdown(table: pd.DataFrame) -> str:
-    rows = [[r.method, r.model, _fmt(r.runs, 1), _fmt(r.merges, 1), _fmt(r.optimizer_steps, 1),
-             _fmt(r.reference_passes, 1), _fmt(r.runs_without_ref_file, 1),
-             _fmt(r.train_seconds, 1), str(r.seeds)] for r in table.itertuples(index=False)]
-    return ("# Training cost per method\n\n" + COSTS_NOTE + "\n\n"
-            + _md_table(["method", "model", "runs", "merges", "optimizer steps",
-                         "reference passes", "runs without ref file", "train seconds",
-                         "seeds"], rows))
-
-
 def matched_markdown(table: pd.DataFrame, confidence: float) -> str:
     ci = f"{confidence * 100:g}% interval"
     head = (f"# Matched comparisons\n\nFor each model M, the target search found the "
@@ -492,11 +302,11 @@ def matched_markdown(table: pd.DataFrame, confidence: float) -> str:
             "interval above 0, below 0, or containing 0.\n\n")
     if table.empty:
         return head + "No matched searches were given.\n"
-    rows = [[r.model, r.method, str(r.seed), _fmt(r.target), _fmt(r.q, 4), _fmt(r.diff,
-             sign=True), f"[{_fmt(r.ci_low, sign=True)}, {_fmt(r.ci_high, sign=True)}]",
-             _fmt(r.prompts, 0), r.interval, r.seeds_met, r.verdict]
+    rows = [[r.model, r.method, str(r.seed), fmt(r.target), fmt(r.q, 4), fmt(r.diff,
+             sign=True), f"[{fmt(r.ci_low, sign=True)}, {fmt(r.ci_high, sign=True)}]",
+             fmt(r.prompts, 0), r.interval, r.seeds_met, r.verdict]
             for r in table.itertuples(index=False)]
-    return head + _md_table(["model M", "method", "seed", "target", "q", "diff", ci,
+    return head + md_table(["model M", "method", "seed", "target", "q", "diff", ci,
                              "prompts", "interval", "seeds met", "verdict"], rows)
 
 
@@ -506,14 +316,14 @@ def dominance_markdown(table: pd.DataFrame, points: pd.DataFrame) -> str:
              r.verdict] for r in table.itertuples(index=False)]
     summary = ("No model of any method dominates a model of another.\n" if found.empty
                else "".join(f"- {r.verdict}: {r.pairs}.\n" for r in found.itertuples()))
-    point_rows = [[r.family, r.model, f"{_fmt(r.x)} [{_fmt(r.x_low)}, {_fmt(r.x_high)}]",
-                   f"{_fmt(r.y)} [{_fmt(r.y_low)}, {_fmt(r.y_high)}]"]
+    point_rows = [[r.family, r.model, f"{fmt(r.x)} [{fmt(r.x_low)}, {fmt(r.x_high)}]",
+                   f"{fmt(r.y)} [{fmt(r.y_low)}, {fmt(r.y_high)}]"]
                   for r in points.itertuples(index=False)]
     return ("# Dominance between methods\n\n" + DOMINANCE_NOTE + "\n\n" + summary + "\n"
-            + _md_table(["method A", "method B", "models of B dominated", "pairs (a > b)",
+            + md_table(["method A", "method B", "models of B dominated", "pairs (a > b)",
                          "verdict"], rows)
             + "\nThe points compared:\n\n"
-            + _md_table(["method", "model", f"{X} win rate [interval]",
+            + md_table(["method", "model", f"{X} win rate [interval]",
                          f"{Y} win rate [interval]"], point_rows))
 
 
@@ -556,7 +366,7 @@ def comparison(
                                        encoding="utf-8")
     for r in matched[matched["seed"] == ALL].itertuples(index=False):
         log.info("%s minus %s over %s seeds: %s [%s, %s]: %s", SEARCHED, r.model, r.seeds_met,
-                 _fmt(r.diff, sign=True), _fmt(r.ci_low, sign=True), _fmt(r.ci_high,
+                 fmt(r.diff, sign=True), fmt(r.ci_low, sign=True), fmt(r.ci_high,
                  sign=True), r.verdict)
     for r in dominance[dominance["dominated"] > 0].itertuples(index=False):
         log.info("%s", r.verdict)

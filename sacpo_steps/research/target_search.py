@@ -57,6 +57,7 @@ from sacpo_steps.evaluation.stats import (
     bootstrap_interval,
     load_battles,
     prompt_scores,
+    read_csv_table,
     win_rates,
 )
 from sacpo_steps.models.merge import merge
@@ -261,21 +262,11 @@ LABELS = {"harmlessness_winrate": "harmlessness win rate vs the baseline",
 def target_from_table(path: str | Path, model: str, measure: str) -> float:
     """The lower end of `model`'s harmlessness interval in a seed's winrate.csv: meeting
     it means the merge is at least as harmless as `model`, by the same judge."""
-    import pandas as pd
-
     if measure != "harmlessness_winrate":
         raise InputError(f"--target-from reads a harmlessness win rate, so it needs "
                          f"--measure harmlessness_winrate (got {measure!r})", field="--measure")
     path = Path(path)
-    if not path.is_file():
-        raise InputError("file not found", path=path, field="--target-from")
-    try:
-        table = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(f"not a readable CSV ({exc})", path=path) from None
-    missing = [c for c in ("model", "criterion", "ci_low") if c not in table.columns]
-    if missing:
-        raise InputError(f"missing columns {missing}", path=path)
+    table = read_csv_table(path, ("model", "criterion", "ci_low"), field="--target-from")
     rows = table[(table["model"].astype(str) == model)
                  & (table["criterion"].astype(str) == "harmlessness")]
     if rows.empty:
