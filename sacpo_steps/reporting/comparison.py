@@ -191,7 +191,8 @@ def verdict(model: str, low: float, high: float) -> str:
 def matched_table(rows: pd.DataFrame, methods: Mapping[str, Sequence[str]],
                   confidence: float) -> pd.DataFrame:
     """Each seed's row, then per model the mean difference over the seeds whose target was
-    met, with a Student-t interval over them (one seed: its bootstrap interval)."""
+    met, with a Student-t interval over them (one seed: its bootstrap interval, and no
+    verdict: a claim across seeds needs more than one)."""
     method_of = {m: label for label, models in methods.items() for m in models}
     out = []
     for model, group in rows.groupby("model", sort=False):
@@ -213,14 +214,17 @@ def matched_table(rows: pd.DataFrame, methods: Mapping[str, Sequence[str]],
         if len(values) >= 2:
             row["ci_low"], row["ci_high"] = t_interval(values, confidence)
             row["interval"] = f"t over {len(values)} seeds"
+            row["verdict"] = verdict(model, row["ci_low"], row["ci_high"])
         elif len(values) == 1:
             row["ci_low"], row["ci_high"] = float(met["ci_low"].iloc[0]), \
                 float(met["ci_high"].iloc[0])
             row["interval"] = "bootstrap over prompts (one seed)"
+            # a claim across seeds needs more than one seed: one seed's interval is shown
+            row["verdict"] = "one seed met: no claim across seeds"
         else:
             row["ci_low"] = row["ci_high"] = math.nan
             row["interval"] = "none"
-        row["verdict"] = verdict(model, row["ci_low"], row["ci_high"])
+            row["verdict"] = verdict(model, row["ci_low"], row["ci_high"])
         out.append(row)
     table = pd.DataFrame(out, columns=list(MATCHED_COLUMNS))
     summary = table[table["seed"] == ALL]
@@ -299,7 +303,8 @@ def matched_markdown(table: pd.DataFrame, confidence: float) -> str:
             f"seed and judge); `diff` is {SEARCHED} at that q minus M in {Y} win rate vs "
             "the baseline, paired over prompts. Across seeds (`all`): the mean over the "
             "seeds whose target was met, with a Student-t interval over them. Verdict: the "
-            "interval above 0, below 0, or containing 0.\n\n")
+            "interval above 0, below 0, or containing 0; across seeds, only when two or "
+            "more seeds met the target.\n\n")
     if table.empty:
         return head + "No matched searches were given.\n"
     rows = [[r.model, r.method, str(r.seed), fmt(r.target), fmt(r.q, 4), fmt(r.diff,
