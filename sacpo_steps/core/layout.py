@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SEED = "{seed}"
+#: the comparison step's files under results/<experiment>/comparison/ (`Layout.comparison`)
+COMPARISON_FILES = ("frontier.png", "frontier.svg", "costs.csv", "costs.md", "matched.csv",
+                    "matched.md", "dominance.csv", "dominance.md")
 
 
 class SeedError(ValueError):

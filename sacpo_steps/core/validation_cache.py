@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import json
 import os
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +31,21 @@ def use(path: str | Path | None) -> None:
     _keys = None
 
 
+@cache
+def _validator_stamp() -> list[int] | None:
+    """The installed jsonschema's size and time: a new validator checks afresh. Looked
+    up once per process, not once per node."""
+    spec = importlib.util.find_spec("jsonschema")
+    stat = os.stat(spec.origin) if spec and spec.origin else None
+    return [stat.st_size, stat.st_mtime_ns] if stat else None
+
+
 def key(kind: str, value: Any, schema: Any) -> str | None:
     """The key of checking `value` against `schema`, or None when nothing is remembered."""
     if _file is None:
         return None
-    spec = importlib.util.find_spec("jsonschema")
-    stat = os.stat(spec.origin) if spec and spec.origin else None
     digest = hashlib.sha256(kind.encode())
-    for part in (value, schema, [stat.st_size, stat.st_mtime_ns] if stat else None):
+    for part in (value, schema, _validator_stamp()):
         digest.update(json.dumps(part, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 

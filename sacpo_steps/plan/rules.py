@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sacpo_steps.core import lineage, reproducibility
-from sacpo_steps.core.layout import SEED, Layout
+from sacpo_steps.core.layout import COMPARISON_FILES, SEED, Layout
 from sacpo_steps.core.schema import ACCELERATE_CONFIGS
 from sacpo_steps.evaluation.generation_settings import GenerationSettings
 from sacpo_steps.evaluation.judges.registry import JudgeConfig
@@ -402,9 +402,6 @@ class Plan(Experiment):
         return [self.paths.matched(m, ".json", seed) for seed in self.seeds
                 for m in self.matched_models]
 
-    COMPARISON_OUTPUTS = ("frontier.png", "frontier.svg", "costs.csv", "costs.md",
-                          "matched.csv", "matched.md", "dominance.csv", "dominance.md")
-
     def final_outputs(self, tables: list[str], figures: list[str]) -> list[str]:
         """What `rule all` asks for: the across-seed tables and figures, and every seed's
         own tables, figures and target search; the method comparison's outputs."""
@@ -416,7 +413,7 @@ class Plan(Experiment):
             if self.target:
                 out += [paths.target(f, seed) for f in ("search.json", "search.md")]
         if self.comparison:
-            out += [paths.comparison(name) for name in self.COMPARISON_OUTPUTS]
+            out += [paths.comparison(name) for name in COMPARISON_FILES]
         return out
 
     def prompt_counts(self) -> dict[str, tuple[int | None, str, int]]:

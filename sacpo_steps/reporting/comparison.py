@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 
 from sacpo_steps.core.errors import InputError
 from sacpo_steps.core.fileio import atomic_output, json_object_arg, read_json, setup_logging
+from sacpo_steps.core.layout import COMPARISON_FILES
 from sacpo_steps.core.schema import default_of
 from sacpo_steps.evaluation.stats import read_csv_table
 from sacpo_steps.reporting.across_seeds import ALL, t_interval
@@ -378,8 +379,8 @@ def comparison(
     return {"points": points, "costs": costs, "matched": matched, "dominance": dominance}
 
 
-OUTPUTS = ("frontier_png", "frontier_svg", "costs_csv", "costs_md", "matched_csv",
-           "matched_md", "dominance_csv", "dominance_md")
+#: the output flags, one per file of the comparison folder (frontier.png: frontier_png)
+OUTPUTS = tuple(name.replace(".", "_") for name in COMPARISON_FILES)
 
 
 def _parser() -> argparse.ArgumentParser:

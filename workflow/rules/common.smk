@@ -18,6 +18,7 @@ if (REPO_ROOT / "sacpo_steps" / "__init__.py").is_file():
 
 import sacpo_steps  # noqa: E402
 from sacpo_steps.core.errors import InputError  # noqa: E402
+from sacpo_steps.core.layout import COMPARISON_FILES  # noqa: E402
 from sacpo_steps.core.layout import SEED as SEED_WILDCARD  # noqa: E402
 from sacpo_steps.plan.judgment_report import judgment_report  # noqa: E402
 from sacpo_steps.core import validation_cache  # noqa: E402

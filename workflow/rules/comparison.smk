@@ -57,7 +57,7 @@ if PLAN.comparison:
         output:
             **{
                 name.replace(".", "_"): LAYOUT.comparison(name)
-                for name in PLAN.COMPARISON_OUTPUTS
+                for name in COMPARISON_FILES
             },
         params:
             cards=lambda wildcards, input: " ".join(f"{d}/sacpo.json" for d in input.models),
