@@ -291,14 +291,15 @@ def paired_difference(battles: pd.DataFrame, model: str, other: str, baseline: s
             "prompts": len(diff)}
 
 
-def read_csv_table(path: str | Path, columns: Sequence[str], *, field: str) -> pd.DataFrame:
-    """A CSV table a step reads (a win-rate table), with the columns it needs: an
-    InputError names the file (and the option `field` that gave it) otherwise."""
+def read_csv_table(path: str | Path, columns: Sequence[str], *, field: str,
+                   dtype: dict[str, Any] | None = None) -> pd.DataFrame:
+    """A CSV table a step reads (a win-rate or battle table), with the columns it needs:
+    an InputError names the file (and the option `field` that gave it) otherwise."""
     path = Path(path)
     if not path.is_file():
         raise InputError("file not found", path=path, field=field)
     try:
-        table = pd.read_csv(path)
+        table = pd.read_csv(path, dtype=dtype)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise InputError(f"not a readable CSV ({exc})", path=path) from None
     missing = [c for c in columns if c not in table.columns]

@@ -294,15 +294,8 @@ def model_helpfulness(path: str | Path, model: str, baseline: str) -> Any:
     if path.suffix == ".jsonl":
         battles = load_battles([path])
     else:
-        if not path.is_file():
-            raise InputError("file not found", path=path, field="--match-battles")
-        try:
-            battles = pd.read_csv(path, dtype={"prompt_id": str, "prompt_set": str})
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-            raise InputError(f"not a readable CSV ({exc})", path=path) from None
-        missing = [c for c in REQUIRED_COLUMNS if c not in battles.columns]
-        if missing:
-            raise InputError(f"missing columns {missing}", path=path)
+        battles = read_csv_table(path, REQUIRED_COLUMNS, field="--match-battles",
+                                 dtype={"prompt_id": str, "prompt_set": str})
     try:
         scores = prompt_scores(battles, model, baseline, "helpfulness")
     except InputError as exc:
