@@ -9,7 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import PROMPT_TEMPLATE, ROOT, TEXTS, make_tiny_model  # noqa: F401
+from tests.helpers import (  # noqa: F401
+    PROMPT_TEMPLATE,
+    REDUCED,
+    REDUCED_SFT,
+    ROOT,
+    TEXTS,
+    copy_workflow,
+    make_tiny_model,
+    output_of,
+    snakemake,
+)
 
 # The tests check the clone's code, also where the package is installed non-editable (as
 # in CI): pyproject's `pythonpath` puts the clone first in this process, and this in the
@@ -26,6 +36,17 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     sft = make_tiny_model(root / "sft", seed=0)
     stage1 = make_tiny_model(root / "stage1", seed=0, noise=0.5)
     return {"sft": sft, "stage1": stage1}
+
+
+@pytest.fixture(scope="session")
+def reduced_sft(tmp_path_factory) -> Path:
+    """A copy of the workflow in which Snakemake built the reduced demo's world and SFT
+    model, once per test run: end-to-end runs of that config take them over
+    (helpers.seed_from) instead of each building its own."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("reduced_sft") / "wf")
+    proc = snakemake(workdir, REDUCED_SFT, "--configfile", REDUCED, timeout=900)
+    assert proc.returncode == 0, output_of(proc)[-5000:]
+    return workdir
 
 
 @pytest.fixture()

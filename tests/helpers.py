@@ -167,3 +167,19 @@ def write_config(path: Path, cfg: dict) -> Path:
 
 def reduced_config() -> dict:
     return yaml.safe_load((ROOT / REDUCED).read_text(encoding="utf-8"))
+
+
+# the reduced demo's SFT model (seed 0): with the demo world, what every run of it builds first
+REDUCED_SFT = f"{SEED0}/models/sft"
+# what a finished run leaves that another folder's run can take over as done
+RUN_STATE = ("results", "logs", ".snakemake/metadata")
+
+
+def seed_from(built: Path, workdir: Path) -> Path:
+    """Copy a run's outputs, logs and Snakemake's records of them into `workdir`, so that
+    a run there of the same rules, params and code finds those jobs done (copies keep
+    their times: inputs stay older than outputs). Its jobs are not run again there."""
+    for part in RUN_STATE:
+        if (built / part).is_dir():
+            shutil.copytree(built / part, workdir / part, symlinks=True, dirs_exist_ok=True)
+    return workdir

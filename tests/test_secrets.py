@@ -2,7 +2,9 @@
 
 The run is also the deployment check: Snakemake runs the clone's workflow/Snakefile
 from a folder outside the repository that holds only the user's config (and a
-template of theirs), the way a snakedeploy `module` sets it up."""
+template of theirs), the way a snakedeploy `module` sets it up. The demo world and SFT
+model are the test run's shared ones (conftest.reduced_sft); every job after them runs
+here with the key in its environment."""
 
 from __future__ import annotations
 
@@ -11,26 +13,26 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from tests.fake_openai import FakeOpenAI
-from tests.helpers import REDUCED, ROOT, parse_jobs
+from tests.helpers import ROOT, parse_jobs, reduced_config, seed_from, write_config
 
 SECRET = "sk-test-WORKFLOW-SECRET-0451"
 
 
 @pytest.mark.e2e
-def test_api_key_is_in_no_output_log_metadata_or_report(tmp_path):
+def test_api_key_is_in_no_output_log_metadata_or_report(tmp_path, reduced_sft):
     work = tmp_path / "my-project"  # the user's own folder: only their config
     work.mkdir()
+    seed_from(reduced_sft, work)
     entry = ["-s", str(ROOT / "workflow" / "Snakefile")]
-    cfg = yaml.safe_load((ROOT / REDUCED).read_text())
+    cfg = reduced_config()
     cfg["models"] = {"dpo_h": cfg["models"]["dpo_h"]}
     with FakeOpenAI() as server:
         cfg["evaluation"]["judge"] = {"backend": "openai", "base_url": server.url,
                                       "model": "fake-judge", "repetitions": 1,
                                       "concurrency": 8, "timeout": 10.0}
-        (work / "secret.yaml").write_text(yaml.safe_dump(cfg))
+        write_config(work / "secret.yaml", cfg)
         env = {**os.environ, "OPENAI_API_KEY": SECRET}
         for args in ([], ["--report", "report.html"]):
             proc = subprocess.run([sys.executable, "-m", "snakemake", *entry, "--cores", "2",
@@ -38,6 +40,8 @@ def test_api_key_is_in_no_output_log_metadata_or_report(tmp_path):
                                   capture_output=True, text=True, timeout=900)
             assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
             assert SECRET not in proc.stdout + proc.stderr
+            # the shared world and SFT model were taken over, not built again
+            assert "rule sft_checkpoint" not in proc.stdout + proc.stderr
         assert server.requests >= 2 * 120 * 2  # both prompt sets, both orders were asked
 
         # unchanged templates: judge jobs forced to rerun make zero requests (all cached)
@@ -53,7 +57,7 @@ def test_api_key_is_in_no_output_log_metadata_or_report(tmp_path):
         (work / "my_help.txt").write_text(text.replace("0 to 10", "0 to 10 (own wording)")
                                           + "\nBe brief.\n")
         cfg["evaluation"]["judge"]["templates"] = {"helpfulness": "my_help.txt"}
-        (work / "own.yaml").write_text(yaml.safe_dump(cfg))
+        write_config(work / "own.yaml", cfg)
         dry = subprocess.run([sys.executable, "-m", "snakemake", *entry, "-n", "--cores", "2",
                               "--configfile", "own.yaml"], cwd=work, env=env,
                              capture_output=True, text=True, timeout=300)

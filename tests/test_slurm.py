@@ -46,7 +46,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import ROOT, Job, copy_workflow, dry_run, reduced_config, write_config
+from tests.helpers import (
+    ROOT,
+    Job,
+    copy_workflow,
+    dry_run,
+    reduced_config,
+    seed_from,
+    write_config,
+)
 
 SLURM_DIR = ROOT / "tests" / "slurm"
 SETUP = SLURM_DIR / "setup.sh"
@@ -152,13 +160,16 @@ class Runs:
 
 
 @pytest.fixture(scope="module")
-def runs(cluster, tmp_path_factory) -> Runs:
+def runs(cluster, tmp_path_factory, reduced_sft) -> Runs:
     base = tmp_path_factory.mktemp("slurm_vs_local")
     slurm_dir = copy_workflow(base / "slurm")
     local_dir = copy_workflow(base / "local")
     for workdir in (slurm_dir, local_dir):
         write_config(workdir / CONFIG, slurm_test_config())
     plan_output, planned = dry_run(slurm_dir, "--configfile", CONFIG)
+    # SLURM builds everything; the local run, only the reference for the outputs, takes
+    # over the test run's demo world and SFT model (resources are no params: the same jobs)
+    seed_from(reduced_sft, local_dir)
     kill = ["timeout", "-s", "KILL", str(RUN_TIMEOUT)]
     snakemake = [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", CONFIG]
     # The local run goes on while SLURM runs the same DAG (each job has 1 thread), at a

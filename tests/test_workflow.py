@@ -32,6 +32,7 @@ from tests.helpers import (
     job_counts,
     output_of,
     reduced_config,
+    seed_from,
     snakemake,
     write_config,
 )
@@ -107,9 +108,12 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def reduced_run(tmp_path_factory) -> Run:
+def reduced_run(tmp_path_factory, reduced_sft) -> Run:
+    """The whole reduced demo, planned from nothing; the demo world and SFT model are the
+    test run's shared ones (conftest.reduced_sft), the rest is run here."""
     workdir = copy_workflow(tmp_path_factory.mktemp("e2e") / "wf")
     _, planned = dry_run(workdir, "--configfile", REDUCED)
+    seed_from(reduced_sft, workdir)
     proc = snakemake(workdir, "--configfile", REDUCED, timeout=1800)
     return Run(workdir, proc, planned)
 
