@@ -12,7 +12,10 @@ It copies the workflow into `--work` (emptied first, unless --keep) and runs it 
 to completion (the reduced demo: minutes of CPU), then runs the no-op call and the
 bare one in turn (ours, bare, ours, ...) after a warm-up of each, and prints the wall
 and CPU seconds of each (median, min, max) and the ratio of the medians; a ratio
-counts only beside its bare run of the same call. `--dry-run` skips the real run and
+counts only beside its bare run of the same call. `--breakdown` adds a third call in
+turn, `snakemake --list-rules` of ours (the workflow parsed and the plan loaded and
+hashed, no DAG), which splits our extra time into parsing and planning on one side and
+the DAG's jobs and their checks on the other. `--dry-run` skips the real run and
 times `snakemake -n` instead (the DAG of a workflow with everything to do: not a
 no-op). The load average is printed before and after: a loaded machine inflates both.
 """
@@ -106,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cores", type=int, default=2)
     p.add_argument("--keep", action="store_true",
                    help="reuse the copy in --work when its run finished before")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time `snakemake --list-rules` of ours (parse and plan only)")
     p.add_argument("--dry-run", action="store_true",
                    help="time `snakemake -n` of a copy with nothing done, not a no-op")
     args = p.parse_args(argv)
@@ -116,13 +121,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run:
         ours_args.append("-n")
     bare_args = ["--cores", str(args.cores)]
+    calls = [("ours", ours_args, ours), ("bare", bare_args, bare)]
+    if args.breakdown:
+        calls.append(("parse", ["--list-rules", "--configfile", args.configfile], ours))
     load_before = os.getloadavg()
-    walls: dict[str, list[float]] = {"ours": [], "bare": []}
-    cpus: dict[str, list[float]] = {"ours": [], "bare": []}
+    walls: dict[str, list[float]] = {name: [] for name, _, _ in calls}
+    cpus: dict[str, list[float]] = {name: [] for name, _, _ in calls}
     for i in range(args.warmup + args.runs):
-        for name, call, cwd in (("ours", ours_args, ours), ("bare", bare_args, bare)):
+        for name, call, cwd in calls:
             wall, cpu, output = timed(call, cwd)
-            if not args.dry_run and "Nothing to be done" not in output:
+            if name != "parse" and not args.dry_run and "Nothing to be done" not in output:
                 sys.exit(f"{name}: not a no-op:\n{output[-3000:]}")
             if i >= args.warmup:
                 walls[name].append(wall)
@@ -137,15 +145,21 @@ def main(argv: list[str] | None = None) -> None:
           f"{load_after[2]:.2f}; {os.cpu_count()} CPUs\n")
     print("| seconds                |   median |      min |      max |")
     print("|------------------------|----------|----------|----------|")
-    for name in ("ours", "bare"):
-        print(row(f"{name} wall", walls[name]))
-        print(row(f"{name} CPU", cpus[name]))
+    for name in walls:
+        label = "ours --list-rules" if name == "parse" else name
+        print(row(f"{label} wall", walls[name]))
+        print(row(f"{label} CPU", cpus[name]))
     wall_ratio = statistics.median(walls["ours"]) / statistics.median(walls["bare"])
     cpu_ratio = statistics.median(cpus["ours"]) / statistics.median(cpus["bare"])
     paired = statistics.median(a / b for a, b in zip(walls["ours"], walls["bare"],
                                                       strict=True))
     print(f"\nratio ours/bare: wall {wall_ratio:.2f}x (pairwise median {paired:.2f}x), "
           f"CPU {cpu_ratio:.2f}x")
+    if args.breakdown:
+        median = {name: statistics.median(values) for name, values in walls.items()}
+        print(f"ours minus bare, wall medians: {median['ours'] - median['bare']:.3f} s = "
+              f"parse and plan {median['parse'] - median['bare']:.3f} s "
+              f"+ the DAG's jobs and checks {median['ours'] - median['parse']:.3f} s")
 
 
 if __name__ == "__main__":
