@@ -57,3 +57,38 @@ def test_without_a_comparison_nothing_changes():
     plan = load_plan(cfg)
     assert plan.comparison is None and plan.matched_models == []
     assert not any("/comparison/" in o for o in plan.final_outputs([], []))
+
+
+@pytest.mark.slow  # a dry run through Snakemake
+def test_the_matched_search_runs_the_target_search_with_its_settings(tmp_path):
+    """Both search rules take their shared params and arguments from one definition
+    (workflow/rules/common.smk): with a target and a comparison in one config, a matched
+    search's command is the target search's with only the target flags swapped."""
+    from tests.helpers import copy_workflow, dry_run, write_config
+
+    workdir = copy_workflow(tmp_path / "wf")
+    cfg = yaml.safe_load((workdir / "config" / "comparison.yaml").read_text(encoding="utf-8"))
+    cfg["target"] = {"over_safe": "dpo_h.dpo_s-0.01", "value": 0.8, "lambda_bar": 10}
+    output, _ = dry_run(workdir, "-p", "--configfile",
+                        str(write_config(workdir / "config" / "both.yaml", cfg)))
+    commands = [line.strip() for line in output.splitlines()
+                if "python -m sacpo_steps target_search" in line]
+    seed1 = [c for c in commands if "/seed-1/" in c]
+    target = [c for c in seed1 if "--target " in c]
+    matched = [c for c in seed1 if "--target-model bso-2 " in c]
+    assert len(target) == len(matched) == 1, commands
+
+    def flags(command: str, drop: set[str]) -> list[str]:
+        words = command.split(" > ")[0].split()
+        pairs = [(w, words[i + 1] if i + 1 < len(words) else "") for i, w in enumerate(words)]
+        kept = [f"{w} {v}" for w, v in pairs if w.startswith("--") and w not in drop]
+        return [k for k in kept if not k.startswith(("--out-json", "--out-md"))]
+
+    target_only = {"--target", "--tolerance", "--lambda-bar", "--measure"}
+    matched_only = {"--target-from", "--target-model", "--match-battles", "--tolerance",
+                    "--measure"}
+    assert flags(target[0], target_only) == flags(matched[0], matched_only)
+    assert "--measure harmlessness_winrate" in matched[0]
+    assert "--measure harmlessness_winrate" in target[0]  # the schema's default measure
+    for flag in ("--judges", "--generation", "--rounds 1000", "--seed 1", "--threads"):
+        assert flag in matched[0], flag

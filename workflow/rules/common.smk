@@ -184,6 +184,39 @@ def ref_resource(key):
     return lambda wildcards: PLAN.resources("align", _ref_reader(wildcards))[key]
 
 
+def search_params(over_safe=None):
+    """The params the safety target search and the matched search share, defined once,
+    with the values both had before, so no job reruns for it. The judges and their
+    templates are looked up per job, so parsing the workflow reads no template."""
+    return dict(
+        baseline_name=PLAN.baseline,
+        judges=lambda wildcards: to_json(PLAN.target_judges()),
+        spec=lambda wildcards, input: f"--spec {input.spec}" if "spec" in input.keys() else "",
+        generation=lambda wildcards: to_json(
+            PLAN.target_generation_spec(wildcards.seed, over_safe)
+        ),
+        rounds=config["evaluation"]["winrate"]["bootstrap_rounds"],
+        seed=lambda wildcards: int(wildcards.seed),
+        templates=lambda wildcards: PLAN.judge_templates(list(PLAN.target_sets())),
+        code=code("target_search"),
+        reproducibility=REPRODUCIBILITY,
+        threads=torch_threads("generate"),
+    )
+
+
+def search_args(target, measure):
+    """The target_search step's arguments after `--name-b`, with `target` (the flags that
+    set the target) and `measure` filled in; both rules' commands stay the text they were,
+    which Snakemake compares to rerun a job whose command changed."""
+    return (
+        f"{target} --prompts {{input.prompts}} --baseline {{input.baseline}} --baseline-name"
+        f" {{params.baseline_name}} --judges {{params.judges:q}} {{params.spec}}"
+        f" --measure {measure}"
+        " --generation {params.generation:q} --rounds {params.rounds} --seed {params.seed}"
+        " --threads {params.threads} --out-json {output.json} --out-md {output.md} > {log} 2>&1"
+    )
+
+
 # API keys come from the environment only: refuse before any job if one is missing.
 for _key_env in PLAN.required_env():
     if not os.environ.get(_key_env):

@@ -17,18 +17,7 @@ if PLAN.comparison:
             params:
                 name_b=_MATCH.get("over_safe"),
                 tolerance=_MATCH.get("tolerance"),
-                baseline_name=PLAN.baseline,
-                judges=to_json(PLAN.target_judges()),
-                spec=lambda wildcards, input: f"--spec {input.spec}" if "spec" in input.keys() else "",
-                generation=lambda wildcards: to_json(
-                    PLAN.target_generation_spec(wildcards.seed, _MATCH["over_safe"])
-                ),
-                rounds=config["evaluation"]["winrate"]["bootstrap_rounds"],
-                seed=lambda wildcards: int(wildcards.seed),
-                templates=PLAN.judge_templates(list(PLAN.target_sets())),
-                code=code("target_search"),
-                reproducibility=REPRODUCIBILITY,
-                threads=torch_threads("generate"),
+                **search_params(_MATCH["over_safe"]),
             wildcard_constraints:
                 model="|".join(map(re.escape, PLAN.matched_models)),
             threads: config["threads"]["generate"]
@@ -40,14 +29,12 @@ if PLAN.comparison:
                 LAYOUT.log("target_search", "matched/{model}"),
             shell:
                 "HF_HUB_OFFLINE=1 python -m sacpo_steps target_search --a {input.a} --b {input.b}"
-                " --name-b {params.name_b} --target-from {input.table}"
-                " --target-model {wildcards.model} --match-battles {input.battles}"
-                " --tolerance {params.tolerance} --prompts {input.prompts}"
-                " --baseline {input.baseline} --baseline-name {params.baseline_name}"
-                " --judges {params.judges:q} {params.spec} --measure harmlessness_winrate"
-                " --generation {params.generation:q} --rounds {params.rounds} --seed {params.seed}"
-                " --threads {params.threads} --out-json {output.json} --out-md {output.md}"
-                " > {log} 2>&1"
+                " --name-b {params.name_b}"
+                f"""{search_args(
+                    " --target-from {input.table} --target-model {wildcards.model}"
+                    " --match-battles {input.battles} --tolerance {params.tolerance}",
+                    "harmlessness_winrate",
+                )}"""
 
     rule comparison:
         input:

@@ -45,19 +45,10 @@ if TARGET:
         params:
             target=TARGET,
             name_b=TARGET["over_safe"],
-            baseline_name=PLAN.baseline,
             lambda_bar=lambda wildcards: (
                 f"--lambda-bar {TARGET['lambda_bar']}" if TARGET["lambda_bar"] else ""
             ),
-            judges=lambda wildcards: to_json(PLAN.target_judges()),
-            spec=lambda wildcards, input: f"--spec {input.spec}" if "spec" in input.keys() else "",
-            generation=lambda wildcards: to_json(PLAN.target_generation_spec(wildcards.seed)),
-            rounds=config["evaluation"]["winrate"]["bootstrap_rounds"],
-            seed=lambda wildcards: int(wildcards.seed),
-            templates=lambda wildcards: PLAN.judge_templates(list(PLAN.target_sets())),
-            code=code("target_search"),
-            reproducibility=REPRODUCIBILITY,
-            threads=torch_threads("generate"),
+            **search_params(),
         threads: config["threads"]["generate"]
         resources:
             judge_api=1,
@@ -67,10 +58,9 @@ if TARGET:
             LAYOUT.log("target_search", "target_search"),
         shell:
             "HF_HUB_OFFLINE=1 python -m sacpo_steps target_search --a {input.a} --b {input.b}"
-            " --name-b {params.name_b} --target {params.target[value]}"
-            " --tolerance {params.target[tolerance]} {params.lambda_bar}"
-            " --prompts {input.prompts} --baseline {input.baseline} --baseline-name"
-            " {params.baseline_name} --judges {params.judges:q} {params.spec}"
-            " --measure {params.target[measure]}"
-            " --generation {params.generation:q} --rounds {params.rounds} --seed {params.seed}"
-            " --threads {params.threads} --out-json {output.json} --out-md {output.md} > {log} 2>&1"
+            " --name-b {params.name_b}"
+            f"""{search_args(
+                " --target {params.target[value]} --tolerance {params.target[tolerance]}"
+                " {params.lambda_bar}",
+                "{params.target[measure]}",
+            )}"""
