@@ -151,10 +151,14 @@ def main(argv: list[str] | None = None) -> None:
         print(row(f"{label} CPU", cpus[name]))
     wall_ratio = statistics.median(walls["ours"]) / statistics.median(walls["bare"])
     cpu_ratio = statistics.median(cpus["ours"]) / statistics.median(cpus["bare"])
-    paired = statistics.median(a / b for a, b in zip(walls["ours"], walls["bare"],
-                                                      strict=True))
+    ratios = [a / b for a, b in zip(walls["ours"], walls["bare"], strict=True)]
+    paired = statistics.median(ratios)
     print(f"\nratio ours/bare: wall {wall_ratio:.2f}x (pairwise median {paired:.2f}x), "
           f"CPU {cpu_ratio:.2f}x")
+    if len(ratios) >= 4:  # the spread of the pairs: how far one run's ratio is to trust
+        low, _, high = statistics.quantiles(ratios, n=4)
+        print(f"pairwise ratios: quartiles {low:.2f}x-{high:.2f}x, "
+              f"range {min(ratios):.2f}x-{max(ratios):.2f}x over {len(ratios)} pairs")
     if args.breakdown:
         median = {name: statistics.median(values) for name, values in walls.items()}
         print(f"ours minus bare, wall medians: {median['ours'] - median['bare']:.3f} s = "
