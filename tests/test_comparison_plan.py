@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from sacpo_steps.plan import PlanError, load_plan
+from tests.helpers import copy_workflow, dry_run, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,8 +65,6 @@ def test_the_matched_search_runs_the_target_search_with_its_settings(tmp_path):
     """Both search rules take their shared params and arguments from one definition
     (workflow/rules/common.smk): with a target and a comparison in one config, a matched
     search's command is the target search's with only the target flags swapped."""
-    from tests.helpers import copy_workflow, dry_run, write_config
-
     workdir = copy_workflow(tmp_path / "wf")
     cfg = yaml.safe_load((workdir / "config" / "comparison.yaml").read_text(encoding="utf-8"))
     cfg["target"] = {"over_safe": "dpo_h.dpo_s-0.01", "value": 0.8, "lambda_bar": 10}

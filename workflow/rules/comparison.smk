@@ -30,6 +30,7 @@ if PLAN.comparison:
             shell:
                 "HF_HUB_OFFLINE=1 python -m sacpo_steps target_search --a {input.a} --b {input.b}"
                 " --name-b {params.name_b}"
+                # the shared arguments (common.smk); an f-string, not `+`, which the linter flags
                 f"""{search_args(
                     " --target-from {input.table} --target-model {wildcards.model}"
                     " --match-battles {input.battles} --tolerance {params.tolerance}",

@@ -59,6 +59,7 @@ if TARGET:
         shell:
             "HF_HUB_OFFLINE=1 python -m sacpo_steps target_search --a {input.a} --b {input.b}"
             " --name-b {params.name_b}"
+            # the shared arguments (common.smk); an f-string, not `+`, which the linter flags
             f"""{search_args(
                 " --target {params.target[value]} --tolerance {params.target[tolerance]}"
                 " {params.lambda_bar}",
